@@ -1,0 +1,15 @@
+# Thin wrappers over tests/env; every target does its own set-up on a fresh machine.
+.PHONY: demo test lint
+
+## demo: start the local components, show their endpoints, stop them
+demo:
+	bash tests/env/demo.sh
+
+## test: format and lint checks, install and start the real components, run every test, stop them
+test:
+	bash tests/env/test.sh
+
+## lint: cargo fmt --check and clippy with warnings as errors
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings

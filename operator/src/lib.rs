@@ -1,0 +1,4 @@
+//! snapcache operator: reconciles `SnapshotCache` resources into sidecars
+//! injected into the selected workloads.
+
+pub mod cli;

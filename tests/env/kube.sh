@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Kubernetes: a real kube-apiserver over etcd, for the tests that talk to the Kubernetes API.
+# No registry ships kube-apiserver, so it is built once from Debian's `kubernetes` source
+# package (1.20.2, vendor/ included) and cached by version; etcd is Debian's etcd-server.
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
+KUBE_VERSION=1.20.2
+KUBE_ROOT="$SNAPCACHE_CACHE/kube-apiserver-$KUBE_VERSION"
+KUBE_APISERVER_BIN="$KUBE_ROOT/kube-apiserver"
+ETCD=/usr/bin/etcd
+DEB_SRC_LIST=/etc/apt/sources.list.d/snapcache-src.sources
+# Vendored packages swapped for Debian's newer copies: the 1.20.2 ones (reflect2 1.0.1,
+# json-iterator 1.1.10) crash the server under Go 1.19 on the first custom-resource POST.
+KUBE_VENDOR_REPLACE=(github.com/modern-go/reflect2 github.com/json-iterator/go)
+
+install() {
+  apt_install etcd-server curl openssl
+  disable_etcd_service
+  command -v kubectl >/dev/null || apt_install kubernetes-client
+  [[ -x $KUBE_APISERVER_BIN ]] && return 0
+  build_apiserver
+}
+
+# etcd-server's maintainer scripts enable (and, unless policy-rc.d forbids it, start) a
+# machine-wide etcd on 127.0.0.1:2379. The tests run their own on free ports; keep that one off.
+disable_etcd_service() {
+  if [[ -d /run/systemd/system ]]; then
+    systemctl disable --now etcd.service >/dev/null 2>&1 || true
+    return 0
+  fi
+  if [[ -x /etc/init.d/etcd ]]; then
+    # Only the daemon the init script started (it writes this pid file), never a test's etcd.
+    if [[ -f /run/etcd.pid ]]; then /etc/init.d/etcd stop >/dev/null 2>&1 || true; fi
+    update-rc.d etcd disable >/dev/null 2>&1 || true
+  fi
+  # systemd installed but not running (a container): drop the unit's enablement for a later boot.
+  if command -v systemctl >/dev/null; then systemctl disable etcd.service >/dev/null 2>&1 || true; fi
+}
+
+# Makes `apt-get source kubernetes` work: a deb-src entry for bookworm, unless one already does.
+ensure_deb_src() {
+  [[ -n $(apt-cache showsrc kubernetes 2>/dev/null) ]] && return 0
+  if [[ ! -e $DEB_SRC_LIST ]]; then
+    log "adding $DEB_SRC_LIST"
+    cat >"$DEB_SRC_LIST" <<'EOF'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  fi
+  apt-get update -qq
+  [[ -n $(apt-cache showsrc kubernetes 2>/dev/null) ]] || die "apt knows no source package 'kubernetes'"
+}
+
+build_apiserver() {
+  log "building kube-apiserver $KUBE_VERSION from Debian's kubernetes source (about 5 minutes, once)"
+  ensure_deb_src
+  apt_install golang-go dpkg-dev rsync make \
+    golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
+  local partial="$KUBE_ROOT.partial"
+  local work="$partial/work"
+  rm -rf "$partial"
+  mkdir -p "$work"
+  # Running as root in a directory _apt cannot read: download without apt's sandbox user.
+  (cd "$work" && apt-get -qq -o APT::Sandbox::User=root source --download-only kubernetes >/dev/null)
+  local origs=("$work"/kubernetes_*"$KUBE_VERSION".orig.tar.*)
+  [[ -f ${origs[0]} ]] || die "Debian's kubernetes source is not $KUBE_VERSION: $(ls "$work")"
+  tar -xf "${origs[0]}" -C "$work"
+  local src="$work/kubernetes-$KUBE_VERSION"
+  [[ -d $src/vendor ]] || die "$src has no vendor/ tree"
+  local pkg
+  for pkg in "${KUBE_VENDOR_REPLACE[@]}"; do
+    [[ -d /usr/share/gocode/src/$pkg ]] || die "/usr/share/gocode/src/$pkg missing"
+    rm -rf "${src:?}/vendor/$pkg"
+    cp -rL "/usr/share/gocode/src/$pkg" "$src/vendor/$pkg"
+  done
+  # As debian/rules does: a GOPATH inside the tree with k8s.io/kubernetes pointing at it.
+  mkdir -p "$src/.go/src/k8s.io"
+  ln -s ../../.. "$src/.go/src/k8s.io/kubernetes"
+  (cd "$src" && env GOPATH="$src/.go" GOCACHE="$src/.gocache" GOFLAGS= CGO_ENABLED=0 \
+    make WHAT=cmd/kube-apiserver)
+  cp -L "$src/_output/bin/kube-apiserver" "$partial/kube-apiserver"
+  "$partial/kube-apiserver" --version | grep -qx "Kubernetes v$KUBE_VERSION" \
+    || die "built kube-apiserver reports $("$partial/kube-apiserver" --version)"
+  chmod -R u+w "$work" && rm -rf "$work"
+  rm -rf "$KUBE_ROOT" && mv "$partial" "$KUBE_ROOT"
+}
+
+# true once URL answers 200, or once PID is gone (the caller then reports the exit).
+ready_or_dead() {
+  local pid=$1; shift
+  ! kill -0 "$pid" 2>/dev/null || curl -fsS -o /dev/null "$@"
+}
+
+start() {
+  local state=$1 dir="$1/kube"
+  [[ -x $KUBE_APISERVER_BIN ]] || die "kube-apiserver $KUBE_VERSION not built; run $0 install"
+  [[ -x $ETCD ]] || die "$ETCD missing; run $0 install"
+  mkdir -p "$dir"
+  local etcd_port peer_port api_port pid
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port)
+
+  local etcd_url="http://127.0.0.1:$etcd_port" peer_url="http://127.0.0.1:$peer_port"
+  # etcd 3.4 refuses to run on arm64 and the like unless told; on amd64 the variable draws a warning.
+  local arch etcd_env=()
+  arch=$(dpkg --print-architecture)
+  [[ $arch == amd64 ]] || etcd_env=(ETCD_UNSUPPORTED_ARCH="$arch")
+  spawn "$state" etcd env "${etcd_env[@]}" "$ETCD" \
+    --name snapcache --data-dir "$dir/etcd" --unsafe-no-fsync --logger=zap \
+    --listen-client-urls "$etcd_url" --advertise-client-urls "$etcd_url" \
+    --listen-peer-urls "$peer_url" --initial-advertise-peer-urls "$peer_url" \
+    --initial-cluster "snapcache=$peer_url" --initial-cluster-state new
+  pid=$!
+  wait_for 30 etcd ready_or_dead "$pid" "$etcd_url/health"
+  kill -0 "$pid" 2>/dev/null || die "etcd exited: $(tail -n 20 "$state/etcd.log")"
+
+  local pki="$dir/pki"
+  mkdir -p "$pki"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=snapcache-kube-ca \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+    -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver \
+    -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
+  printf '%s\n' 'subjectAltName=IP:127.0.0.1,DNS:localhost' 'extendedKeyUsage=serverAuth' \
+    'keyUsage=critical,digitalSignature,keyEncipherment' >"$pki/apiserver.ext"
+  openssl x509 -req -days 3650 -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
+    -CAcreateserial -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null
+  openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
+  local token
+  token=$(openssl rand -hex 32)
+  printf '%s,snapcache-admin,snapcache-admin,"system:masters"\n' "$token" >"$dir/tokens.csv"
+  chmod 600 "$dir/tokens.csv" "$pki"/*.key
+
+  local api_url="https://127.0.0.1:$api_port"
+  local args=(
+    "$KUBE_APISERVER_BIN"
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1
+    --secure-port="$api_port" --insecure-port=0
+    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key"
+    --client-ca-file="$pki/ca.crt" --token-auth-file="$dir/tokens.csv"
+    --authorization-mode="Node,RBAC" --disable-admission-plugins=ServiceAccount
+    --etcd-servers="$etcd_url"
+    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key"
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local
+    --service-cluster-ip-range=10.0.0.0/24 --cert-dir="$dir/cert-dir" --profiling=false
+    # The default reconciler logs an error every 10 s: a loopback advertise address is not a
+    # valid endpoint for the `kubernetes` service. Nothing here needs that service.
+    --endpoint-reconciler-type=none
+  )
+  {
+    echo '#!/usr/bin/env bash'
+    echo "# The kube-apiserver that kube.sh started for $state; run it again to restart it."
+    printf 'exec'
+    printf ' \\\n  %q' "${args[@]}"
+    echo
+  } >"$dir/run-apiserver.sh"
+  chmod +x "$dir/run-apiserver.sh"
+
+  spawn "$state" kube-apiserver "$dir/run-apiserver.sh"
+  pid=$!
+  wait_for 60 kube-apiserver ready_or_dead "$pid" \
+    --cacert "$pki/ca.crt" -H "Authorization: Bearer $token" "$api_url/readyz"
+  kill -0 "$pid" 2>/dev/null || die "kube-apiserver exited: $(tail -n 20 "$state/kube-apiserver.log")"
+
+  cat >"$dir/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: snapcache
+  cluster:
+    server: $api_url
+    certificate-authority-data: $(base64 -w0 "$pki/ca.crt")
+users:
+- name: snapcache-admin
+  user:
+    token: $token
+contexts:
+- name: snapcache
+  context:
+    cluster: snapcache
+    user: snapcache-admin
+    namespace: default
+current-context: snapcache
+EOF
+  chmod 600 "$dir/kubeconfig"
+  export_env "$state" KUBECONFIG "$dir/kubeconfig"
+  export_env "$state" KUBE_APISERVER "$api_url"
+  export_env "$state" KUBE_TOKEN "$token"
+  export_env "$state" KUBE_CA_FILE "$pki/ca.crt"
+  export_env "$state" KUBE_APISERVER_RUN "$dir/run-apiserver.sh"
+  log "kube-apiserver at $api_url (etcd at $etcd_url)"
+}
+
+"$@"
