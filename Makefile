@@ -1,5 +1,5 @@
 # Thin wrappers over tests/env; every target does its own set-up on a fresh machine.
-.PHONY: demo test lint
+.PHONY: demo test lint bench
 
 ## demo: start the local components, show their endpoints, stop them
 demo:
@@ -13,3 +13,7 @@ test:
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+## bench: release build; the sidecar against nginx and direct S3 reads, printed as ratios
+bench:
+	bash tests/env/bench.sh

@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+use crate::config::ServeConfig;
+
 #[derive(Debug, Parser)]
 #[command(name = "snapcache-sidecar", version, about, long_about = None)]
 pub struct Cli {
@@ -12,7 +14,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve snapshots on localhost from the disk tier and S3.
-    Serve,
+    Serve(Box<ServeConfig>),
     /// Download a snapshot through a sidecar with parallel pinned ranges.
     Fetch,
     /// Publish a git repository as a snapshot tarball in S3.
@@ -22,7 +24,7 @@ pub enum Command {
 impl Command {
     pub fn name(&self) -> &'static str {
         match self {
-            Command::Serve => "serve",
+            Command::Serve(_) => "serve",
             Command::Fetch => "fetch",
             Command::Publish => "publish",
         }

@@ -2,3 +2,9 @@
 //! disk tier backed by S3, plus the `fetch` client and the `publish` producer.
 
 pub mod cli;
+pub mod config;
+pub mod http_range;
+pub mod metrics;
+pub mod server;
+pub mod snapshot_path;
+pub mod store;

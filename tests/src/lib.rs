@@ -56,17 +56,24 @@ impl TestEnv {
 
     /// Both S3 implementations the tests run against.
     pub fn s3_servers(&self) -> Vec<S3Server> {
-        ["MOTO", "GARAGE"]
+        ["moto", "garage"]
             .into_iter()
-            .map(|name| S3Server {
-                name: name.to_ascii_lowercase(),
-                endpoint: self.require(&format!("{name}_ENDPOINT")).to_owned(),
-                access_key_id: self.require(&format!("{name}_ACCESS_KEY_ID")).to_owned(),
-                secret_access_key: self
-                    .require(&format!("{name}_SECRET_ACCESS_KEY"))
-                    .to_owned(),
-            })
+            .map(|name| self.s3_server(name))
             .collect()
+    }
+
+    /// One S3 server by name: `moto` or `garage`.
+    pub fn s3_server(&self, name: &str) -> S3Server {
+        let var = |field: &str| {
+            self.require(&format!("{}_{field}", name.to_ascii_uppercase()))
+                .to_owned()
+        };
+        S3Server {
+            name: name.to_owned(),
+            endpoint: var("ENDPOINT"),
+            access_key_id: var("ACCESS_KEY_ID"),
+            secret_access_key: var("SECRET_ACCESS_KEY"),
+        }
     }
 
     /// A kube client for the test API server, from the kubeconfig `tests/env/kube.sh` wrote.
@@ -103,6 +110,13 @@ impl S3Server {
             .region(aws_sdk_s3::config::Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)
             .force_path_style(true)
+            // As the sidecar does: not every S3 server takes the SDK's CRC trailers.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            )
             .credentials_provider(credentials)
             .build();
         aws_sdk_s3::Client::from_conf(config)
@@ -153,4 +167,59 @@ mod tests {
         assert_eq!(parsed.get("B").map(String::as_str), Some("two=2"));
         assert_eq!(parsed.len(), 2);
     }
+}
+
+pub mod proxy;
+pub mod sidecar;
+
+/// The object key of repository `repo`'s snapshot, as the sidecar asks S3 for it.
+pub fn snapshot_key(repo: &str) -> String {
+    format!("git/{repo}/snapshot.tar.zst")
+}
+
+/// Deterministic pseudo-random bytes: distinct revisions differ everywhere.
+pub fn snapshot_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// Creates `bucket` on `s3`.
+pub async fn create_bucket(s3: &aws_sdk_s3::Client, bucket: &str) {
+    s3.create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create bucket {bucket}: {e:?}"));
+}
+
+/// Puts a snapshot with its metadata (commit and sha256) and returns its ETag.
+pub async fn put_snapshot(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    repo: &str,
+    body: &[u8],
+    commit: &str,
+) -> String {
+    use sha2::Digest;
+    let sha256 = hex::encode(sha2::Sha256::digest(body));
+    let out = s3
+        .put_object()
+        .bucket(bucket)
+        .key(snapshot_key(repo))
+        .metadata("snapshot-commit", commit)
+        .metadata("sha256", sha256)
+        .body(aws_sdk_s3::primitives::ByteStream::from(body.to_vec()))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("put snapshot {repo}: {e:?}"));
+    out.e_tag().unwrap_or_default().trim_matches('"').to_owned()
 }

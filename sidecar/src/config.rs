@@ -1,0 +1,109 @@
+//! `serve` configuration: every flag is also an environment variable `SNAPCACHE_*`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// How `snapcache-sidecar serve` reaches S3 and keeps its disk tier.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address of the snapshot API; only the pod itself should reach it.
+    #[arg(long, env = "SNAPCACHE_LISTEN", default_value = "127.0.0.1:8765")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin port (/metrics, /healthz, /readyz) that Prometheus scrapes.
+    #[arg(long, env = "SNAPCACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9765")]
+    pub admin_listen: SocketAddr,
+
+    /// S3 bucket holding the snapshots.
+    #[arg(long, env = "SNAPCACHE_S3_BUCKET")]
+    pub s3_bucket: String,
+
+    /// Prefix of every object key, e.g. `snapshots/`.
+    #[arg(long, env = "SNAPCACHE_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+
+    /// S3 endpoint URL for S3-compatible servers; implies path-style addressing.
+    /// Region and credentials come from the standard AWS chain (AWS_REGION, AWS_ACCESS_KEY_ID, ...).
+    #[arg(long, env = "SNAPCACHE_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// Directory of the disk tier; without it every read goes to S3.
+    #[arg(long, env = "SNAPCACHE_DISK_DIR")]
+    pub disk_dir: Option<PathBuf>,
+
+    /// Most bytes the disk tier keeps; least recently used snapshots are evicted beyond it.
+    #[arg(long, env = "SNAPCACHE_DISK_MAX_BYTES", default_value = "10GiB", value_parser = parse_size)]
+    pub disk_max_bytes: u64,
+
+    /// Age after which a disk entry is checked against S3 before it is served again.
+    #[arg(long, env = "SNAPCACHE_REVALIDATE_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub revalidate_after: Duration,
+
+    /// Concurrent ranged GETs of one full-object S3 read.
+    #[arg(long, env = "SNAPCACHE_PARALLEL_GET_WORKERS", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallel_get_workers: u16,
+
+    /// Size of each ranged GET; workers x chunk size bounds the buffered bytes.
+    #[arg(long, env = "SNAPCACHE_PARALLEL_GET_CHUNK_SIZE", default_value = "16MiB", value_parser = parse_chunk_size)]
+    pub parallel_get_chunk_size: u64,
+
+    /// A part of a parallel GET that takes longer than this is retried.
+    #[arg(long, env = "SNAPCACHE_PART_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub part_timeout: Duration,
+
+    /// How long in-flight responses may run after SIGTERM before the process exits.
+    #[arg(long, env = "SNAPCACHE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Parses sizes such as `16MiB`, `10GB` or `1048576`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|_| format!("`{text}` is not a size; use bytes or a unit, e.g. 16MiB or 10GB"))
+}
+
+fn parse_chunk_size(text: &str) -> Result<u64, String> {
+    const MIN: u64 = 64 * 1024;
+    const MAX: u64 = 1 << 30;
+    let size = parse_size(text)?;
+    if (MIN..=MAX).contains(&size) {
+        Ok(size)
+    } else {
+        Err(format!(
+            "chunk size must be between 64KiB and 1GiB, not {text}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_binary_and_decimal_units() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size(" 1 KiB "), Ok(1024));
+    }
+
+    #[test]
+    fn bad_sizes_say_what_is_expected() {
+        let err = parse_size("lots").expect_err("not a size");
+        assert!(err.contains("16MiB"), "{err}");
+        assert!(parse_size("-1MiB").is_err());
+    }
+
+    #[test]
+    fn chunk_sizes_are_bounded() {
+        assert!(parse_chunk_size("1KiB").is_err());
+        assert!(parse_chunk_size("2GiB").is_err());
+        assert_eq!(parse_chunk_size("8MiB"), Ok(8 << 20));
+    }
+}

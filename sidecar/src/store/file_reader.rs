@@ -1,0 +1,98 @@
+//! Streams a byte range of a local file in large blocks, optionally following a fill
+//! that is still writing it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use super::{ByteStream, StoreError};
+use crate::http_range::ByteRange;
+
+/// Large reads: tokio's 4 KiB default serves a cached file about 9x slower.
+const BLOCK: u64 = 512 * 1024;
+/// Blocks read ahead of the client.
+const READ_AHEAD: usize = 2;
+
+/// How far a fill has written its file.
+#[derive(Debug, Clone, Default)]
+pub struct FillProgress {
+    pub written: u64,
+    pub done: bool,
+    pub failed: Option<StoreError>,
+}
+
+/// Streams `range` of `file`. With `progress`, waits for a fill to write each block and
+/// ends with its error if it fails. `lease` is held until the stream ends.
+pub fn read_range<L: Send + 'static>(
+    file: Arc<File>,
+    range: ByteRange,
+    progress: Option<watch::Receiver<FillProgress>>,
+    lease: L,
+) -> ByteStream {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    tokio::spawn(async move {
+        let _lease = lease;
+        let mut progress = progress;
+        let mut offset = range.start;
+        while offset <= range.end {
+            let available = match wait_for(&mut progress, offset).await {
+                Ok(available) => available,
+                Err(err) => {
+                    let _ = tx.send(Err(err)).await;
+                    return;
+                }
+            };
+            let len = BLOCK.min(range.end + 1 - offset).min(available - offset);
+            let file = file.clone();
+            let block =
+                match tokio::task::spawn_blocking(move || read_block(&file, offset, len)).await {
+                    Ok(Ok(block)) => {
+                        offset += len;
+                        Ok(block)
+                    }
+                    Ok(Err(err)) => Err(StoreError::Disk(err.to_string())),
+                    Err(err) => Err(StoreError::Disk(format!("read task failed: {err}"))),
+                };
+            let failed = block.is_err();
+            // A closed channel means the client went away.
+            if tx.send(block).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+}
+
+/// The end of the bytes readable at `offset`: the file's end, or what the fill wrote.
+async fn wait_for(
+    progress: &mut Option<watch::Receiver<FillProgress>>,
+    offset: u64,
+) -> Result<u64, StoreError> {
+    let Some(progress) = progress else {
+        return Ok(u64::MAX);
+    };
+    let state = progress
+        .wait_for(|p| p.written > offset || p.done || p.failed.is_some())
+        .await
+        .map_err(|_| StoreError::Disk("the fill ended without a result".into()))?;
+    if let Some(err) = &state.failed {
+        return Err(err.clone());
+    }
+    if state.written > offset {
+        Ok(state.written)
+    } else {
+        Err(StoreError::Disk(
+            "the fill ended before the requested range".into(),
+        ))
+    }
+}
+
+fn read_block(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
+    let mut buffer = BytesMut::zeroed(usize::try_from(len).unwrap_or(usize::MAX));
+    file.read_exact_at(&mut buffer, offset)?;
+    Ok(buffer.freeze())
+}

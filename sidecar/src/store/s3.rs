@@ -1,0 +1,253 @@
+//! The S3 side: HeadObject and (ranged, conditional) GetObject through aws-sdk-s3.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_s3::config::{BehaviorVersion, Region, retry::RetryConfig, timeout::TimeoutConfig};
+use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
+use aws_sdk_s3::operation::get_object::GetObjectOutput;
+use futures::StreamExt;
+
+use super::{ByteStream, ObjectInfo, SnapshotMetadata, StoreError};
+use crate::http_range::ByteRange;
+use crate::metrics::Metrics;
+
+/// Which revision a GET must read; S3 refuses the read when it is gone.
+#[derive(Debug, Clone, Copy)]
+pub enum Revision<'a> {
+    /// Whatever S3 holds now.
+    Current,
+    /// `If-Match` on this ETag (unquoted): 412 once the object was replaced.
+    ETag(&'a str),
+    /// This VersionId of a versioned bucket.
+    Version(&'a str),
+}
+
+/// One bucket, with metrics on every request.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    metrics: Metrics,
+}
+
+/// The answer to a GetObject: the revision it read and its body.
+pub struct GetResponse {
+    pub info: ObjectInfo,
+    pub body: ByteStream,
+}
+
+impl std::fmt::Debug for GetResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GetResponse")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Store {
+    /// A client from the standard AWS chain; `endpoint` selects an S3-compatible
+    /// server with path-style addressing.
+    pub async fn connect(bucket: &str, endpoint: Option<&str>, metrics: Metrics) -> S3Store {
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .read_timeout(Duration::from_secs(30))
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(3))
+            .load()
+            .await;
+        let mut config = aws_sdk_s3::config::Builder::from(&shared)
+            // Third-party S3 servers do not all speak the SDK's default CRC trailers.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .response_checksum_validation(
+                aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired,
+            );
+        if shared.region().is_none() {
+            config = config.region(Region::new("us-east-1"));
+        }
+        if let Some(endpoint) = endpoint {
+            config = config.endpoint_url(endpoint).force_path_style(true);
+        }
+        S3Store::from_client(
+            aws_sdk_s3::Client::from_conf(config.build()),
+            bucket,
+            metrics,
+        )
+    }
+
+    pub fn from_client(client: aws_sdk_s3::Client, bucket: &str, metrics: Metrics) -> S3Store {
+        S3Store {
+            client,
+            bucket: bucket.to_owned(),
+            metrics,
+        }
+    }
+
+    /// Whether the bucket answers at all (for /readyz).
+    pub async fn check_reachable(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.client.head_bucket().bucket(&self.bucket).send().await;
+        self.observe("head_bucket", started);
+        result.map(|_| ()).map_err(|err| self.classify(err))
+    }
+
+    /// The current revision of `key`.
+    pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        let started = Instant::now();
+        let result = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await;
+        self.observe("head", started);
+        let out = result.map_err(|err| self.classify(err))?;
+        Ok(ObjectInfo {
+            etag: unquote(out.e_tag()).to_owned(),
+            size: non_negative(out.content_length()),
+            last_modified: to_system_time(out.last_modified()),
+            version_id: out.version_id().map(str::to_owned),
+            metadata: SnapshotMetadata::from_user_metadata(out.metadata()),
+        })
+    }
+
+    /// GetObject of `range` (or the whole object) of the given revision, streamed.
+    pub async fn get(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+        revision: Revision<'_>,
+    ) -> Result<GetResponse, StoreError> {
+        let mut request = self.client.get_object().bucket(&self.bucket).key(key);
+        if let Some(range) = range {
+            request = request.range(format!("bytes={}-{}", range.start, range.end));
+        }
+        request = match revision {
+            Revision::Current => request,
+            Revision::ETag(etag) => request.if_match(format!("\"{etag}\"")),
+            Revision::Version(version) => request.version_id(version),
+        };
+        let started = Instant::now();
+        let result = request.send().await;
+        self.observe("get", started);
+        let out = result.map_err(|err| self.classify(err))?;
+        let info = get_info(&out);
+        let metrics = self.metrics.clone();
+        let body = futures::stream::unfold(out.body, |mut body| async move {
+            match body.next().await? {
+                Ok(bytes) => Some((Ok(bytes), body)),
+                Err(err) => Some((Err(StoreError::S3(format!("reading body: {err}"))), body)),
+            }
+        })
+        .inspect(move |chunk| {
+            if let Ok(bytes) = chunk {
+                metrics.s3_bytes_read.inc_by(bytes.len() as u64);
+            }
+        })
+        .boxed();
+        Ok(GetResponse { info, body })
+    }
+
+    fn observe(&self, operation: &str, started: Instant) {
+        self.metrics
+            .s3_latency
+            .with_label_values(&[operation])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Maps an SDK error onto the few outcomes the sidecar distinguishes, by status
+    /// code rather than error code: Garage's 412 carries no error code.
+    fn classify<E, R>(&self, err: SdkError<E, R>) -> StoreError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + HasStatus,
+    {
+        let status = err.raw_response().map(HasStatus::status_code);
+        let (reason, error) = match (&err, status) {
+            (SdkError::DispatchFailure(_) | SdkError::TimeoutError(_), _) => (
+                "unreachable",
+                StoreError::Unreachable(DisplayErrorContext(&err).to_string()),
+            ),
+            (_, Some(404)) => ("not_found", StoreError::NotFound),
+            (_, Some(412)) => ("precondition_failed", StoreError::PreconditionFailed),
+            (_, Some(500..=599)) => (
+                "server_error",
+                StoreError::Unreachable(DisplayErrorContext(&err).to_string()),
+            ),
+            _ => (
+                "other",
+                StoreError::S3(DisplayErrorContext(&err).to_string()),
+            ),
+        };
+        self.metrics.s3_errors.with_label_values(&[reason]).inc();
+        error
+    }
+}
+
+/// The HTTP status of a raw SDK response, as a plain number.
+pub trait HasStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+fn get_info(out: &GetObjectOutput) -> ObjectInfo {
+    // A ranged answer's Content-Range ends in the total size: `bytes a-b/N`.
+    let size = out
+        .content_range()
+        .and_then(|range| range.rsplit_once('/'))
+        .and_then(|(_, total)| total.parse().ok())
+        .unwrap_or_else(|| non_negative(out.content_length()));
+    ObjectInfo {
+        etag: unquote(out.e_tag()).to_owned(),
+        size,
+        last_modified: to_system_time(out.last_modified()),
+        version_id: out.version_id().map(str::to_owned),
+        metadata: SnapshotMetadata::from_user_metadata(out.metadata()),
+    }
+}
+
+fn unquote(etag: Option<&str>) -> &str {
+    let etag = etag.unwrap_or_default();
+    etag.strip_prefix('"')
+        .and_then(|e| e.strip_suffix('"'))
+        .unwrap_or(etag)
+}
+
+fn non_negative(length: Option<i64>) -> u64 {
+    length.and_then(|n| u64::try_from(n).ok()).unwrap_or(0)
+}
+
+fn to_system_time(time: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
+    time.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_lose_their_quotes() {
+        assert_eq!(unquote(Some("\"abc-2\"")), "abc-2");
+        assert_eq!(unquote(Some("abc")), "abc");
+        assert_eq!(unquote(Some("\"")), "\"");
+        assert_eq!(unquote(None), "");
+    }
+
+    #[test]
+    fn negative_lengths_are_zero() {
+        assert_eq!(non_negative(Some(-1)), 0);
+        assert_eq!(non_negative(Some(42)), 42);
+        assert_eq!(non_negative(None), 0);
+    }
+}

@@ -1,0 +1,387 @@
+//! `make bench`: the sidecar measured against a peer in the same run, printed as ratios.
+//!
+//! 1. Disk tier vs nginx (sendfile) serving the same 1 GiB file from the page cache.
+//! 2. Parallel-GET memory with a consumer throttled to 50 MB/s.
+//! 3. A cold S3-backed GET through the sidecar vs one direct single-stream GetObject.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use snapcache_tests::sidecar::{Sidecar, SidecarOptions};
+use snapcache_tests::{TestEnv, create_bucket, snapshot_bytes, snapshot_key, unique_name};
+
+const REPO: &str = "bench.example.com/org/big";
+const PATH: &str = "/git/bench.example.com/org/big/snapshot.tar.zst";
+const SIZE: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let env = TestEnv::get();
+    let server = env.s3_server("garage");
+    let nginx_root = Path::new(env.require("NGINX_ROOT"));
+    let nginx_url = format!("{}/snapshot.tar.zst", env.require("NGINX_URL"));
+
+    println!("preparing a 1 GiB snapshot in Garage and in nginx's root");
+    let file = nginx_root.join("snapshot.tar.zst");
+    write_object_file(&file)?;
+    let s3 = server.client();
+    let bucket = unique_name("bench");
+    create_bucket(&s3, &bucket).await;
+    s3.put_object()
+        .bucket(&bucket)
+        .key(snapshot_key(REPO))
+        .body(aws_sdk_s3::primitives::ByteStream::from_path(&file).await?)
+        .send()
+        .await
+        .context("uploading the bench object")?;
+
+    let mut report = Vec::new();
+    // BENCH=throughput or BENCH=memory runs one part.
+    let only = std::env::var("BENCH").unwrap_or_default();
+    let selected = |name: &str| only.is_empty() || only.split(',').any(|n| n == name);
+
+    if selected("throughput") {
+        report = throughput(&server, &s3, &bucket, &nginx_url).await?;
+    }
+
+    // 2. Parallel-GET memory: no disk tier, so the throttled client is the consumer.
+    let mut memory = Vec::new();
+    for (workers, chunk_mib) in [(4u16, 8u64), (8, 16)]
+        .into_iter()
+        .filter(|_| selected("memory"))
+    {
+        memory.push(throttled_memory(&server, &bucket, workers, chunk_mib).await?);
+    }
+
+    println!();
+    println!(
+        "{:<68} {:>10} {:>10} {:>7} {:>8}",
+        "throughput (MB/s)", "snapcache", "peer", "ratio", "target"
+    );
+    let mut failed = false;
+    for row in &report {
+        let ratio = row.ours / row.peer;
+        let verdict = match row.target {
+            Some(target) if ratio >= target => format!(">={target} ok"),
+            Some(target) => {
+                failed = true;
+                format!(">={target} MISSED")
+            }
+            None => "-".to_owned(),
+        };
+        println!(
+            "{:<68} {:>10.0} {:>10.0} {:>7.2} {:>8}",
+            row.label, row.ours, row.peer, ratio, verdict
+        );
+    }
+    println!();
+    println!(
+        "{:<34} {:>14} {:>14} {:>10} {:>16} {:>10}",
+        "parallel GET at 50 MB/s", "bound N x C", "high-water", "ratio", "peak RSS growth", "ratio"
+    );
+    for m in &memory {
+        let bound = m.workers as f64 * m.chunk as f64;
+        let hw_ratio = m.high_water as f64 / bound;
+        let rss_ratio = m.rss_growth as f64 / bound;
+        let ok = hw_ratio <= 1.0 && rss_ratio <= 1.1;
+        failed |= !ok;
+        println!(
+            "{:<34} {:>11} MiB {:>10.1} MiB {:>10.2} {:>12.1} MiB {:>10.2} {}",
+            format!("{} workers x {} MiB", m.workers, m.chunk / MIB),
+            bound as u64 / MIB,
+            m.high_water as f64 / MIB as f64,
+            hw_ratio,
+            m.rss_growth as f64 / MIB as f64,
+            rss_ratio,
+            if ok {
+                "ok (targets <=1.00, <=1.10)"
+            } else {
+                "MISSED (targets <=1.00, <=1.10)"
+            }
+        );
+    }
+    if failed {
+        bail!("a benchmark missed its target");
+    }
+    Ok(())
+}
+
+/// Cold S3-backed GETs and disk-tier serving, each against its peer.
+async fn throughput(
+    server: &snapcache_tests::S3Server,
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    nginx_url: &str,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    // 3. Cold GET: direct GetObject before and after, so Garage's cache is equally warm.
+    let direct_before = direct_get(s3, bucket).await?;
+    let options = SidecarOptions {
+        disk_max_bytes: "2GiB".into(),
+        workers: 8,
+        chunk_size: "16MiB".into(),
+        ..SidecarOptions::default()
+    };
+    let passthrough = SidecarOptions {
+        disk_tier: false,
+        ..options.clone()
+    };
+    let passthrough = Sidecar::start(server, bucket, &passthrough);
+    let cold_passthrough = curl(&passthrough.url(PATH), &[])?;
+    drop(passthrough);
+    let sidecar = Sidecar::start(server, bucket, &options);
+    let cold = curl(&sidecar.url(PATH), &[])?;
+    let direct_after = direct_get(s3, bucket).await?;
+    let direct = (direct_before + direct_after) / 2.0;
+    rows.push(Row::new(
+        "cold GET, no disk tier: sidecar (parallel GET) vs direct GetObject",
+        cold_passthrough,
+        direct,
+        None,
+    ));
+    rows.push(Row::new(
+        "cold GET: sidecar (parallel GET + disk fill) vs direct GetObject",
+        cold,
+        direct,
+        None,
+    ));
+    let disk_write = sequential_write(sidecar.disk_dir())?;
+    rows.push(Row::new(
+        "cold GET: sidecar (parallel GET + disk fill) vs this disk's write speed",
+        cold,
+        disk_write,
+        None,
+    ));
+
+    // 1. Disk tier vs nginx, page cache warm for both (the same bytes, read once above).
+    let sidecar_one = best_of(3, || curl(&sidecar.url(PATH), &[]))?;
+    let nginx_one = best_of(3, || curl(nginx_url, &[]))?;
+    rows.push(Row::new(
+        "disk tier, one stream: sidecar vs nginx",
+        sidecar_one,
+        nginx_one,
+        Some(0.9),
+    ));
+    let sidecar_four = best_of(3, || parallel_ranges(&sidecar.url(PATH), 4))?;
+    let nginx_four = best_of(3, || parallel_ranges(nginx_url, 4))?;
+    rows.push(Row::new(
+        "disk tier, 4 parallel ranges: sidecar vs nginx",
+        sidecar_four,
+        nginx_four,
+        None,
+    ));
+    Ok(rows)
+}
+
+struct Row {
+    label: &'static str,
+    ours: f64,
+    peer: f64,
+    target: Option<f64>,
+}
+
+impl Row {
+    fn new(label: &'static str, ours: f64, peer: f64, target: Option<f64>) -> Row {
+        Row {
+            label,
+            ours,
+            peer,
+            target,
+        }
+    }
+}
+
+struct Memory {
+    workers: u16,
+    chunk: u64,
+    high_water: u64,
+    rss_growth: u64,
+}
+
+/// The bench object, written once in 16 MiB blocks that differ from each other.
+fn write_object_file(path: &Path) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == SIZE) {
+        return Ok(());
+    }
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for block in 0..SIZE / (16 * MIB) {
+        out.write_all(&snapshot_bytes((16 * MIB) as usize, block))?;
+    }
+    Ok(out.flush()?)
+}
+
+/// MB/s of one GetObject read to the end through aws-sdk-s3 (one stream).
+async fn direct_get(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<f64> {
+    let started = Instant::now();
+    let out = s3
+        .get_object()
+        .bucket(bucket)
+        .key(snapshot_key(REPO))
+        .send()
+        .await?;
+    let mut body = out.body;
+    let mut total = 0u64;
+    while let Some(bytes) = body.try_next().await? {
+        total += bytes.len() as u64;
+    }
+    anyhow::ensure!(total == SIZE, "direct GetObject returned {total} bytes");
+    Ok(mb_per_s(total, started.elapsed()))
+}
+
+/// MB/s of one curl download to /dev/null, checked for its size.
+fn curl(url: &str, extra: &[&str]) -> Result<f64> {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-f",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{time_total}",
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .context("running curl")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace();
+    let size: u64 = fields.next().unwrap_or("0").parse()?;
+    let seconds: f64 = fields.next().unwrap_or("0").parse()?;
+    let expected = extra
+        .iter()
+        .any(|a| a.starts_with("bytes=") || *a == "--range");
+    anyhow::ensure!(expected || size == SIZE, "curl {url} got {size} bytes");
+    Ok(size as f64 / seconds / 1e6)
+}
+
+/// MB/s of the whole object fetched as `parts` concurrent ranges by separate curls.
+fn parallel_ranges(url: &str, parts: u64) -> Result<f64> {
+    let started = Instant::now();
+    let part = SIZE / parts;
+    let children = (0..parts)
+        .map(|i| {
+            let range = format!("{}-{}", i * part, (i + 1) * part - 1);
+            Command::new("curl")
+                .args(["-sS", "-f", "-o", "/dev/null", "--range", &range, url])
+                .spawn()
+                .context("running curl")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for mut child in children {
+        anyhow::ensure!(child.wait()?.success(), "a range download failed");
+    }
+    Ok(mb_per_s(SIZE, started.elapsed()))
+}
+
+/// MB/s of writing and syncing 1 GiB sequentially in `dir`: what bounds a disk fill.
+fn sequential_write(dir: &Path) -> Result<f64> {
+    use std::io::Write;
+    let path = dir.join("write-speed.tmp");
+    let block = snapshot_bytes((16 * MIB) as usize, 99);
+    let started = Instant::now();
+    let mut file = std::fs::File::create(&path)?;
+    for _ in 0..SIZE / (16 * MIB) {
+        file.write_all(&block)?;
+    }
+    file.sync_data()?;
+    let speed = mb_per_s(SIZE, started.elapsed());
+    std::fs::remove_file(&path)?;
+    Ok(speed)
+}
+
+fn best_of(runs: usize, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut best: f64 = 0.0;
+    for _ in 0..runs {
+        best = best.max(measure()?);
+    }
+    Ok(best)
+}
+
+/// High-water of the buffered-bytes gauge and peak RSS growth for one full S3 read
+/// consumed at 50 MB/s by curl, with a fresh sidecar and no disk tier.
+async fn throttled_memory(
+    server: &snapcache_tests::S3Server,
+    bucket: &str,
+    workers: u16,
+    chunk_mib: u64,
+) -> Result<Memory> {
+    let options = SidecarOptions {
+        disk_tier: false,
+        workers,
+        chunk_size: format!("{chunk_mib}MiB"),
+        ..SidecarOptions::default()
+    };
+    let sidecar = Sidecar::start(server, bucket, &options);
+    // Small ranged reads first, one per worker: the S3 client's lazy set-up and its
+    // connections are not the parallel GET's buffering.
+    let url = sidecar.url(PATH);
+    std::thread::scope(|scope| {
+        let warm_ups: Vec<_> = (0..workers)
+            .map(|_| scope.spawn(|| curl(&url, &["--range", "0-1023"])))
+            .collect();
+        warm_ups.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("warm-up panicked")))
+                .map(drop)
+        })
+    })?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = sidecar.pid();
+    let before = proc_status_kib(pid, "VmHWM:")?;
+    let anon_before = proc_status_kib(pid, "RssAnon:")?;
+    let file_before = proc_status_kib(pid, "RssFile:")?;
+    println!("parallel GET {workers} x {chunk_mib} MiB: 1 GiB at 50 MB/s (about 21 s)");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (anon_peak, file_peak) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let (mut anon, mut file) = (0, 0);
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                anon = anon.max(proc_status_kib(pid, "RssAnon:").unwrap_or(0));
+                file = file.max(proc_status_kib(pid, "RssFile:").unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (anon, file)
+        });
+        let result = curl(&sidecar.url(PATH), &["--limit-rate", "50000000"]);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        result.map(|_| sampler.join().unwrap_or((0, 0)))
+    })?;
+    println!(
+        "  sampled peaks above the start: anonymous {:.1} MiB, file-backed {:.1} MiB",
+        anon_peak.saturating_sub(anon_before) as f64 / 1024.0,
+        file_peak.saturating_sub(file_before) as f64 / 1024.0
+    );
+    let peak = proc_status_kib(pid, "VmHWM:")?;
+    let metrics = sidecar.metrics().await;
+    let high_water =
+        Sidecar::metric(&metrics, "snapcache_parallel_get_buffered_bytes_high_water") as u64;
+    Ok(Memory {
+        workers,
+        chunk: chunk_mib * MIB,
+        high_water,
+        rss_growth: peak.saturating_sub(before) * 1024,
+    })
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("{field} in /proc/{pid}/status"))
+}
+
+fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64() / 1e6
+}

@@ -1,0 +1,205 @@
+//! A real `snapcache-sidecar serve` process against one of the test S3 servers.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::S3Server;
+
+/// Options of one sidecar; `Default` gives a disk tier and small parallel-GET parts.
+#[derive(Debug, Clone)]
+pub struct SidecarOptions {
+    pub disk_tier: bool,
+    pub disk_max_bytes: String,
+    pub revalidate_after: String,
+    pub workers: u16,
+    pub chunk_size: String,
+    pub part_timeout: String,
+    pub shutdown_grace: String,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for SidecarOptions {
+    fn default() -> Self {
+        SidecarOptions {
+            disk_tier: true,
+            disk_max_bytes: "1GiB".into(),
+            revalidate_after: "30s".into(),
+            workers: 4,
+            chunk_size: "256KiB".into(),
+            part_timeout: "20s".into(),
+            shutdown_grace: "10s".into(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A running sidecar; killed when dropped.
+#[derive(Debug)]
+pub struct Sidecar {
+    child: Child,
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+    disk_dir: tempfile::TempDir,
+    log_path: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts a sidecar reading `bucket` on `server` and waits until it answers.
+    pub fn start(server: &S3Server, bucket: &str, options: &SidecarOptions) -> Sidecar {
+        Sidecar::start_at(&server.endpoint, server, bucket, options)
+    }
+
+    /// Like `start`, but reaching S3 through `endpoint` (a proxy in front of `server`).
+    pub fn start_at(
+        endpoint: &str,
+        server: &S3Server,
+        bucket: &str,
+        options: &SidecarOptions,
+    ) -> Sidecar {
+        let disk_dir = tempfile::tempdir().expect("temp dir for the disk tier");
+        let (api, admin) = (free_addr(), free_addr());
+        let log_path = disk_dir.path().with_extension("log");
+        let log = std::fs::File::create(&log_path).expect("sidecar log file");
+        let mut command = Command::new(sidecar_binary());
+        command
+            .arg("serve")
+            .args(["--listen", &api.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--s3-endpoint", endpoint])
+            .args(["--s3-bucket", bucket])
+            .args(["--disk-max-bytes", &options.disk_max_bytes])
+            .args(["--revalidate-after", &options.revalidate_after])
+            .args(["--parallel-get-workers", &options.workers.to_string()])
+            .args(["--parallel-get-chunk-size", &options.chunk_size])
+            .args(["--part-timeout", &options.part_timeout])
+            .args(["--shutdown-grace", &options.shutdown_grace])
+            .args(&options.extra_args)
+            .env("AWS_ACCESS_KEY_ID", &server.access_key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &server.secret_access_key)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_LOG", "snapcache_sidecar=debug,info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log);
+        if options.disk_tier {
+            command.args(["--disk-dir", &disk_dir.path().display().to_string()]);
+        }
+        let child = command.spawn().expect("start snapcache-sidecar");
+        let mut sidecar = Sidecar {
+            child,
+            api,
+            admin,
+            disk_dir,
+            log_path,
+        };
+        sidecar.wait_until_listening();
+        sidecar
+    }
+
+    fn wait_until_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("sidecar exited with {status}:\n{}", self.log());
+            }
+            if std::net::TcpStream::connect(self.api).is_ok()
+                && std::net::TcpStream::connect(self.admin).is_ok()
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sidecar did not listen within 20s:\n{}", self.log());
+    }
+
+    /// `http://127.0.0.1:port` of the snapshot API.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn disk_dir(&self) -> &Path {
+        self.disk_dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit on its own and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// What the sidecar logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The current /metrics text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// The value of one sample, e.g. `metric(&text, "snapcache_s3_read_bytes_total")`
+    /// or with labels `snapcache_disk_tier_lookups_total{result="hit"}`.
+    pub fn metric(text: &str, sample: &str) -> f64 {
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                (name == sample).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// The `snapcache-sidecar` binary of the same build profile as this executable.
+pub fn sidecar_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // Tests live in target/<profile>/deps/, binaries such as the bench in target/<profile>/.
+    let mut dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("profile directory");
+    }
+    let binary = dir.join("snapcache-sidecar");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first (`cargo build -p snapcache-sidecar`; `make test` does)",
+        binary.display()
+    );
+    binary
+}
+
+/// An address on 127.0.0.1 with a port nothing listens on right now.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port on 127.0.0.1")
+}

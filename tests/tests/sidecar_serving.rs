@@ -1,0 +1,488 @@
+//! The sidecar's behaviour around the ranges: path rules, revalidation, single flight,
+//! revisions never mixed, disconnects, S3 outages, SIGTERM and the metrics format.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use reqwest::StatusCode;
+use snapcache_tests::proxy::CutProxy;
+use snapcache_tests::sidecar::{Sidecar, SidecarOptions};
+use snapcache_tests::{
+    S3Server, TestEnv, create_bucket, put_snapshot, snapshot_bytes, unique_name,
+};
+
+const REPO: &str = "example.com/org/repo";
+const PATH: &str = "/git/example.com/org/repo/snapshot.tar.zst";
+const COMMIT: &str = "89abcdef0123456789abcdef0123456789abcdef";
+
+async fn bucket_with(server: &S3Server, body: &[u8]) -> String {
+    let s3 = server.client();
+    let bucket = unique_name("serving");
+    create_bucket(&s3, &bucket).await;
+    put_snapshot(&s3, &bucket, REPO, body, COMMIT).await;
+    bucket
+}
+
+async fn get_all(sidecar: &Sidecar) -> (StatusCode, Vec<u8>) {
+    let response = reqwest::get(sidecar.url(PATH)).await.expect("GET");
+    let status = response.status();
+    (status, response.bytes().await.expect("body").to_vec())
+}
+
+/// Sends a raw request line so that no client library normalises the path first.
+fn raw_status(sidecar: &Sidecar, path: &[u8]) -> u16 {
+    let mut stream = std::net::TcpStream::connect(sidecar.api).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut request = b"GET ".to_vec();
+    request.extend_from_slice(path);
+    request.extend_from_slice(b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(&request).expect("send");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn bad_paths_get_400_and_never_reach_s3() {
+    let server = &TestEnv::get().s3_servers()[0];
+    let bucket = bucket_with(server, b"tiny").await;
+    let sidecar = Sidecar::start(server, &bucket, &SidecarOptions::default());
+    let long = format!("/git/example.com/{}/snapshot.tar.zst", "a".repeat(1100));
+    let bad: Vec<&[u8]> = vec![
+        b"/git/example.com//repo/snapshot.tar.zst",
+        b"/git/example.com/./repo/snapshot.tar.zst",
+        b"/git/example.com/../repo/snapshot.tar.zst",
+        b"/git/example.com/%2e%2e/repo/snapshot.tar.zst",
+        b"/git/example.com/org%2Frepo/snapshot.tar.zst",
+        b"/git/example.com/org%2frepo/snapshot.tar.zst",
+        b"/git/example.com/org%00/snapshot.tar.zst",
+        b"/git/example.com/org%0a/snapshot.tar.zst",
+        b"/git/example.com/org%7f/snapshot.tar.zst",
+        b"/git/example.com/org/repo/other.tar.zst",
+        b"/elsewhere/example.com/org/repo/snapshot.tar.zst",
+        b"/git/snapshot.tar.zst",
+        b"/git/example.com/snapshot.tar.zst",
+        b"/git/example.com/org/%zz/snapshot.tar.zst",
+        long.as_bytes(),
+    ];
+    for path in bad {
+        assert_eq!(
+            raw_status(&sidecar, path),
+            400,
+            "{}",
+            String::from_utf8_lossy(path)
+        );
+    }
+    let metrics = sidecar.metrics().await;
+    for operation in ["head", "get"] {
+        let sample =
+            format!("snapcache_s3_request_duration_seconds_count{{operation=\"{operation}\"}}");
+        assert_eq!(
+            Sidecar::metric(&metrics, &sample),
+            0.0,
+            "{operation} reached S3"
+        );
+    }
+    assert_eq!(
+        raw_status(&sidecar, PATH.as_bytes()),
+        200,
+        "the good path still works"
+    );
+}
+
+#[tokio::test]
+async fn replaced_object_is_served_after_revalidation() {
+    for server in TestEnv::get().s3_servers() {
+        let first = snapshot_bytes(300_000, 1);
+        let second = snapshot_bytes(300_000, 2);
+        let bucket = bucket_with(&server, &first).await;
+        let options = SidecarOptions {
+            revalidate_after: "1s".into(),
+            ..SidecarOptions::default()
+        };
+        let sidecar = Sidecar::start(&server, &bucket, &options);
+        assert_eq!(get_all(&sidecar).await.1, first, "{}", server.name);
+        put_snapshot(&server.client(), &bucket, REPO, &second, COMMIT).await;
+        // Within the revalidation interval the disk copy is served as it is.
+        assert_eq!(get_all(&sidecar).await.1, first, "{}", server.name);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (status, body) = get_all(&sidecar).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body, second,
+            "{}: new revision after revalidation",
+            server.name
+        );
+        assert_eq!(
+            get_all(&sidecar).await.1,
+            second,
+            "{}: and from disk after",
+            server.name
+        );
+    }
+}
+
+/// Reads a whole body slowly; `Ok` only when every byte of Content-Length arrived.
+async fn slow_read(url: String, pause_after: usize, pause: Duration) -> Result<Vec<u8>, String> {
+    let response = reqwest::get(url).await.map_err(|e| e.to_string())?;
+    if response.status() != StatusCode::OK {
+        return Err(format!("status {}", response.status()));
+    }
+    let mut stream = response.bytes_stream();
+    let mut body = Vec::new();
+    let mut paused = false;
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        if !paused && body.len() >= pause_after {
+            paused = true;
+            tokio::time::sleep(pause).await;
+        }
+    }
+    Ok(body)
+}
+
+#[tokio::test]
+async fn replacement_during_a_cold_parallel_get_never_mixes_revisions() {
+    for server in TestEnv::get().s3_servers() {
+        // Larger than loopback socket buffers can hold, so the slow reader really holds parts back.
+        let old = snapshot_bytes(32 << 20, 3);
+        let new = snapshot_bytes(32 << 20, 4);
+        for disk_tier in [false, true] {
+            let bucket = bucket_with(&server, &old).await;
+            let options = SidecarOptions {
+                disk_tier,
+                workers: 2,
+                chunk_size: "256KiB".into(),
+                ..SidecarOptions::default()
+            };
+            let sidecar = Sidecar::start(&server, &bucket, &options);
+            let label = format!("{} disk={disk_tier}", server.name);
+            let reader = tokio::spawn(slow_read(
+                sidecar.url(PATH),
+                1 << 20,
+                Duration::from_secs(2),
+            ));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            put_snapshot(&server.client(), &bucket, REPO, &new, COMMIT).await;
+            match reader.await.expect("reader task") {
+                Ok(body) => assert!(
+                    body == old,
+                    "{label}: a complete body that is not the old revision"
+                ),
+                // Without a disk tier the slow reader holds the parts back, so the
+                // replacement must cut the download off.
+                Err(_) if !disk_tier => {}
+                Err(err) => assert!(!err.is_empty(), "{label}"),
+            }
+            if !disk_tier {
+                let metrics = sidecar.metrics().await;
+                assert!(
+                    Sidecar::metric(
+                        &metrics,
+                        "snapcache_s3_errors_total{reason=\"precondition_failed\"}"
+                    ) >= 1.0,
+                    "{label}: the parts after the replacement must meet If-Match"
+                );
+            }
+            // Whatever happened, the next read is one whole revision: the new one.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (status, body) = get_all(&sidecar).await;
+            assert_eq!(status, StatusCode::OK, "{label}");
+            assert!(
+                body == new || body == old,
+                "{label}: mixed bytes after the replacement"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn fill_cut_by_a_replacement_keeps_nothing_on_disk() {
+    let server = &TestEnv::get().s3_servers()[0];
+    let old = snapshot_bytes(24 << 20, 5);
+    let new = snapshot_bytes(1 << 20, 6);
+    let bucket = bucket_with(server, &old).await;
+    // One 64 KiB part at a time makes the fill slow enough to replace the object mid-way.
+    let options = SidecarOptions {
+        workers: 1,
+        chunk_size: "64KiB".into(),
+        ..SidecarOptions::default()
+    };
+    let sidecar = Sidecar::start(server, &bucket, &options);
+    let reader = tokio::spawn(slow_read(sidecar.url(PATH), usize::MAX, Duration::ZERO));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    put_snapshot(&server.client(), &bucket, REPO, &new, COMMIT).await;
+    let result = reader.await.expect("reader task");
+    assert!(
+        result.is_err(),
+        "a fill cut by a replacement must not complete"
+    );
+    wait_until("the failed fill is cleaned up", async || {
+        let files = disk_files(&sidecar);
+        files.is_empty().then_some(()).ok_or(format!("{files:?}"))
+    })
+    .await;
+    let (status, body) = get_all(&sidecar).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, new);
+}
+
+#[tokio::test]
+async fn eight_cold_clients_share_one_s3_download() {
+    for server in TestEnv::get().s3_servers() {
+        let body = snapshot_bytes(6 << 20, 8);
+        let bucket = bucket_with(&server, &body).await;
+        let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
+        let clients: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(slow_read(sidecar.url(PATH), usize::MAX, Duration::ZERO)))
+            .collect();
+        for client in clients {
+            assert_eq!(
+                client.await.expect("client task").as_deref(),
+                Ok(body.as_slice()),
+                "{}",
+                server.name
+            );
+        }
+        let metrics = sidecar.metrics().await;
+        assert_eq!(
+            Sidecar::metric(&metrics, "snapcache_s3_read_bytes_total"),
+            body.len() as f64,
+            "{}: exactly one object's worth of bytes from S3",
+            server.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn client_disconnect_leaves_no_partial_entry_and_releases_buffers() {
+    let server = &TestEnv::get().s3_servers()[0];
+    let body = snapshot_bytes(16 << 20, 9);
+    for disk_tier in [false, true] {
+        let bucket = bucket_with(server, &body).await;
+        let options = SidecarOptions {
+            disk_tier,
+            workers: 2,
+            chunk_size: "256KiB".into(),
+            ..SidecarOptions::default()
+        };
+        let sidecar = Sidecar::start(server, &bucket, &options);
+        {
+            let response = reqwest::get(sidecar.url(PATH)).await.expect("GET");
+            let mut stream = response.bytes_stream();
+            let mut received = 0;
+            while received < 512 * 1024 {
+                received += stream
+                    .next()
+                    .await
+                    .expect("some bytes")
+                    .expect("chunk")
+                    .len();
+            }
+        } // dropped: the client hangs up mid-body
+        wait_until("buffers released", async || {
+            let metrics = sidecar.metrics().await;
+            let buffered = Sidecar::metric(&metrics, "snapcache_parallel_get_buffered_bytes");
+            (buffered == 0.0)
+                .then_some(())
+                .ok_or(format!("{buffered} bytes still buffered"))
+        })
+        .await;
+        if disk_tier {
+            // The fill may finish for the next client; what is on disk is never partial.
+            wait_until("no temporary files", async || {
+                let files = disk_files(&sidecar);
+                (!files.iter().any(|f| f.ends_with(".tmp")))
+                    .then_some(())
+                    .ok_or(format!("{files:?}"))
+            })
+            .await;
+            for file in disk_files(&sidecar).iter().filter(|f| f.ends_with(".data")) {
+                let len = std::fs::metadata(sidecar.disk_dir().join(file))
+                    .expect("data file")
+                    .len();
+                assert_eq!(len, body.len() as u64, "a data file holds a whole revision");
+            }
+        }
+        assert_eq!(get_all(&sidecar).await.1, body);
+    }
+}
+
+#[tokio::test]
+async fn s3_outage_serves_disk_hits_and_503s_misses_then_recovers() {
+    let server = &TestEnv::get().s3_servers()[0];
+    let cached = snapshot_bytes(200_000, 10);
+    let bucket = bucket_with(server, &cached).await;
+    let other = snapshot_bytes(100_000, 11);
+    put_snapshot(
+        &server.client(),
+        &bucket,
+        "example.com/org/other",
+        &other,
+        COMMIT,
+    )
+    .await;
+    let upstream = server
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .expect("endpoint address");
+    let proxy = CutProxy::start(upstream).await;
+    let options = SidecarOptions {
+        revalidate_after: "0s".into(),
+        ..SidecarOptions::default()
+    };
+    let sidecar = Sidecar::start_at(&proxy.url(), server, &bucket, &options);
+    assert_eq!(get_all(&sidecar).await.1, cached);
+    let ready = reqwest::get(sidecar.admin_url("/readyz"))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    proxy.cut().await;
+    let (status, body) = get_all(&sidecar).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a disk hit is served while S3 is gone"
+    );
+    assert_eq!(body, cached);
+    let miss = reqwest::get(sidecar.url("/git/example.com/org/other/snapshot.tar.zst"))
+        .await
+        .expect("GET");
+    assert_eq!(miss.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(miss.headers().get("retry-after").is_some());
+    let ready = reqwest::get(sidecar.admin_url("/readyz"))
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    proxy.restore().await;
+    let back = reqwest::get(sidecar.url("/git/example.com/org/other/snapshot.tar.zst"))
+        .await
+        .expect("GET");
+    assert_eq!(
+        back.status(),
+        StatusCode::OK,
+        "service comes back without a restart"
+    );
+    assert_eq!(back.bytes().await.expect("body").to_vec(), other);
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_response_in_flight_and_exits_zero() {
+    let server = &TestEnv::get().s3_servers()[0];
+    let body = snapshot_bytes(4 << 20, 12);
+    let bucket = bucket_with(server, &body).await;
+    let mut sidecar = Sidecar::start(server, &bucket, &SidecarOptions::default());
+    assert_eq!(get_all(&sidecar).await.1, body, "warm the disk tier");
+    let reader = tokio::spawn(slow_read(
+        sidecar.url(PATH),
+        256 * 1024,
+        Duration::from_secs(1),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &sidecar.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        reqwest::get(sidecar.url(PATH)).await.is_err(),
+        "no new connection is accepted after SIGTERM"
+    );
+    assert_eq!(
+        reader.await.expect("reader").as_deref(),
+        Ok(body.as_slice()),
+        "in-flight response completes"
+    );
+    assert_eq!(
+        sidecar.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        sidecar.log()
+    );
+}
+
+#[tokio::test]
+async fn promtool_accepts_the_metrics() {
+    let env = TestEnv::get();
+    let server = &env.s3_servers()[0];
+    let body = snapshot_bytes(500_000, 13);
+    let bucket = bucket_with(server, &body).await;
+    let sidecar = Sidecar::start(server, &bucket, &SidecarOptions::default());
+    assert_eq!(get_all(&sidecar).await.1, body);
+    let metrics = sidecar.metrics().await;
+    for name in [
+        "snapcache_pin_precondition_failed_total",
+        "snapcache_heap_allocated_bytes",
+        "snapcache_heap_resident_bytes",
+        "snapcache_parallel_get_buffered_bytes",
+        "snapcache_parallel_get_buffered_bytes_high_water",
+        "snapcache_http_requests_total",
+        "snapcache_response_bytes_total",
+        "snapcache_disk_tier_lookups_total",
+        "snapcache_s3_request_duration_seconds",
+        "snapcache_disk_tier_bytes",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} missing:\n{metrics}"
+        );
+    }
+    assert!(Sidecar::metric(&metrics, "snapcache_heap_allocated_bytes") > 0.0);
+    assert_eq!(
+        Sidecar::metric(&metrics, "snapcache_disk_tier_bytes"),
+        body.len() as f64
+    );
+    let mut promtool = std::process::Command::new(env.require("PROMTOOL"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(metrics.as_bytes())
+        .expect("feed promtool");
+    let out = promtool.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn disk_files(sidecar: &Sidecar) -> Vec<String> {
+    std::fs::read_dir(sidecar.disk_dir())
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `check` for up to 20 s.
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(err) if Instant::now() > deadline => panic!("{what}: {err}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
