@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::pin::PinMode;
+
 /// How `snapcache-sidecar serve` reaches S3 and keeps its disk tier.
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
@@ -54,6 +56,11 @@ pub struct ServeConfig {
     /// A part of a parallel GET that takes longer than this is retried.
     #[arg(long, env = "SNAPCACHE_PART_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub part_timeout: Duration,
+
+    /// Which pin a probe hands out: `auto` (a version pin when the bucket is versioned,
+    /// else an etag pin), `etag`, or `version`.
+    #[arg(long, env = "SNAPCACHE_PIN_MODE", value_enum, default_value_t = PinMode::Auto)]
+    pub pin_mode: PinMode,
 
     /// How long in-flight responses may run after SIGTERM before the process exits.
     #[arg(long, env = "SNAPCACHE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod http_range;
 pub mod metrics;
+pub mod pin;
 pub mod server;
 pub mod snapshot_path;
 pub mod store;

@@ -3,6 +3,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::pin::PinError;
 use crate::snapshot_path::PathError;
 use crate::store::StoreError;
 
@@ -15,6 +16,12 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("method not allowed: use GET or HEAD")]
     MethodNotAllowed,
+}
+
+impl From<PinError> for ApiError {
+    fn from(err: PinError) -> ApiError {
+        ApiError::BadRequest(err.to_string())
+    }
 }
 
 impl From<PathError> for ApiError {

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod pinned;
 pub mod snapshot;
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use axum::Router;
 
 use crate::config::ServeConfig;
 use crate::metrics::Metrics;
+use crate::pin::PinMode;
 use crate::store::disk::DiskTier;
 use crate::store::parallel_get::ParallelGetConfig;
 use crate::store::s3::S3Store;
@@ -23,6 +25,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Prepended to every object key.
     pub prefix: String,
+    /// Which pin tokens probes hand out.
+    pub pin_mode: PinMode,
 }
 
 /// The snapshot API: every path is a snapshot path or a 400.
@@ -64,6 +68,7 @@ impl App {
             ),
             metrics,
             prefix: config.s3_prefix.clone(),
+            pin_mode: config.pin_mode,
         })
     }
 }

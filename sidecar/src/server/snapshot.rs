@@ -9,12 +9,13 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use futures::StreamExt;
 
-use super::App;
 use super::error::ApiError;
+use super::{App, pinned};
 use crate::http_range::{
     ByteRange, Outcome, RequestConditions, Validators, evaluate, unsatisfied_content_range,
 };
 use crate::metrics::Source;
+use crate::pin::{PIN_HEADER, PinRequest};
 use crate::snapshot_path::{SnapshotFile, SnapshotPath};
 use crate::store::{ByteStream, ObjectInfo};
 
@@ -58,77 +59,106 @@ async fn serve(
     };
     let path = SnapshotPath::parse(uri.path())?;
     let key = path.object_key(&app.prefix);
+    if let Some(pin) = headers.get(PIN_HEADER) {
+        return match PinRequest::parse(pin.as_bytes())? {
+            PinRequest::Probe => pinned::probe(app, &key, path.file()).await,
+            PinRequest::Pinned(token) => {
+                pinned::read(app, &key, path.file(), token, headers, with_body).await
+            }
+        };
+    }
     let resolved = app.tiered.resolve(&key).await?;
     let info = resolved.info.clone();
     let source = resolved.source();
+    let reply = Reply {
+        app,
+        request: headers,
+        info: &info,
+        file: path.file(),
+        with_body,
+        source,
+    };
+    let key = &key;
+    reply
+        .send(|range| async move { Ok(app.tiered.read(key, resolved, range)) })
+        .await
+}
 
-    let header_bytes = |name: HeaderName| headers.get(name).map(HeaderValue::as_bytes);
-    let conditions = RequestConditions {
-        range: header_bytes(header::RANGE),
-        if_range: header_bytes(header::IF_RANGE),
-        if_match: header_bytes(header::IF_MATCH),
-        if_none_match: header_bytes(header::IF_NONE_MATCH),
-    };
-    let validators = Validators {
-        etag: info.etag.clone(),
-        last_modified: info.last_modified,
-        size: info.size,
-    };
-    let mut response = match evaluate(&conditions, &validators) {
-        Outcome::PreconditionFailed => plain(
-            StatusCode::PRECONDITION_FAILED,
-            "If-Match does not match the current snapshot\n",
-        ),
-        Outcome::NotModified => empty(StatusCode::NOT_MODIFIED),
-        Outcome::Unsatisfiable => {
-            let mut response = plain(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "the range starts past the end of the snapshot\n",
-            );
+/// The answer to a GET or HEAD of one known revision.
+#[derive(Debug)]
+pub struct Reply<'a> {
+    pub app: &'a App,
+    pub request: &'a HeaderMap,
+    pub info: &'a ObjectInfo,
+    pub file: SnapshotFile,
+    pub with_body: bool,
+    pub source: Source,
+}
+
+impl Reply<'_> {
+    /// Evaluates the request's conditions and range against the revision; when bytes
+    /// are to be sent, `open` gives them.
+    pub async fn send<F, Fut>(&self, open: F) -> Result<Response, ApiError>
+    where
+        F: FnOnce(ByteRange) -> Fut,
+        Fut: Future<Output = Result<ByteStream, ApiError>>,
+    {
+        let header_bytes = |name: HeaderName| self.request.get(name).map(HeaderValue::as_bytes);
+        let conditions = RequestConditions {
+            range: header_bytes(header::RANGE),
+            if_range: header_bytes(header::IF_RANGE),
+            if_match: header_bytes(header::IF_MATCH),
+            if_none_match: header_bytes(header::IF_NONE_MATCH),
+        };
+        let validators = Validators {
+            etag: self.info.etag.clone(),
+            last_modified: self.info.last_modified,
+            size: self.info.size,
+        };
+        let size = self.info.size;
+        let (status, range) = match evaluate(&conditions, &validators) {
+            Outcome::PreconditionFailed => {
+                return Ok(self.finish(plain(
+                    StatusCode::PRECONDITION_FAILED,
+                    "If-Match does not match the current snapshot\n",
+                )));
+            }
+            Outcome::NotModified => return Ok(self.finish(empty(StatusCode::NOT_MODIFIED))),
+            Outcome::Unsatisfiable => {
+                let mut response = plain(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "the range starts past the end of the snapshot\n",
+                );
+                insert(
+                    &mut response,
+                    header::CONTENT_RANGE,
+                    &unsatisfied_content_range(size),
+                );
+                return Ok(self.finish(response));
+            }
+            Outcome::Full => (StatusCode::OK, ByteRange::whole(size)),
+            Outcome::Partial(range) => (StatusCode::PARTIAL_CONTENT, Some(range)),
+        };
+        let mut response = match range.filter(|_| self.with_body) {
+            Some(range) => stream_body(status, open(range).await?, self.app, self.source),
+            None => empty(status),
+        };
+        let length = range.map_or(0, |range| range.len());
+        insert(&mut response, header::CONTENT_LENGTH, &length.to_string());
+        if let (StatusCode::PARTIAL_CONTENT, Some(range)) = (status, range) {
             insert(
                 &mut response,
                 header::CONTENT_RANGE,
-                &unsatisfied_content_range(info.size),
+                &range.content_range(size),
             );
-            response
         }
-        Outcome::Full => {
-            let mut response = match ByteRange::whole(info.size).filter(|_| with_body) {
-                Some(range) => {
-                    let body = app.tiered.read(&key, resolved, range);
-                    stream_body(StatusCode::OK, body, app, source)
-                }
-                None => empty(StatusCode::OK),
-            };
-            insert(
-                &mut response,
-                header::CONTENT_LENGTH,
-                &info.size.to_string(),
-            );
-            response
-        }
-        Outcome::Partial(range) => {
-            let mut response = if with_body {
-                let body = app.tiered.read(&key, resolved, range);
-                stream_body(StatusCode::PARTIAL_CONTENT, body, app, source)
-            } else {
-                empty(StatusCode::PARTIAL_CONTENT)
-            };
-            insert(
-                &mut response,
-                header::CONTENT_RANGE,
-                &range.content_range(info.size),
-            );
-            insert(
-                &mut response,
-                header::CONTENT_LENGTH,
-                &range.len().to_string(),
-            );
-            response
-        }
-    };
-    representation_headers(response.headers_mut(), &info, path.file());
-    Ok(response)
+        Ok(self.finish(response))
+    }
+
+    fn finish(&self, mut response: Response) -> Response {
+        representation_headers(response.headers_mut(), self.info, self.file);
+        response
+    }
 }
 
 /// ETag, Last-Modified, type and the snapshot metadata: the same on 200, 206, 304 and HEAD.
@@ -184,11 +214,11 @@ fn stream_body(status: StatusCode, body: ByteStream, app: &App, source: Source) 
     (status, Body::from_stream(counted)).into_response()
 }
 
-fn empty(status: StatusCode) -> Response {
+pub fn empty(status: StatusCode) -> Response {
     (status, Body::empty()).into_response()
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response {
+pub fn plain(status: StatusCode, text: &'static str) -> Response {
     let mut response = (status, text).into_response();
     insert(
         &mut response,

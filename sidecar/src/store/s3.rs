@@ -97,14 +97,23 @@ impl S3Store {
 
     /// The current revision of `key`.
     pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        self.head_revision(key, Revision::Current).await
+    }
+
+    /// HeadObject of the given revision: 412 (etag) or 404 (version) once it is gone.
+    pub async fn head_revision(
+        &self,
+        key: &str,
+        revision: Revision<'_>,
+    ) -> Result<ObjectInfo, StoreError> {
+        let request = self.client.head_object().bucket(&self.bucket).key(key);
+        let request = match revision {
+            Revision::Current => request,
+            Revision::ETag(etag) => request.if_match(format!("\"{etag}\"")),
+            Revision::Version(version) => request.version_id(version),
+        };
         let started = Instant::now();
-        let result = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await;
+        let result = request.send().await;
         self.observe("head", started);
         let out = result.map_err(|err| self.classify(err))?;
         Ok(ObjectInfo {

@@ -1,0 +1,428 @@
+//! PROTOCOL.md "Pin probe and pinned ranges": etag pins on moto and Garage, version
+//! pins on moto's versioned buckets.
+
+use std::collections::HashMap;
+
+use futures::future::join_all;
+use reqwest::StatusCode;
+use snapcache_tests::sidecar::{Sidecar, SidecarOptions};
+use snapcache_tests::{
+    S3Server, TestEnv, create_bucket, put_snapshot, snapshot_bytes, unique_name,
+};
+
+const REPO: &str = "example.com/org/pinned";
+const PATH: &str = "/git/example.com/org/pinned/snapshot.tar.zst";
+const COMMIT: &str = "fedcba9876543210fedcba9876543210fedcba98";
+const PIN: &str = "x-cachew-snapshot-pin";
+
+async fn bucket(server: &S3Server, versioned: bool) -> String {
+    let s3 = server.client();
+    let bucket = unique_name("pins");
+    create_bucket(&s3, &bucket).await;
+    if versioned {
+        s3.put_bucket_versioning()
+            .bucket(&bucket)
+            .versioning_configuration(
+                aws_sdk_s3::types::VersioningConfiguration::builder()
+                    .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("enable versioning");
+    }
+    bucket
+}
+
+/// The pin token and size a probe hands out.
+async fn probe(sidecar: &Sidecar) -> (String, u64) {
+    let response = reqwest::Client::new()
+        .head(sidecar.url(PATH))
+        .header(PIN, "probe")
+        .send()
+        .await
+        .expect("probe");
+    assert_eq!(response.status(), StatusCode::OK);
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("probe answer lacks {name}"))
+            .to_owned()
+    };
+    assert_eq!(header("x-cachew-snapshot-commit"), COMMIT);
+    header("etag");
+    (
+        header(PIN),
+        header("x-cachew-snapshot-size").parse().expect("size"),
+    )
+}
+
+/// One pinned ranged GET: its status and body.
+async fn pinned_range(
+    sidecar: &Sidecar,
+    token: &str,
+    start: u64,
+    end: u64,
+) -> (StatusCode, Vec<u8>) {
+    let response = reqwest::Client::new()
+        .get(sidecar.url(PATH))
+        .header(PIN, token)
+        .header("range", format!("bytes={start}-{end}"))
+        .send()
+        .await
+        .expect("pinned GET");
+    let status = response.status();
+    assert_eq!(
+        response.headers().get(PIN).and_then(|v| v.to_str().ok()),
+        Some(token),
+        "the token is echoed"
+    );
+    (status, response.bytes().await.expect("body").to_vec())
+}
+
+/// Probe, then `parts` ranges in parallel; `Err(n)` when n ranges met 412.
+async fn pinned_download(sidecar: &Sidecar, parts: u64) -> Result<Vec<u8>, usize> {
+    let (token, size) = probe(sidecar).await;
+    let part = size.div_ceil(parts);
+    let ranges = (0..parts).map(|i| (i * part, ((i + 1) * part).min(size) - 1));
+    let answers =
+        join_all(ranges.map(|(start, end)| pinned_range(sidecar, &token, start, end))).await;
+    let stale = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::PRECONDITION_FAILED)
+        .count();
+    if stale > 0 {
+        return Err(stale);
+    }
+    Ok(answers
+        .into_iter()
+        .flat_map(|(status, body)| {
+            assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+            body
+        })
+        .collect())
+}
+
+async fn precondition_failures(sidecar: &Sidecar) -> f64 {
+    Sidecar::metric(
+        &sidecar.metrics().await,
+        "snapcache_pin_precondition_failed_total",
+    )
+}
+
+#[tokio::test]
+async fn probe_then_eight_parallel_pinned_ranges_stitch_the_object() {
+    let env = TestEnv::get();
+    for (server, versioned) in [
+        (env.s3_server("moto"), true),
+        (env.s3_server("moto"), false),
+        (env.s3_server("garage"), false),
+    ] {
+        let bucket = bucket(&server, versioned).await;
+        let body = snapshot_bytes(1_000_003, 21);
+        put_snapshot(&server.client(), &bucket, REPO, &body, COMMIT).await;
+        let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
+        let (token, _) = probe(&sidecar).await;
+        let expected_kind = if versioned { "version:" } else { "etag:" };
+        assert!(
+            token.starts_with(expected_kind),
+            "{} versioned={versioned}: {token}",
+            server.name
+        );
+        assert_eq!(
+            pinned_download(&sidecar, 8).await,
+            Ok(body),
+            "{}",
+            server.name
+        );
+        let metrics = sidecar.metrics().await;
+        assert_eq!(
+            Sidecar::metric(&metrics, "snapcache_disk_tier_bytes"),
+            0.0,
+            "pinned reads never fill the disk tier"
+        );
+    }
+}
+
+#[tokio::test]
+async fn etag_pins_fail_closed_after_an_overwrite() {
+    for server in TestEnv::get().s3_servers() {
+        let bucket = bucket(&server, false).await;
+        let s3 = server.client();
+        put_snapshot(&s3, &bucket, REPO, &snapshot_bytes(400_000, 22), COMMIT).await;
+        let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
+        let (token, size) = probe(&sidecar).await;
+        put_snapshot(&s3, &bucket, REPO, &snapshot_bytes(400_000, 23), COMMIT).await;
+        let before = precondition_failures(&sidecar).await;
+        let part = size / 8;
+        let answers =
+            join_all((0..8).map(|i| pinned_range(&sidecar, &token, i * part, (i + 1) * part - 1)))
+                .await;
+        for (status, _) in &answers {
+            assert_eq!(*status, StatusCode::PRECONDITION_FAILED, "{}", server.name);
+        }
+        assert_eq!(
+            precondition_failures(&sidecar).await - before,
+            8.0,
+            "{}: one count per 412",
+            server.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn version_pins_keep_reading_the_old_revision_after_an_overwrite() {
+    let server = TestEnv::get().s3_server("moto");
+    let bucket = bucket(&server, true).await;
+    let s3 = server.client();
+    let old = snapshot_bytes(400_000, 24);
+    put_snapshot(&s3, &bucket, REPO, &old, COMMIT).await;
+    let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
+    let (token, size) = probe(&sidecar).await;
+    assert!(token.starts_with("version:"), "{token}");
+    put_snapshot(&s3, &bucket, REPO, &snapshot_bytes(400_000, 25), COMMIT).await;
+    let part = size / 8;
+    let answers =
+        join_all((0..8).map(|i| pinned_range(&sidecar, &token, i * part, (i + 1) * part - 1)))
+            .await;
+    let stitched: Vec<u8> = answers
+        .into_iter()
+        .flat_map(|(status, body)| {
+            assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+            body
+        })
+        .collect();
+    assert_eq!(stitched, old);
+    assert_eq!(precondition_failures(&sidecar).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_stale_disk_tier_never_leaks_into_pinned_reads() {
+    for server in TestEnv::get().s3_servers() {
+        let bucket = bucket(&server, false).await;
+        let s3 = server.client();
+        let old = snapshot_bytes(300_000, 26);
+        let new = snapshot_bytes(300_000, 27);
+        put_snapshot(&s3, &bucket, REPO, &old, COMMIT).await;
+        let options = SidecarOptions {
+            revalidate_after: "1h".into(),
+            ..SidecarOptions::default()
+        };
+        let sidecar = Sidecar::start(&server, &bucket, &options);
+        let plain = reqwest::get(sidecar.url(PATH))
+            .await
+            .expect("GET")
+            .bytes()
+            .await
+            .expect("body");
+        assert_eq!(
+            plain.to_vec(),
+            old,
+            "the disk tier now holds the old revision"
+        );
+        put_snapshot(&s3, &bucket, REPO, &new, COMMIT).await;
+        let plain = reqwest::get(sidecar.url(PATH))
+            .await
+            .expect("GET")
+            .bytes()
+            .await
+            .expect("body");
+        assert_eq!(
+            plain.to_vec(),
+            old,
+            "{}: plain reads still see the disk copy",
+            server.name
+        );
+        assert_eq!(
+            pinned_download(&sidecar, 4).await,
+            Ok(new.clone()),
+            "{}",
+            server.name
+        );
+        let disk_hits = Sidecar::metric(
+            &sidecar.metrics().await,
+            "snapcache_disk_tier_lookups_total{result=\"hit\"}",
+        );
+        assert_eq!(
+            disk_hits, 1.0,
+            "{}: pinned reads did not consult the disk tier",
+            server.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn pinned_ranges_past_the_end_give_416_and_whole_reads_200() {
+    let server = TestEnv::get().s3_server("garage");
+    let bucket = bucket(&server, false).await;
+    let body = snapshot_bytes(10_000, 28);
+    put_snapshot(&server.client(), &bucket, REPO, &body, COMMIT).await;
+    let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
+    let (token, size) = probe(&sidecar).await;
+    let response = reqwest::Client::new()
+        .get(sidecar.url(PATH))
+        .header(PIN, &token)
+        .header("range", format!("bytes={size}-"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(
+        response
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok()),
+        Some(format!("bytes */{size}").as_str())
+    );
+    assert_eq!(
+        response.headers().get(PIN).and_then(|v| v.to_str().ok()),
+        Some(token.as_str())
+    );
+    let whole = reqwest::Client::new()
+        .get(sidecar.url(PATH))
+        .header(PIN, &token)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(whole.status(), StatusCode::OK);
+    assert_eq!(whole.bytes().await.expect("body").to_vec(), body);
+}
+
+#[tokio::test]
+async fn malformed_tokens_get_400_without_an_s3_request() {
+    let server = TestEnv::get().s3_server("moto");
+    let bucket = bucket(&server, false).await;
+    put_snapshot(&server.client(), &bucket, REPO, b"tiny", COMMIT).await;
+    let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
+    let long = format!("etag:{}", "a".repeat(1100));
+    let tokens: Vec<&[u8]> = vec![
+        b"",
+        b"etag:",
+        b"version:",
+        b"etag",
+        b"sha256:abc",
+        b"ETAG:abc",
+        b":abc",
+        b"etag:a b",
+        b"etag:\xc3\xa9t\xc3\xa9",
+        b"version:\tabc",
+        b"probe=1",
+        b"PROBE",
+        long.as_bytes(),
+    ];
+    let client = reqwest::Client::new();
+    for token in tokens {
+        let value = reqwest::header::HeaderValue::from_bytes(token).expect("header value");
+        let response = client
+            .get(sidecar.url(PATH))
+            .header(PIN, value)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(token)
+        );
+    }
+    let metrics = sidecar.metrics().await;
+    for operation in ["head", "get"] {
+        let sample =
+            format!("snapcache_s3_request_duration_seconds_count{{operation=\"{operation}\"}}");
+        assert_eq!(
+            Sidecar::metric(&metrics, &sample),
+            0.0,
+            "{operation} reached S3"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_pinned_downloads_during_regenerations_never_mix_revisions() {
+    let server = TestEnv::get().s3_server("moto");
+    let bucket = bucket(&server, false).await;
+    let s3 = server.client();
+    const SIZE: usize = 64 * 1024;
+    let revisions: HashMap<Vec<u8>, u64> = (0..1000)
+        .map(|seed| (snapshot_bytes(SIZE, 1000 + seed), seed))
+        .collect();
+    put_snapshot(&s3, &bucket, REPO, &snapshot_bytes(SIZE, 1000), COMMIT).await;
+    let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, s3, bucket) = (stop.clone(), s3.clone(), bucket.clone());
+        tokio::spawn(async move {
+            let mut seed = 1001;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && seed < 2000 {
+                put_snapshot(&s3, &bucket, REPO, &snapshot_bytes(SIZE, seed), COMMIT).await;
+                seed += 1;
+                // Paced so that some downloads finish between two regenerations.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            seed - 1001
+        })
+    };
+    let (mut whole, mut stale) = (0, 0);
+    for round in 0..20 {
+        let downloads = join_all((0..5).map(|_| pinned_download(&sidecar, 4))).await;
+        for download in downloads {
+            match download {
+                Ok(bytes) => {
+                    assert!(
+                        revisions.contains_key(&bytes),
+                        "round {round}: a download mixed revisions"
+                    );
+                    whole += 1;
+                }
+                Err(_) => stale += 1,
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes = writer.await.expect("writer");
+    assert_eq!(whole + stale, 100);
+    assert!(writes > 0, "the writer regenerated the object");
+    assert!(
+        whole > 0 && stale > 0,
+        "both outcomes occur: {whole} whole, {stale} met 412"
+    );
+    println!(
+        "100 pinned downloads during {writes} regenerations: {whole} whole, {stale} met 412, 0 mixed"
+    );
+}
+
+#[tokio::test]
+async fn pin_mode_flag_chooses_the_token_kind() {
+    let server = TestEnv::get().s3_server("moto");
+    let versioned = bucket(&server, true).await;
+    let plain = bucket(&server, false).await;
+    for bucket in [&versioned, &plain] {
+        put_snapshot(&server.client(), bucket, REPO, b"body", COMMIT).await;
+    }
+    let with_mode = |bucket: &str, mode: &str| {
+        let options = SidecarOptions {
+            extra_args: vec!["--pin-mode".into(), mode.into()],
+            ..SidecarOptions::default()
+        };
+        Sidecar::start(&server, bucket, &options)
+    };
+    let etag_on_versioned = with_mode(&versioned, "etag");
+    assert!(probe(&etag_on_versioned).await.0.starts_with("etag:"));
+    let version_on_versioned = with_mode(&versioned, "version");
+    assert!(probe(&version_on_versioned).await.0.starts_with("version:"));
+    let version_on_plain = with_mode(&plain, "version");
+    let refused = reqwest::Client::new()
+        .head(version_on_plain.url(PATH))
+        .header(PIN, "probe")
+        .send()
+        .await
+        .expect("probe");
+    assert_eq!(
+        refused.status(),
+        StatusCode::BAD_GATEWAY,
+        "an unversioned bucket has no version pins"
+    );
+}
