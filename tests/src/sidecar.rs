@@ -159,6 +159,20 @@ impl Sidecar {
             .expect("metrics body")
     }
 
+    /// Panics when this sidecar has sent any HeadObject or GetObject to S3.
+    pub async fn assert_no_s3_requests(&self) {
+        let metrics = self.metrics().await;
+        for operation in ["head", "get"] {
+            let sample =
+                format!("snapcache_s3_request_duration_seconds_count{{operation=\"{operation}\"}}");
+            assert_eq!(
+                Sidecar::metric(&metrics, &sample),
+                0.0,
+                "{operation} reached S3"
+            );
+        }
+    }
+
     /// The value of one sample, e.g. `metric(&text, "snapcache_s3_read_bytes_total")`
     /// or with labels `snapcache_disk_tier_lookups_total{result="hit"}`.
     pub fn metric(text: &str, sample: &str) -> f64 {

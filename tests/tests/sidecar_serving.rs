@@ -80,16 +80,7 @@ async fn bad_paths_get_400_and_never_reach_s3() {
             String::from_utf8_lossy(path)
         );
     }
-    let metrics = sidecar.metrics().await;
-    for operation in ["head", "get"] {
-        let sample =
-            format!("snapcache_s3_request_duration_seconds_count{{operation=\"{operation}\"}}");
-        assert_eq!(
-            Sidecar::metric(&metrics, &sample),
-            0.0,
-            "{operation} reached S3"
-        );
-    }
+    sidecar.assert_no_s3_requests().await;
     assert_eq!(
         raw_status(&sidecar, PATH.as_bytes()),
         200,
