@@ -71,6 +71,18 @@ impl ByteRange {
         size.checked_sub(1).map(|end| ByteRange { start: 0, end })
     }
 
+    /// Consecutive ranges of at most `chunk_size` bytes that cover this one exactly.
+    pub fn split(self, chunk_size: u64) -> impl Iterator<Item = ByteRange> {
+        let chunk_size = chunk_size.max(1);
+        let mut next = Some(self.start);
+        std::iter::from_fn(move || {
+            let start = next?;
+            let end = start.saturating_add(chunk_size - 1).min(self.end);
+            next = (end < self.end).then(|| end + 1);
+            Some(ByteRange { start, end })
+        })
+    }
+
     /// The `Content-Range` value of a `206`: `bytes a-b/N`.
     pub fn content_range(&self, size: u64) -> String {
         format!("bytes {}-{}/{size}", self.start, self.end)
@@ -280,6 +292,29 @@ fn trim_ows(mut value: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split(start: u64, end: u64, size: u64) -> Vec<(u64, u64)> {
+        ByteRange { start, end }
+            .split(size)
+            .map(|c| (c.start, c.end))
+            .collect()
+    }
+
+    #[test]
+    fn split_covers_the_range_exactly() {
+        assert_eq!(split(0, 9, 4), vec![(0, 3), (4, 7), (8, 9)]);
+        assert_eq!(split(0, 7, 4), vec![(0, 3), (4, 7)]);
+        assert_eq!(split(5, 5, 4), vec![(5, 5)]);
+        assert_eq!(split(3, 10, 100), vec![(3, 10)]);
+    }
+
+    #[test]
+    fn split_does_not_overflow_at_the_top_of_u64() {
+        assert_eq!(
+            split(u64::MAX - 2, u64::MAX, 2),
+            vec![(u64::MAX - 2, u64::MAX - 1), (u64::MAX, u64::MAX)]
+        );
+    }
     use proptest::prelude::*;
     use std::time::Duration;
 

@@ -3,9 +3,11 @@
 
 pub mod cli;
 pub mod config;
+pub mod fetch;
 pub mod http_range;
 pub mod metrics;
 pub mod pin;
 pub mod server;
 pub mod snapshot_path;
 pub mod store;
+pub mod window;

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use tokio::sync::{Mutex, mpsc};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::s3::{Revision, S3Store};
 use super::{ByteStream, StoreError};
 use crate::http_range::ByteRange;
 use crate::metrics::Metrics;
+use crate::window::Window;
 
 /// How a parallel GET splits and paces its parts.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +47,7 @@ pub fn parallel_get(
         etag,
         config,
     });
-    futures::stream::iter(chunks(range, config.chunk_size))
+    futures::stream::iter(range.split(config.chunk_size))
         .map(move |chunk| {
             let task = tokio::spawn(part.clone().fetch(chunk, window.clone()));
             // Dropping the stream (a client gone) cancels parts still in flight.
@@ -59,18 +59,6 @@ pub fn parallel_get(
         })
         .buffered(config.workers)
         .boxed()
-}
-
-/// Splits `range` into consecutive chunks of at most `chunk_size` bytes.
-fn chunks(range: ByteRange, chunk_size: u64) -> impl Iterator<Item = ByteRange> {
-    let chunk_size = chunk_size.max(1);
-    let mut next = Some(range.start);
-    std::iter::from_fn(move || {
-        let start = next?;
-        let end = start.saturating_add(chunk_size - 1).min(range.end);
-        next = (end < range.end).then(|| end + 1);
-        Some(ByteRange { start, end })
-    })
 }
 
 #[derive(Debug)]
@@ -88,18 +76,18 @@ impl PartRequest {
         chunk: ByteRange,
         window: Arc<Window>,
     ) -> Result<Bytes, StoreError> {
-        let mut buffer = window.take(chunk.len(), self.metrics.clone()).await;
+        let mut slot = window.take(chunk.len(), Some(self.metrics.clone())).await;
         let mut attempt = 1;
         loop {
-            buffer.data.clear();
+            slot.buffer().clear();
             let outcome = tokio::time::timeout(
                 self.config.part_timeout,
-                self.read_into(chunk, &mut buffer.data),
+                self.read_into(chunk, slot.buffer()),
             )
             .await
             .unwrap_or_else(|_| Err(StoreError::Unreachable("part timed out".into())));
             match outcome {
-                Ok(()) => return Ok(Bytes::from_owner(buffer)),
+                Ok(()) => return Ok(slot.into_bytes()),
                 Err(err @ (StoreError::PreconditionFailed | StoreError::NotFound)) => {
                     return Err(err);
                 }
@@ -133,91 +121,5 @@ impl PartRequest {
                 data.len()
             )))
         }
-    }
-}
-
-/// The slots of one parallel GET: `workers` buffers that circulate between parts.
-#[derive(Debug)]
-struct Window {
-    free: Mutex<mpsc::Receiver<Vec<u8>>>,
-    returns: mpsc::Sender<Vec<u8>>,
-}
-
-impl Window {
-    fn new(slots: usize) -> Window {
-        let (returns, free) = mpsc::channel(slots);
-        for _ in 0..slots {
-            // Capacity is reserved on first use: a small object never allocates a whole chunk.
-            let _ = returns.try_send(Vec::new());
-        }
-        Window {
-            free: Mutex::new(free),
-            returns,
-        }
-    }
-
-    /// Waits for a free slot and makes room in it for `len` bytes.
-    async fn take(&self, len: u64, metrics: Metrics) -> ChunkBuffer {
-        // The window keeps a sender, so the channel never closes while waiting here.
-        let mut data = self.free.lock().await.recv().await.unwrap_or_default();
-        data.clear();
-        data.reserve_exact(usize::try_from(len).unwrap_or(usize::MAX));
-        let reserved = i64::try_from(len).unwrap_or(i64::MAX);
-        metrics.add_buffered(reserved);
-        ChunkBuffer {
-            data,
-            reserved,
-            metrics,
-            returns: self.returns.clone(),
-        }
-    }
-}
-
-/// A chunk's memory, counted while it holds a part, returned to the window on drop.
-struct ChunkBuffer {
-    data: Vec<u8>,
-    reserved: i64,
-    metrics: Metrics,
-    returns: mpsc::Sender<Vec<u8>>,
-}
-
-impl AsRef<[u8]> for ChunkBuffer {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-impl Drop for ChunkBuffer {
-    fn drop(&mut self) {
-        self.metrics.add_buffered(-self.reserved);
-        // Fails only when the read is over and its window gone: then the buffer is freed.
-        let _ = self.returns.try_send(std::mem::take(&mut self.data));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn split(start: u64, end: u64, size: u64) -> Vec<(u64, u64)> {
-        chunks(ByteRange { start, end }, size)
-            .map(|c| (c.start, c.end))
-            .collect()
-    }
-
-    #[test]
-    fn chunks_cover_the_range_exactly() {
-        assert_eq!(split(0, 9, 4), vec![(0, 3), (4, 7), (8, 9)]);
-        assert_eq!(split(0, 7, 4), vec![(0, 3), (4, 7)]);
-        assert_eq!(split(5, 5, 4), vec![(5, 5)]);
-        assert_eq!(split(3, 10, 100), vec![(3, 10)]);
-    }
-
-    #[test]
-    fn chunks_do_not_overflow_at_the_top_of_u64() {
-        assert_eq!(
-            split(u64::MAX - 2, u64::MAX, 2),
-            vec![(u64::MAX - 2, u64::MAX - 1), (u64::MAX, u64::MAX)]
-        );
     }
 }

@@ -3,6 +3,7 @@
 //! 1. Disk tier vs nginx (sendfile) serving the same 1 GiB file from the page cache.
 //! 2. Parallel-GET memory with a consumer throttled to 50 MB/s.
 //! 3. A cold S3-backed GET through the sidecar vs one direct single-stream GetObject.
+//! 4. `snapcache-sidecar fetch` vs curl (one stream) vs aria2c (8 connections).
 
 use std::path::Path;
 use std::process::Command;
@@ -39,12 +40,15 @@ async fn main() -> Result<()> {
         .context("uploading the bench object")?;
 
     let mut report = Vec::new();
-    // BENCH=throughput or BENCH=memory runs one part.
+    // BENCH=throughput, BENCH=memory or BENCH=fetch runs one part.
     let only = std::env::var("BENCH").unwrap_or_default();
     let selected = |name: &str| only.is_empty() || only.split(',').any(|n| n == name);
 
     if selected("throughput") {
         report = throughput(&server, &s3, &bucket, &nginx_url).await?;
+    }
+    if selected("fetch") {
+        report.extend(clients(&server, &bucket)?);
     }
 
     // 2. Parallel-GET memory: no disk tier, so the throttled client is the consumer.
@@ -176,6 +180,73 @@ async fn throughput(
     Ok(rows)
 }
 
+/// `fetch` against curl and aria2c, downloading through one sidecar with no disk tier,
+/// so every client reads the same path (S3) and writes to tmpfs (not the disk).
+fn clients(server: &snapcache_tests::S3Server, bucket: &str) -> Result<Vec<Row>> {
+    let options = SidecarOptions {
+        disk_tier: false,
+        workers: 8,
+        chunk_size: "16MiB".into(),
+        ..SidecarOptions::default()
+    };
+    let sidecar = Sidecar::start(server, bucket, &options);
+    let url = sidecar.url(PATH);
+    let out_dir = tempfile::tempdir_in("/dev/shm").context("a tmpfs directory in /dev/shm")?;
+    let output = out_dir.path().join("snapshot.tar.zst");
+    let fetch = best_of(2, || {
+        let started = Instant::now();
+        let status = Command::new(snapcache_tests::sidecar::sidecar_binary())
+            .args(["fetch", &url, "-o"])
+            .arg(&output)
+            .status()?;
+        anyhow::ensure!(status.success(), "fetch failed: {status}");
+        anyhow::ensure!(
+            std::fs::metadata(&output)?.len() == SIZE,
+            "fetch wrote a short file"
+        );
+        Ok(mb_per_s(SIZE, started.elapsed()))
+    })?;
+    let curl_one = best_of(2, || curl_to(&url, &output, &[]))?;
+    let aria2c = best_of(2, || {
+        let _ = std::fs::remove_file(&output);
+        let started = Instant::now();
+        let status = Command::new("aria2c")
+            .args([
+                "-q",
+                "-x8",
+                "-s8",
+                "-k1M",
+                "--allow-overwrite=true",
+                "--file-allocation=none",
+            ])
+            .arg("-d")
+            .arg(out_dir.path())
+            .args(["-o", "snapshot.tar.zst", &url])
+            .status()
+            .context("running aria2c")?;
+        anyhow::ensure!(status.success(), "aria2c failed: {status}");
+        anyhow::ensure!(
+            std::fs::metadata(&output)?.len() == SIZE,
+            "aria2c wrote a short file"
+        );
+        Ok(mb_per_s(SIZE, started.elapsed()))
+    })?;
+    Ok(vec![
+        Row::new(
+            "fetch (8 pinned ranges) vs aria2c -x8 -s8, from S3 through the sidecar",
+            fetch,
+            aria2c,
+            Some(1.0),
+        ),
+        Row::new(
+            "fetch (8 pinned ranges) vs curl (one stream), from S3 through the sidecar",
+            fetch,
+            curl_one,
+            Some(1.0),
+        ),
+    ])
+}
+
 struct Row {
     label: &'static str,
     ours: f64,
@@ -234,15 +305,14 @@ async fn direct_get(s3: &aws_sdk_s3::Client, bucket: &str) -> Result<f64> {
 
 /// MB/s of one curl download to /dev/null, checked for its size.
 fn curl(url: &str, extra: &[&str]) -> Result<f64> {
+    curl_to(url, Path::new("/dev/null"), extra)
+}
+
+/// MB/s of one curl download to `output`, checked for its size.
+fn curl_to(url: &str, output: &Path, extra: &[&str]) -> Result<f64> {
     let out = Command::new("curl")
-        .args([
-            "-sS",
-            "-f",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{size_download} %{time_total}",
-        ])
+        .args(["-sS", "-f", "-w", "%{size_download} %{time_total}", "-o"])
+        .arg(output)
         .args(extra)
         .arg(url)
         .output()

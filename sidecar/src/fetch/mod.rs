@@ -1,0 +1,540 @@
+//! `snapcache-sidecar fetch`: the parallel pinned download client.
+//!
+//! Probe for a pin, then N workers fetch chunk-size ranges carrying it. Chunks are
+//! consumed in order (bounded to workers x chunk size in memory): written at their
+//! offset, hashed, and optionally fed to the extractor, so the digest needs no second
+//! pass. A 412 means the revision changed: re-probe and restart. A transient error
+//! retries that chunk. A server without pins or ranges gets one streaming GET.
+
+mod extract;
+mod sink;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_RANGE, HeaderMap, RANGE};
+use tokio_util::task::AbortOnDropHandle;
+
+pub use self::extract::apply_bundle;
+use self::sink::Sink;
+use crate::http_range::ByteRange;
+use crate::pin::{PIN_HEADER, PROBE, SIZE_HEADER};
+use crate::window::Window;
+
+/// What to download and how.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    pub url: String,
+    pub output: PathBuf,
+    pub workers: usize,
+    pub chunk_size: u64,
+    pub max_restarts: u32,
+    /// Tries per chunk before the download fails, the first included.
+    pub chunk_attempts: u32,
+    pub chunk_timeout: Duration,
+    /// Unpack the snapshot into this directory as it downloads.
+    pub extract: Option<PathBuf>,
+}
+
+/// What a finished download did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FetchSummary {
+    pub bytes: u64,
+    pub seconds: f64,
+    pub restarts: u32,
+    pub retries: u32,
+    pub commit: Option<String>,
+    /// `pinned` (parallel ranges) or `stream` (one GET, for servers without pins).
+    pub mode: &'static str,
+    /// The bundle applied after extraction, if the snapshot named one.
+    pub bundle_applied: bool,
+}
+
+/// Why a download failed; each kind has its own exit code (see `exit_code`).
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no snapshot at {0}")]
+    NotFound(String),
+    #[error("gave up after {0} restarts: the snapshot kept changing during the download")]
+    GaveUp(u32),
+    #[error("verification failed: {0}")]
+    Verification(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl FetchError {
+    /// Documented exit codes: 0 success, 1 other failure, 2 bad usage, 3 not found,
+    /// 4 gave up after restarts, 5 verification failed.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FetchError::Failed(_) => 1,
+            FetchError::Usage(_) => 2,
+            FetchError::NotFound(_) => 3,
+            FetchError::GaveUp(_) => 4,
+            FetchError::Verification(_) => 5,
+        }
+    }
+}
+
+/// Reports progress of a download (a terminal bar, or nothing).
+pub trait Progress: Send + Sync {
+    fn start(&self, total: u64);
+    fn advance(&self, bytes: u64);
+    fn restart(&self);
+}
+
+/// A progress sink that shows nothing.
+#[derive(Debug)]
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn start(&self, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn restart(&self) {}
+}
+
+/// A progress bar on stderr: bytes, rate and time left.
+#[derive(Debug)]
+pub struct TerminalProgress(indicatif::ProgressBar);
+
+impl TerminalProgress {
+    /// A bar when stderr is a terminal; `None` (stay quiet) otherwise.
+    pub fn on_terminal() -> Option<TerminalProgress> {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        let style = indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        bar.set_style(style);
+        Some(TerminalProgress(bar))
+    }
+}
+
+impl Progress for TerminalProgress {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(0);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn restart(&self) {
+        self.0.set_position(0);
+        self.0.set_message("restarted: the snapshot changed");
+    }
+}
+
+impl Drop for TerminalProgress {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// What a probe told about the revision to download.
+#[derive(Debug, Clone)]
+struct Probe {
+    /// `None` when the server knows no pins: stream the whole object instead.
+    token: Option<String>,
+    size: Option<u64>,
+    digest: Option<[u8; 32]>,
+    commit: Option<String>,
+    bundle_url: Option<String>,
+}
+
+/// How one attempt at the whole download ended, when it did not succeed.
+enum AttemptError {
+    /// The pinned revision is gone: probe again.
+    Stale,
+    /// The server answered a ranged request with the whole object.
+    NoRanges,
+    Fatal(FetchError),
+}
+
+impl From<FetchError> for AttemptError {
+    fn from(err: FetchError) -> Self {
+        AttemptError::Fatal(err)
+    }
+}
+
+/// Downloads `options.url` to `options.output` (and extracts it), verifying it.
+pub async fn fetch(
+    options: &FetchOptions,
+    progress: &dyn Progress,
+) -> Result<FetchSummary, FetchError> {
+    validate(options)?;
+    let started = Instant::now();
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| FetchError::Failed(format!("building the HTTP client: {e}")))?;
+    let retries = Arc::new(AtomicU32::new(0));
+    let mut restarts = 0;
+    let (probe, sink) = loop {
+        let probe = probe(&client, &options.url).await?;
+        let mut sink = Sink::create(options, probe.size)?;
+        progress.start(probe.size.unwrap_or(0));
+        let attempt = match &probe.token {
+            Some(token) => {
+                download_pinned(
+                    &client, options, &probe, token, &mut sink, &retries, progress,
+                )
+                .await
+            }
+            None => Err(AttemptError::NoRanges),
+        };
+        match attempt {
+            Ok(()) => break (probe, sink),
+            Err(AttemptError::Stale) if restarts < options.max_restarts => {
+                restarts += 1;
+                tracing::info!(
+                    restarts,
+                    "the snapshot changed during the download; restarting"
+                );
+                progress.restart();
+            }
+            Err(AttemptError::Stale) => return Err(FetchError::GaveUp(restarts)),
+            Err(AttemptError::NoRanges) => {
+                drop(sink);
+                let mut sink = Sink::create(options, probe.size)?;
+                progress.restart();
+                let probe = download_stream(&client, options, probe, &mut sink, progress).await?;
+                break (
+                    Probe {
+                        token: None,
+                        ..probe
+                    },
+                    sink,
+                );
+            }
+            Err(AttemptError::Fatal(err)) => return Err(err),
+        }
+    };
+    let bytes = sink.written();
+    sink.finish(probe.digest, probe.size).await?;
+    let mut bundle_applied = false;
+    if let (Some(dir), Some(bundle)) = (&options.extract, &probe.bundle_url) {
+        bundle_applied =
+            apply_bundle(&client, &options.url, bundle, dir, probe.commit.as_deref()).await?;
+    }
+    Ok(FetchSummary {
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        restarts,
+        retries: retries.load(Ordering::Relaxed),
+        commit: probe.commit,
+        mode: if probe.token.is_some() {
+            "pinned"
+        } else {
+            "stream"
+        },
+        bundle_applied,
+    })
+}
+
+fn validate(options: &FetchOptions) -> Result<(), FetchError> {
+    let url = reqwest::Url::parse(&options.url)
+        .map_err(|e| FetchError::Usage(format!("`{}` is not a URL: {e}", options.url)))?;
+    if url.scheme() != "http" {
+        return Err(FetchError::Usage(format!(
+            "`{}`: only http:// URLs are supported (the sidecar listens on localhost)",
+            options.url
+        )));
+    }
+    if options.workers == 0 || options.chunk_size == 0 {
+        return Err(FetchError::Usage(
+            "--workers and --chunk-size must be above 0".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn probe(client: &reqwest::Client, url: &str) -> Result<Probe, FetchError> {
+    let response = with_retries(3, || client.head(url).header(PIN_HEADER, PROBE).send())
+        .await
+        .map_err(|e| FetchError::Failed(format!("probing {url}: {e}")))?;
+    match response.status() {
+        StatusCode::OK => Ok(probe_from(response.headers())),
+        StatusCode::NOT_FOUND => Err(FetchError::NotFound(url.to_owned())),
+        status => Err(FetchError::Failed(format!("probing {url}: HTTP {status}"))),
+    }
+}
+
+fn probe_from(headers: &HeaderMap) -> Probe {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    Probe {
+        token: text(PIN_HEADER),
+        size: text(SIZE_HEADER)
+            .or_else(|| text("content-length"))
+            .and_then(|s| s.parse().ok()),
+        digest: text("repr-digest").as_deref().and_then(parse_repr_digest),
+        commit: text("x-cachew-snapshot-commit"),
+        bundle_url: text("x-cachew-bundle-url"),
+    }
+}
+
+/// The SHA-256 of an RFC 9530 `Repr-Digest` value, if it carries one.
+pub fn parse_repr_digest(value: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    value.split(',').find_map(|member| {
+        let encoded = member.trim().strip_prefix("sha-256=:")?.strip_suffix(':')?;
+        let digest = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .ok()?;
+        digest.try_into().ok()
+    })
+}
+
+async fn download_pinned(
+    client: &reqwest::Client,
+    options: &FetchOptions,
+    probe: &Probe,
+    token: &str,
+    sink: &mut Sink,
+    retries: &Arc<AtomicU32>,
+    progress: &dyn Progress,
+) -> Result<(), AttemptError> {
+    let Some(size) = probe.size else {
+        return Err(AttemptError::NoRanges);
+    };
+    let Some(whole) = ByteRange::whole(size) else {
+        return Ok(());
+    };
+    let chunk = Arc::new(ChunkRequest {
+        window: Window::new(options.workers),
+        client: client.clone(),
+        url: options.url.clone(),
+        token: token.to_owned(),
+        attempts: options.chunk_attempts,
+        timeout: options.chunk_timeout,
+        retries: retries.clone(),
+    });
+    let mut parts = futures::stream::iter(whole.split(options.chunk_size))
+        .map(|range| {
+            let task = AbortOnDropHandle::new(tokio::spawn(chunk.clone().fetch(range)));
+            async move {
+                task.await.map_err(|e| {
+                    AttemptError::Fatal(FetchError::Failed(format!("chunk task: {e}")))
+                })?
+            }
+        })
+        .buffered(options.workers);
+    while let Some(part) = parts.next().await {
+        let bytes = part?;
+        let len = bytes.len() as u64;
+        sink.write(bytes).await?;
+        progress.advance(len);
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct ChunkRequest {
+    /// Reused chunk buffers: at most `workers` chunks in memory.
+    window: Window,
+    client: reqwest::Client,
+    url: String,
+    token: String,
+    attempts: u32,
+    timeout: Duration,
+    retries: Arc<AtomicU32>,
+}
+
+impl ChunkRequest {
+    async fn fetch(self: Arc<Self>, range: ByteRange) -> Result<Bytes, AttemptError> {
+        let mut slot = self.window.take(range.len(), None).await;
+        let mut attempt = 1;
+        loop {
+            slot.buffer().clear();
+            let outcome = tokio::time::timeout(self.timeout, self.try_fetch(range, slot.buffer()))
+                .await
+                .unwrap_or_else(|_| Err(ChunkError::Transient("timed out".into())));
+            match outcome {
+                Ok(()) => return Ok(slot.into_bytes()),
+                Err(ChunkError::Final(err)) => return Err(err),
+                Err(ChunkError::Transient(reason)) if attempt < self.attempts => {
+                    tracing::warn!(attempt, start = range.start, %reason, "retrying a chunk");
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+                    attempt += 1;
+                }
+                Err(ChunkError::Transient(reason)) => {
+                    return Err(AttemptError::Fatal(FetchError::Failed(format!(
+                        "bytes {}-{}: {reason} after {} tries",
+                        range.start, range.end, self.attempts
+                    ))));
+                }
+            }
+        }
+    }
+
+    async fn try_fetch(&self, range: ByteRange, buffer: &mut Vec<u8>) -> Result<(), ChunkError> {
+        let mut response = self
+            .client
+            .get(&self.url)
+            .header(PIN_HEADER, &self.token)
+            .header(RANGE, format!("bytes={}-{}", range.start, range.end))
+            .send()
+            .await
+            .map_err(|e| ChunkError::Transient(e.to_string()))?;
+        match response.status() {
+            StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::PRECONDITION_FAILED => return Err(ChunkError::Final(AttemptError::Stale)),
+            StatusCode::OK => return Err(ChunkError::Final(AttemptError::NoRanges)),
+            StatusCode::NOT_FOUND => {
+                return Err(ChunkError::Final(AttemptError::Fatal(
+                    FetchError::NotFound(self.url.clone()),
+                )));
+            }
+            status if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS => {
+                return Err(ChunkError::Transient(format!("HTTP {status}")));
+            }
+            status => {
+                return Err(ChunkError::Final(AttemptError::Fatal(FetchError::Failed(
+                    format!("bytes {}-{}: HTTP {status}", range.start, range.end),
+                ))));
+            }
+        }
+        let expected = format!("bytes {}-{}/", range.start, range.end);
+        let content_range = response
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok());
+        if !content_range.is_some_and(|v| v.starts_with(&expected)) {
+            return Err(ChunkError::Final(AttemptError::Fatal(FetchError::Failed(
+                format!("asked for {expected}… and got Content-Range {content_range:?}"),
+            ))));
+        }
+        while let Some(frame) = response
+            .chunk()
+            .await
+            .map_err(|e| ChunkError::Transient(e.to_string()))?
+        {
+            buffer.extend_from_slice(&frame);
+        }
+        if buffer.len() as u64 == range.len() {
+            Ok(())
+        } else {
+            Err(ChunkError::Transient(format!(
+                "{} of {} bytes",
+                buffer.len(),
+                range.len()
+            )))
+        }
+    }
+}
+
+enum ChunkError {
+    Transient(String),
+    Final(AttemptError),
+}
+
+/// One plain GET of the whole object, for servers that know no pins or ranges.
+async fn download_stream(
+    client: &reqwest::Client,
+    options: &FetchOptions,
+    probe: Probe,
+    sink: &mut Sink,
+    progress: &dyn Progress,
+) -> Result<Probe, FetchError> {
+    let response = client
+        .get(&options.url)
+        .send()
+        .await
+        .map_err(|e| FetchError::Failed(format!("GET {}: {e}", options.url)))?;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Err(FetchError::NotFound(options.url.clone())),
+        status => {
+            return Err(FetchError::Failed(format!(
+                "GET {}: HTTP {status}",
+                options.url
+            )));
+        }
+    }
+    // The answer's own headers describe what was sent.
+    let described = probe_from(response.headers());
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let bytes = chunk.map_err(|e| FetchError::Failed(format!("GET {}: {e}", options.url)))?;
+        let len = bytes.len() as u64;
+        sink.write(bytes).await.map_err(|e| match e {
+            AttemptError::Fatal(err) => err,
+            _ => FetchError::Failed("unexpected restart while streaming".into()),
+        })?;
+        progress.advance(len);
+    }
+    Ok(Probe {
+        digest: described.digest.or(probe.digest),
+        size: described.size.or(probe.size),
+        commit: described.commit.or(probe.commit),
+        bundle_url: described.bundle_url.or(probe.bundle_url),
+        token: None,
+    })
+}
+
+/// Retries a request future on connection errors only.
+async fn with_retries<F, Fut>(tries: u32, mut send: F) -> reqwest::Result<reqwest::Response>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = reqwest::Result<reqwest::Response>>,
+{
+    let mut attempt = 1;
+    loop {
+        match send().await {
+            Err(err) if attempt < tries && (err.is_connect() || err.is_timeout()) => {
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repr_digest_parses_the_sha256_member() {
+        let digest = parse_repr_digest(
+            "sha-512=:AAAA:, sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:",
+        );
+        assert_eq!(
+            digest.map(hex::encode).as_deref(),
+            Some("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        );
+        assert_eq!(parse_repr_digest("sha-256=:short:"), None);
+        assert_eq!(parse_repr_digest("md5=:AAAA:"), None);
+    }
+
+    #[test]
+    fn exit_codes_are_distinct() {
+        let codes = [
+            FetchError::Failed(String::new()).exit_code(),
+            FetchError::Usage(String::new()).exit_code(),
+            FetchError::NotFound(String::new()).exit_code(),
+            FetchError::GaveUp(3).exit_code(),
+            FetchError::Verification(String::new()).exit_code(),
+        ];
+        let unique: std::collections::HashSet<_> = codes.iter().collect();
+        assert_eq!(unique.len(), codes.len());
+        assert!(!codes.contains(&0));
+    }
+}

@@ -1,0 +1,152 @@
+//! Where downloaded chunks go, in order: a temporary file beside the output, the
+//! running SHA-256, and the extractor. Nothing reaches the output path unverified.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::extract::Extractor;
+use super::{AttemptError, FetchError, FetchOptions};
+
+/// One attempt's output; dropped unfinished, it removes what it wrote.
+pub struct Sink {
+    temp_path: PathBuf,
+    output: PathBuf,
+    state: Option<(File, Sha256)>,
+    written: u64,
+    extractor: Option<Extractor>,
+    finished: bool,
+}
+
+impl Sink {
+    pub fn create(options: &FetchOptions, size: Option<u64>) -> Result<Sink, FetchError> {
+        let temp_path = sibling(&options.output, "partial");
+        let file = File::create(&temp_path)
+            .map_err(|e| FetchError::Failed(format!("creating {}: {e}", temp_path.display())))?;
+        if let Some(size) = size {
+            // Reserve the space up front so a full disk fails now, not at 90%.
+            file.set_len(size)
+                .map_err(|e| FetchError::Failed(format!("reserving {size} bytes: {e}")))?;
+        }
+        let extractor = match &options.extract {
+            Some(dir) => Some(
+                Extractor::start(dir)
+                    .map_err(|e| FetchError::Failed(format!("preparing {}: {e}", dir.display())))?,
+            ),
+            None => None,
+        };
+        Ok(Sink {
+            temp_path,
+            output: options.output.clone(),
+            state: Some((file, Sha256::new())),
+            written: 0,
+            extractor,
+            finished: false,
+        })
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends the next chunk in order.
+    pub async fn write(&mut self, bytes: Bytes) -> Result<(), AttemptError> {
+        let (mut file, mut hasher) = self
+            .state
+            .take()
+            .ok_or_else(|| failed("the output file was lost after an earlier error".into()))?;
+        let chunk = bytes.clone();
+        let (file, hasher) = tokio::task::spawn_blocking(move || {
+            file.write_all(&chunk)?;
+            hasher.update(&chunk);
+            Ok::<_, std::io::Error>((file, hasher))
+        })
+        .await
+        .map_err(|e| failed(format!("write task: {e}")))?
+        .map_err(|e| failed(format!("writing {}: {e}", self.temp_path.display())))?;
+        self.state = Some((file, hasher));
+        self.written += bytes.len() as u64;
+        if let Some(extractor) = &mut self.extractor {
+            extractor
+                .send(bytes)
+                .await
+                .map_err(|e| failed(format!("extracting: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Verifies the digest (or the size), then moves the file and the extracted tree
+    /// into place.
+    pub async fn finish(
+        mut self,
+        digest: Option<[u8; 32]>,
+        size: Option<u64>,
+    ) -> Result<(), FetchError> {
+        let (file, hasher) = self
+            .state
+            .take()
+            .ok_or_else(|| FetchError::Failed("the output file was lost".into()))?;
+        let actual: [u8; 32] = hasher.finalize().into();
+        match (digest, size) {
+            (Some(expected), _) if expected != actual => {
+                return Err(FetchError::Verification(format!(
+                    "SHA-256 is {}, the server's Repr-Digest says {}",
+                    hex::encode(actual),
+                    hex::encode(expected)
+                )));
+            }
+            (None, Some(size)) if size != self.written => {
+                return Err(FetchError::Verification(format!(
+                    "got {} bytes, expected {size}",
+                    self.written
+                )));
+            }
+            _ => {}
+        }
+        file.sync_all().map_err(|e| {
+            FetchError::Failed(format!("syncing {}: {e}", self.temp_path.display()))
+        })?;
+        if let Some(extractor) = self.extractor.take() {
+            extractor
+                .finish()
+                .await
+                .map_err(|e| FetchError::Failed(format!("extracting the snapshot: {e}")))?;
+        }
+        std::fs::rename(&self.temp_path, &self.output).map_err(|e| {
+            FetchError::Failed(format!(
+                "moving the download to {}: {e}",
+                self.output.display()
+            ))
+        })?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.temp_path);
+        }
+    }
+}
+
+fn failed(message: String) -> AttemptError {
+    AttemptError::Fatal(FetchError::Failed(message))
+}
+
+/// A hidden name beside `path` for work in progress, `.name.<what>-<pid>-<n>`: unique,
+/// so the leftovers of an abandoned attempt never collide with the next one's.
+pub fn sibling(path: &Path, what: &str) -> PathBuf {
+    static ATTEMPT: AtomicU32 = AtomicU32::new(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "snapshot".to_owned());
+    let n = ATTEMPT.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.{what}-{}-{n}", std::process::id()))
+}
