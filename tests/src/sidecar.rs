@@ -59,14 +59,14 @@ impl Sidecar {
         options: &SidecarOptions,
     ) -> Sidecar {
         let disk_dir = tempfile::tempdir().expect("temp dir for the disk tier");
-        let (api, admin) = (free_addr(), free_addr());
         let log_path = disk_dir.path().with_extension("log");
         let log = std::fs::File::create(&log_path).expect("sidecar log file");
         let mut command = Command::new(sidecar_binary());
         command
             .arg("serve")
-            .args(["--listen", &api.to_string()])
-            .args(["--admin-listen", &admin.to_string()])
+            // Port 0: the kernel picks free ports, read back from the start-up log line.
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
             .args(["--s3-endpoint", endpoint])
             .args(["--s3-bucket", bucket])
             .args(["--disk-max-bytes", &options.disk_max_bytes])
@@ -87,32 +87,15 @@ impl Sidecar {
         if options.disk_tier {
             command.args(["--disk-dir", &disk_dir.path().display().to_string()]);
         }
-        let child = command.spawn().expect("start snapcache-sidecar");
-        let mut sidecar = Sidecar {
+        let mut child = command.spawn().expect("start snapcache-sidecar");
+        let (api, admin) = wait_until_listening(&mut child, &log_path);
+        Sidecar {
             child,
             api,
             admin,
             disk_dir,
             log_path,
-        };
-        sidecar.wait_until_listening();
-        sidecar
-    }
-
-    fn wait_until_listening(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("sidecar exited with {status}:\n{}", self.log());
-            }
-            if std::net::TcpStream::connect(self.api).is_ok()
-                && std::net::TcpStream::connect(self.admin).is_ok()
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("sidecar did not listen within 20s:\n{}", self.log());
     }
 
     /// `http://127.0.0.1:port` of the snapshot API.
@@ -192,6 +175,30 @@ impl Drop for Sidecar {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.log_path);
     }
+}
+
+/// The addresses from the sidecar's `serving listen=… admin=…` log line.
+fn wait_until_listening(child: &mut Child, log_path: &Path) -> (SocketAddr, SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let field = |log: &str, name: &str| -> Option<SocketAddr> {
+        let start = log.find(&format!(" {name}="))? + name.len() + 2;
+        log[start..].split_whitespace().next()?.parse().ok()
+    };
+    while Instant::now() < deadline {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("sidecar exited with {status}:\n{log}");
+        }
+        if let (Some(api), Some(admin)) = (field(&log, "listen"), field(&log, "admin")) {
+            return (api, admin);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    panic!(
+        "sidecar did not report listening within 20s:\n{}",
+        std::fs::read_to_string(log_path).unwrap_or_default()
+    );
 }
 
 /// The `snapcache-sidecar` binary of the same build profile as this executable.

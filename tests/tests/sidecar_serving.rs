@@ -430,10 +430,14 @@ async fn promtool_accepts_the_metrics() {
         );
     }
     assert!(Sidecar::metric(&metrics, "snapcache_heap_allocated_bytes") > 0.0);
-    assert_eq!(
-        Sidecar::metric(&metrics, "snapcache_disk_tier_bytes"),
-        body.len() as f64
-    );
+    // The fill commits (fsync, rename) just after the last byte reached the client.
+    wait_until("the fill is committed", async || {
+        let tier = Sidecar::metric(&sidecar.metrics().await, "snapcache_disk_tier_bytes");
+        (tier == body.len() as f64)
+            .then_some(())
+            .ok_or(format!("{tier} bytes on disk"))
+    })
+    .await;
     let mut promtool = std::process::Command::new(env.require("PROMTOOL"))
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
