@@ -1,7 +1,7 @@
 # Thin wrappers over tests/env; every target does its own set-up on a fresh machine.
 .PHONY: demo test lint bench
 
-## demo: start the local components, show their endpoints, stop them
+## demo: publish this repository to local S3, serve it through a sidecar, fetch it with pins, verify, stop
 demo:
 	bash tests/env/demo.sh
 

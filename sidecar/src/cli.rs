@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{ServeConfig, parse_size};
+use crate::config::{S3Args, ServeConfig, parse_size};
 
 #[derive(Debug, Parser)]
 #[command(name = "snapcache-sidecar", version, about, long_about = None)]
@@ -19,17 +19,7 @@ pub enum Command {
     #[command(after_help = FETCH_EXIT_CODES)]
     Fetch(FetchArgs),
     /// Publish a git repository as a snapshot tarball in S3.
-    Publish,
-}
-
-impl Command {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Serve(_) => "serve",
-            Command::Fetch(_) => "fetch",
-            Command::Publish => "publish",
-        }
-    }
+    Publish(Box<PublishArgs>),
 }
 
 const FETCH_EXIT_CODES: &str = "Exit codes: 0 success, 1 other failure, 2 bad usage, \
@@ -74,4 +64,72 @@ pub struct FetchArgs {
     /// Print a JSON summary (bytes, seconds, restarts, retries, commit) on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `publish --repo R --name host/path`: git repository → snapshot.tar.zst in S3.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublishArgs {
+    /// The repository: a URL or a path `git clone` understands.
+    #[arg(long, env = "SNAPCACHE_PUBLISH_REPO")]
+    pub repo: String,
+
+    /// `{host}/{path}` of the snapshot, e.g. github.com/org/repo: served at
+    /// /git/{name}/snapshot.tar.zst.
+    #[arg(long, env = "SNAPCACHE_PUBLISH_NAME")]
+    pub name: String,
+
+    /// Branch, tag or commit to publish [default: the repository's default branch].
+    #[arg(long = "ref", env = "SNAPCACHE_PUBLISH_REF")]
+    pub git_ref: Option<String>,
+
+    /// Where the bare mirror and scratch files live
+    /// [default: $XDG_CACHE_HOME/snapcache-publish or ~/.cache/snapcache-publish].
+    #[arg(long, env = "SNAPCACHE_PUBLISH_WORK_DIR")]
+    pub work_dir: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    pub s3: S3Args,
+
+    /// zstd compression level (1-19).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub level: i32,
+
+    /// zstd compression threads [default: the number of CPUs].
+    #[arg(long)]
+    pub threads: Option<u32>,
+
+    /// Size of each multipart upload part (5MiB or more).
+    #[arg(long, default_value = "16MiB", value_parser = parse_part_size)]
+    pub part_size: u64,
+
+    /// Upload even when the published snapshot is already at the head.
+    #[arg(long)]
+    pub force: bool,
+
+    /// When a snapshot exists at an older commit, upload only a git bundle from that
+    /// commit to the head beside it and record it in the snapshot's bundle-url.
+    #[arg(long)]
+    pub bundle: bool,
+
+    /// Keep publishing at this interval (with up to 10% jitter), e.g. 10m; a failed
+    /// run is logged and retried at the next one.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub interval: Option<std::time::Duration>,
+
+    /// With --interval: the admin port for /metrics and /healthz.
+    #[arg(long, env = "SNAPCACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9766")]
+    pub admin_listen: std::net::SocketAddr,
+
+    /// Print a JSON summary of each run (action, commit, bytes, seconds) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_part_size(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    if size >= 5 << 20 {
+        Ok(size)
+    } else {
+        Err(format!("S3 parts must be 5MiB or more, not {text}"))
+    }
 }

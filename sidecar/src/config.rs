@@ -19,18 +19,8 @@ pub struct ServeConfig {
     #[arg(long, env = "SNAPCACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9765")]
     pub admin_listen: SocketAddr,
 
-    /// S3 bucket holding the snapshots.
-    #[arg(long, env = "SNAPCACHE_S3_BUCKET")]
-    pub s3_bucket: String,
-
-    /// Prefix of every object key, e.g. `snapshots/`.
-    #[arg(long, env = "SNAPCACHE_S3_PREFIX", default_value = "")]
-    pub s3_prefix: String,
-
-    /// S3 endpoint URL for S3-compatible servers; implies path-style addressing.
-    /// Region and credentials come from the standard AWS chain (AWS_REGION, AWS_ACCESS_KEY_ID, ...).
-    #[arg(long, env = "SNAPCACHE_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
+    #[command(flatten)]
+    pub s3: S3Args,
 
     /// Directory of the disk tier; without it every read goes to S3.
     #[arg(long, env = "SNAPCACHE_DISK_DIR")]
@@ -65,6 +55,23 @@ pub struct ServeConfig {
     /// How long in-flight responses may run after SIGTERM before the process exits.
     #[arg(long, env = "SNAPCACHE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+}
+
+/// Where the snapshots live in S3; shared by `serve` and `publish`.
+#[derive(Debug, Clone, Args)]
+pub struct S3Args {
+    /// S3 bucket holding the snapshots.
+    #[arg(long = "s3-bucket", env = "SNAPCACHE_S3_BUCKET")]
+    pub bucket: String,
+
+    /// Prefix of every object key, e.g. `snapshots/`.
+    #[arg(long = "s3-prefix", env = "SNAPCACHE_S3_PREFIX", default_value = "")]
+    pub prefix: String,
+
+    /// S3 endpoint URL for S3-compatible servers; implies path-style addressing.
+    /// Region and credentials come from the standard AWS chain (AWS_REGION, AWS_ACCESS_KEY_ID, ...).
+    #[arg(long = "s3-endpoint", env = "SNAPCACHE_S3_ENDPOINT")]
+    pub endpoint: Option<String>,
 }
 
 /// Parses sizes such as `16MiB`, `10GB` or `1048576`.

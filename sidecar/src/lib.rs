@@ -7,6 +7,7 @@ pub mod fetch;
 pub mod http_range;
 pub mod metrics;
 pub mod pin;
+pub mod publish;
 pub mod server;
 pub mod snapshot_path;
 pub mod store;

@@ -2,8 +2,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use snapcache_sidecar::cli::{Cli, Command, FetchArgs};
+use snapcache_sidecar::cli::{Cli, Command, FetchArgs, PublishArgs};
 use snapcache_sidecar::fetch::{self, FetchOptions, Progress, Quiet, TerminalProgress};
+use snapcache_sidecar::publish::{self, PublishError, PublishOptions, PublishSummary};
 
 // jemalloc: steady memory under many large buffers, and the heap figures /metrics exports.
 #[global_allocator]
@@ -35,13 +36,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Fetch(args) => runtime.block_on(run_fetch(args)),
-        other => {
-            eprintln!(
-                "snapcache-sidecar {}: not built yet; see the open issues in the project tracker",
-                other.name()
-            );
-            ExitCode::FAILURE
-        }
+        Command::Publish(args) => runtime.block_on(run_publish(*args)),
     }
 }
 
@@ -86,5 +81,69 @@ async fn run_fetch(args: FetchArgs) -> ExitCode {
             eprintln!("error: {err}");
             ExitCode::from(err.exit_code())
         }
+    }
+}
+
+async fn run_publish(args: PublishArgs) -> ExitCode {
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".cache"))
+            })
+            .unwrap_or_else(std::env::temp_dir);
+        cache.join("snapcache-publish")
+    });
+    if let Err(err) = std::fs::create_dir_all(&work_dir) {
+        eprintln!(
+            "error: creating the work directory {}: {err}",
+            work_dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let options = PublishOptions {
+        repo: args.repo,
+        name: args.name,
+        git_ref: args.git_ref,
+        work_dir,
+        bucket: args.s3.bucket.clone(),
+        prefix: args.s3.prefix.clone(),
+        level: args.level,
+        threads: args.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+        }),
+        part_size: args.part_size,
+        force: args.force,
+        bundle: args.bundle,
+    };
+    let s3 = snapcache_sidecar::store::s3::S3Store::client(args.s3.endpoint.as_deref()).await;
+    let json = args.json;
+    let report = |result: &Result<PublishSummary, PublishError>| match result {
+        Ok(summary) if json => match serde_json::to_string(summary) {
+            Ok(line) => println!("{line}"),
+            Err(err) => eprintln!("error: printing the summary: {err}"),
+        },
+        Ok(summary) => eprintln!(
+            "{} {} ({} bytes in {:.1}s)",
+            summary.action, summary.commit, summary.bytes, summary.seconds
+        ),
+        Err(err) => eprintln!("error: {err}"),
+    };
+    let result = match args.interval {
+        Some(interval) => {
+            publish::service::run_every(&s3, &options, interval, args.admin_listen, report)
+                .await
+                .inspect_err(|err| eprintln!("error: {err}"))
+        }
+        None => {
+            let result = publish::publish(&s3, &options).await;
+            report(&result);
+            result.map(drop)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(PublishError::Usage(_)) => ExitCode::from(2),
+        Err(_) => ExitCode::FAILURE,
     }
 }

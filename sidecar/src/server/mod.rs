@@ -38,12 +38,7 @@ impl App {
     /// Connects to S3 and opens the disk tier as `config` says.
     pub async fn from_config(config: &ServeConfig) -> anyhow::Result<App> {
         let metrics = Metrics::new();
-        let s3 = S3Store::connect(
-            &config.s3_bucket,
-            config.s3_endpoint.as_deref(),
-            metrics.clone(),
-        )
-        .await;
+        let s3 = S3Store::connect(&config.s3, metrics.clone()).await;
         let disk = match &config.disk_dir {
             Some(dir) => Some(Arc::new(
                 DiskTier::open(dir, config.disk_max_bytes, metrics.clone()).with_context(|| {
@@ -67,7 +62,7 @@ impl App {
                 metrics.clone(),
             ),
             metrics,
-            prefix: config.s3_prefix.clone(),
+            prefix: config.s3.prefix.clone(),
             pin_mode: config.pin_mode,
         })
     }
@@ -91,7 +86,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(
         listen = %api.local_addr()?,
         admin = %admin.local_addr()?,
-        bucket = %config.s3_bucket,
+        bucket = %config.s3.bucket,
         disk_dir = ?config.disk_dir,
         "snapcache sidecar serving"
     );

@@ -8,6 +8,7 @@ use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use futures::StreamExt;
 
 use super::{ByteStream, ObjectInfo, SnapshotMetadata, StoreError};
+use crate::config::S3Args;
 use crate::http_range::ByteRange;
 use crate::metrics::Metrics;
 
@@ -47,7 +48,13 @@ impl std::fmt::Debug for GetResponse {
 impl S3Store {
     /// A client from the standard AWS chain; `endpoint` selects an S3-compatible
     /// server with path-style addressing.
-    pub async fn connect(bucket: &str, endpoint: Option<&str>, metrics: Metrics) -> S3Store {
+    pub async fn connect(args: &S3Args, metrics: Metrics) -> S3Store {
+        let client = S3Store::client(args.endpoint.as_deref()).await;
+        S3Store::from_client(client, &args.bucket, metrics)
+    }
+
+    /// An aws-sdk-s3 client as `connect` configures it, for other S3 users (`publish`).
+    pub async fn client(endpoint: Option<&str>) -> aws_sdk_s3::Client {
         let shared = aws_config::defaults(BehaviorVersion::latest())
             .timeout_config(
                 TimeoutConfig::builder()
@@ -72,11 +79,7 @@ impl S3Store {
         if let Some(endpoint) = endpoint {
             config = config.endpoint_url(endpoint).force_path_style(true);
         }
-        S3Store::from_client(
-            aws_sdk_s3::Client::from_conf(config.build()),
-            bucket,
-            metrics,
-        )
+        aws_sdk_s3::Client::from_conf(config.build())
     }
 
     pub fn from_client(client: aws_sdk_s3::Client, bucket: &str, metrics: Metrics) -> S3Store {
