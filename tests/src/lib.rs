@@ -169,6 +169,7 @@ mod tests {
     }
 }
 
+pub mod git;
 pub mod proxy;
 pub mod sidecar;
 

@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use snapcache_sidecar::fetch::{FetchError, FetchOptions, Progress, fetch};
+use snapcache_tests::git::git;
 use snapcache_tests::proxy::FaultProxy;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, free_addr, sidecar_binary};
 use snapcache_tests::{
@@ -277,23 +278,6 @@ async fn a_missing_snapshot_exits_with_the_not_found_code() {
     .await
     .expect_err("not found");
     assert!(matches!(error, FetchError::NotFound(_)));
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A small git repository with a few commits, as a working tree with its .git.

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use sha2::Digest;
+use snapcache_tests::git::git;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, sidecar_binary};
 use snapcache_tests::{S3Server, TestEnv, create_bucket, snapshot_bytes, unique_name};
 
@@ -16,30 +17,6 @@ const NAME: &str = "example.com/org/published";
 const PATH: &str = "/git/example.com/org/published/snapshot.tar.zst";
 const KEY: &str = "git/example.com/org/published/snapshot.tar.zst";
 const BUNDLE_KEY: &str = "git/example.com/org/published/snapshot.bundle";
-
-fn git_output(dir: &Path, args: &[&str]) -> Vec<u8> {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?} in {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    String::from_utf8_lossy(&git_output(dir, args))
-        .trim()
-        .to_owned()
-}
 
 fn write(dir: &Path, path: &str, contents: &[u8]) {
     let path = dir.join(path);

@@ -1,0 +1,30 @@
+//! git in test repositories, with fixed dates so commits are reproducible.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs git in `dir`; its raw stdout, or a panic with its stderr.
+fn git_output(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Runs git in `dir` and returns its trimmed stdout.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    String::from_utf8_lossy(&git_output(dir, args))
+        .trim()
+        .to_owned()
+}
