@@ -1,5 +1,5 @@
 # Thin wrappers over tests/env; every target does its own set-up on a fresh machine.
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench crds
 
 ## demo: publish this repository to local S3, serve it through a sidecar, fetch it with pins, verify, stop
 demo:
@@ -17,3 +17,7 @@ lint:
 ## bench: release build; the sidecar against nginx and direct S3 reads, printed as ratios
 bench:
 	bash tests/env/bench.sh
+
+## crds: regenerate crds/ from the SnapshotCache types (make test fails when it drifts)
+crds:
+	cargo run --quiet --locked -p snapcache-operator -- crd > crds/snapcache.io_snapshotcaches.yaml

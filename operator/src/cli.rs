@@ -16,12 +16,3 @@ pub enum Command {
     /// Print the SnapshotCache CustomResourceDefinition as YAML.
     Crd,
 }
-
-impl Command {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Run => "run",
-            Command::Crd => "crd",
-        }
-    }
-}

@@ -1,4 +1,6 @@
 //! snapcache operator: reconciles `SnapshotCache` resources into sidecars
 //! injected into the selected workloads.
 
+pub mod api;
 pub mod cli;
+pub mod inject;

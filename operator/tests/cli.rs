@@ -39,3 +39,25 @@ fn missing_subcommand_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
 }
+
+#[test]
+fn crd_prints_the_snapshot_cache_definition() {
+    let out = operator(&["crd"]);
+    assert!(out.status.success());
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "kind: CustomResourceDefinition",
+        "name: snapshotcaches.snapcache.io",
+        "- snapc",
+        "kind: SnapshotCache",
+    ] {
+        assert!(yaml.contains(expected), "{expected} missing from:\n{yaml}");
+    }
+}
+
+#[test]
+fn run_says_it_is_not_built_yet() {
+    let out = operator(&["run"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+}

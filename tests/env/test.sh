@@ -18,11 +18,20 @@ report() {
   for line in "${timings[@]}"; do log "$line"; done
   log "total $((SECONDS - run_start))s (exit $status)"
 }
+# crds/ must be exactly what `snapcache-operator crd` prints; `make crds` regenerates it.
+crd_drift() {
+  local generated
+  generated=$(cargo run --quiet --locked -p snapcache-operator -- crd)
+  if ! diff -u crds/snapcache.io_snapshotcaches.yaml - <<<"$generated"; then
+    die "crds/ is out of date with the SnapshotCache types: run 'make crds' and commit the result"
+  fi
+}
 run_start=$SECONDS
 trap report EXIT
 
 phase "cargo fmt --check" cargo fmt --all --check
 phase "install components" bash "$ENV_DIR/install.sh"
 phase "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+phase "CRD drift" crd_drift
 phase "build tests" cargo nextest run --workspace --locked --no-run
 phase "tests" bash "$ENV_DIR/run.sh" all -- cargo nextest run --workspace --locked --no-fail-fast

@@ -1,0 +1,161 @@
+//! The `SnapshotCache` custom resource. Its doc comments are the CRD's user docs:
+//! `kubectl explain snapshotcache.spec` shows them.
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A per-pod snapshot cache: the operator injects a snapcache sidecar, serving git
+/// snapshots from S3 on 127.0.0.1, into every Deployment and StatefulSet of this
+/// namespace that `selector` chooses.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "snapcache.io",
+    version = "v1alpha1",
+    kind = "SnapshotCache",
+    namespaced,
+    shortname = "snapc",
+    status = "SnapshotCacheStatus",
+    printcolumn = r#"{"name":"Bucket","type":"string","jsonPath":".spec.s3.bucket"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selected"}"#,
+    printcolumn = r#"{"name":"Injected","type":"integer","jsonPath":".status.injected"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotCacheSpec {
+    /// Chooses the Deployments and StatefulSets in this namespace that get the sidecar,
+    /// by their own labels.
+    pub selector: LabelSelector,
+    /// Where the snapshots live.
+    pub s3: S3Spec,
+    /// How the injected sidecar runs.
+    #[serde(default)]
+    pub sidecar: SidecarSpec,
+    /// `native`: an init container with restartPolicy Always (Kubernetes 1.29+);
+    /// `container`: a regular container; `auto` (default): native when the cluster has it.
+    #[serde(default)]
+    pub injection: InjectionMode,
+}
+
+/// The S3 bucket holding the snapshots.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Spec {
+    /// Bucket name.
+    #[schemars(length(min = 3, max = 63))]
+    pub bucket: String,
+    /// Prefix of every object key, e.g. `snapshots/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// AWS region; `us-east-1` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Endpoint of an S3-compatible server, e.g. `http://minio.storage:9000`; path-style
+    /// addressing is used when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// A Secret in this namespace with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    /// Without it the sidecar uses the pod's service account (IRSA, pod identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+/// The sidecar's image, resources and tuning.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    /// Container image; the operator's default sidecar image when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Port of the snapshot API on 127.0.0.1 (default 8765).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Admin port for /metrics, /healthz and /readyz (default 9765).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin_port: Option<i32>,
+    /// Compute resources of the sidecar container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Size of the disk tier: an emptyDir with this sizeLimit (default 10Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<Quantity>,
+    /// Concurrent ranged GETs of one S3 read (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 256))]
+    pub parallel_get_workers: Option<u16>,
+    /// Size of each ranged GET, e.g. `16MiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_get_chunk_size: Option<String>,
+    /// Age after which a cached snapshot is checked against S3, e.g. `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revalidate_after: Option<String>,
+    /// Pins a probe hands out: `auto` (default; version pins on versioned buckets),
+    /// `etag` or `version`.
+    // Not an Option: a nullable enum puts `null` in the schema's enum, which
+    // Kubernetes 1.20 refuses.
+    #[serde(default)]
+    pub pin_mode: PinMode,
+    /// Extra environment variables of the sidecar container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+}
+
+/// How the sidecar is added to the pod template.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InjectionMode {
+    #[default]
+    Auto,
+    Native,
+    Container,
+}
+
+/// Pins a probe hands out (see the snapshot protocol).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PinMode {
+    #[default]
+    Auto,
+    Etag,
+    Version,
+}
+
+impl PinMode {
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            PinMode::Auto => "auto",
+            PinMode::Etag => "etag",
+            PinMode::Version => "version",
+        }
+    }
+}
+
+/// What the operator last did with this resource.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotCacheStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: every selected workload has the sidecar of the current spec.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// How many workloads the selector chooses.
+    #[serde(default)]
+    pub selected: i32,
+    /// How many of them carry the sidecar.
+    #[serde(default)]
+    pub injected: i32,
+    /// `Deployment/name` or `StatefulSet/name` of each selected workload.
+    #[serde(default)]
+    pub selected_workloads: Vec<String>,
+    /// The same, for the injected ones.
+    #[serde(default)]
+    pub injected_workloads: Vec<String>,
+}

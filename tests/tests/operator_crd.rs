@@ -1,0 +1,114 @@
+//! The generated SnapshotCache CRD on the real API server: accepted, and its schema
+//! refuses bad resources with the schema's own message.
+
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use serde_json::json;
+use snapcache_operator::api::SnapshotCache;
+use snapcache_tests::{TestEnv, unique_name};
+
+async fn snapshot_caches() -> Api<SnapshotCache> {
+    let client = TestEnv::get().kube_client().await.expect("kube client");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match crds
+        .create(&PostParams::default(), &SnapshotCache::crd())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(err) => panic!("the API server refused the CRD: {err:?}"),
+    }
+    let established = kube::runtime::wait::await_condition(
+        crds,
+        "snapshotcaches.snapcache.io",
+        kube::runtime::wait::conditions::is_crd_established(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), established)
+        .await
+        .expect("CRD established within 30s")
+        .expect("watch CRD");
+    Api::namespaced(client, "default")
+}
+
+fn resource(name: &str, spec: serde_json::Value) -> SnapshotCache {
+    serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1",
+        "kind": "SnapshotCache",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("SnapshotCache json")
+}
+
+#[tokio::test]
+async fn a_valid_snapshot_cache_is_stored_with_its_defaults() {
+    let caches = snapshot_caches().await;
+    let name = unique_name("valid");
+    let cache = resource(
+        &name,
+        json!({"selector": {"matchLabels": {"app": "builder"}}, "s3": {"bucket": "snapshots"},
+               "sidecar": {"parallelGetWorkers": 8, "diskSize": "20Gi"}}),
+    );
+    caches
+        .create(&PostParams::default(), &cache)
+        .await
+        .expect("create");
+    let stored = caches.get(&name).await.expect("get");
+    assert_eq!(stored.spec.s3.bucket, "snapshots");
+    assert_eq!(stored.spec.sidecar.parallel_get_workers, Some(8));
+    assert_eq!(
+        stored.spec.injection,
+        snapcache_operator::api::InjectionMode::Auto
+    );
+}
+
+#[tokio::test]
+async fn the_schema_refuses_bad_resources_with_its_message() {
+    let caches = snapshot_caches().await;
+    let cases = [
+        (json!({"s3": {"bucket": "snapshots"}}), "selector"),
+        (
+            json!({"selector": {}, "s3": {"bucket": "ab"}}),
+            "spec.s3.bucket",
+        ),
+        (
+            json!({"selector": {}, "s3": {"bucket": "snapshots"}, "sidecar": {"parallelGetWorkers": 0}}),
+            "parallelGetWorkers",
+        ),
+        (
+            json!({"selector": {}, "s3": {"bucket": "snapshots"}, "injection": "sideways"}),
+            "injection",
+        ),
+        (
+            json!({"selector": {}, "s3": {"bucket": "snapshots"}, "sidecar": {"port": 70000}}),
+            "port",
+        ),
+    ];
+    // Raw JSON: the typed struct could not even express some of these.
+    let raw: Api<DynamicObject> = Api::namespaced_with(
+        caches.into_client(),
+        "default",
+        &ApiResource::erase::<SnapshotCache>(&()),
+    );
+    for (spec, field) in cases {
+        let object: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+            "metadata": {"name": unique_name("invalid")}, "spec": spec,
+        }))
+        .expect("dynamic object");
+        match raw.create(&PostParams::default(), &object).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{field}: {status:?}");
+                assert!(
+                    status.message.contains(field),
+                    "{field} not named in: {}",
+                    status.message
+                );
+            }
+            other => panic!("{field}: the API server took a bad resource: {other:?}"),
+        }
+    }
+}
