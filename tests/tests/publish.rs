@@ -637,3 +637,81 @@ async fn publish_fails_when_s3_denies_the_upload() {
     let mentions = ["403", "denied", "forbidden", "signature", "credential"];
     assert_failed_cleanly(&out, &mentions, &s3, &bucket).await;
 }
+
+#[tokio::test]
+async fn publish_interval_keeps_going_after_a_failure_and_exports_metrics() {
+    let server = TestEnv::get().s3_server("moto");
+    let s3 = server.client();
+    let bucket = unique_name("publish");
+    create_bucket(&s3, &bucket).await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    // The repository does not exist yet: the first runs fail.
+    let repo = scratch.path().join("repo");
+    let work_dir = scratch.path().join("work");
+    let admin = snapcache_tests::sidecar::free_addr();
+    let mut loop_process = Command::new(sidecar_binary())
+        .arg("publish")
+        .arg("--repo")
+        .arg(&repo)
+        .args([
+            "--name",
+            NAME,
+            "--s3-bucket",
+            &bucket,
+            "--s3-endpoint",
+            &server.endpoint,
+        ])
+        .arg("--work-dir")
+        .arg(&work_dir)
+        .args(["--interval", "300ms", "--admin-listen", &admin.to_string()])
+        .env("AWS_ACCESS_KEY_ID", &server.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &server.secret_access_key)
+        .env("AWS_REGION", "us-east-1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start publish --interval");
+    let metrics_url = format!("http://{admin}/metrics");
+    let scrape = || async {
+        match reqwest::get(&metrics_url).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while Sidecar::metric(
+        &scrape().await,
+        "snapcache_publish_runs_total{result=\"failed\"}",
+    ) < 2.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed runs counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    let commit = make_repository(&repo);
+    let metrics = loop {
+        let metrics = scrape().await;
+        if Sidecar::metric(
+            &metrics,
+            "snapcache_publish_runs_total{result=\"uploaded\"}",
+        ) >= 1.0
+        {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loop stopped after failing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let _ = loop_process.kill();
+    let _ = loop_process.wait();
+    assert!(Sidecar::metric(&metrics, "snapcache_publish_last_success_timestamp_seconds") > 1.7e9);
+    assert!(Sidecar::metric(&metrics, "snapcache_publish_uploaded_bytes_total") > 0.0);
+    let head = head(&s3, &bucket, KEY).await.expect("the snapshot");
+    assert_eq!(metadata(&head, "snapshot-commit"), Some(commit.as_str()));
+}
