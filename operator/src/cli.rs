@@ -11,8 +11,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the controller against the cluster in the current kubeconfig.
-    Run,
+    /// Run the controller against the cluster in the current kubeconfig (or in-cluster).
+    Run(RunArgs),
     /// Print the SnapshotCache CustomResourceDefinition as YAML.
     Crd,
+}
+
+/// `run`: reconcile SnapshotCaches into injected sidecars.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Sidecar image for SnapshotCaches that name none.
+    #[arg(long, env = "SNAPCACHE_SIDECAR_IMAGE", default_value = concat!("ghcr.io/snapcache/snapcache-sidecar:", env!("CARGO_PKG_VERSION")))]
+    pub sidecar_image: String,
 }

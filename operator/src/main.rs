@@ -3,7 +3,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use kube::CustomResourceExt;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_operator::cli::{Cli, Command};
+use snapcache_operator::cli::{Cli, Command, RunArgs};
+use snapcache_operator::controller::{self, Context};
+use snapcache_operator::inject::supports_native_sidecars;
 
 fn main() -> ExitCode {
     match Cli::parse().command {
@@ -17,12 +19,40 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run => {
-            eprintln!(
-                "snapcache-operator run: the controller is not built yet; \
-                 `snapcache-operator crd` prints the CustomResourceDefinition"
-            );
-            ExitCode::FAILURE
-        }
+        Command::Run(args) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => match runtime.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(err) => {
+                eprintln!("error: cannot start the async runtime: {err}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+async fn run(args: RunArgs) -> Result<(), kube::Error> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let client = kube::Client::try_default().await?;
+    let version = client.apiserver_version().await?;
+    let native_sidecars = supports_native_sidecars(&version.major, &version.minor);
+    tracing::info!(version = %version.git_version, native_sidecars, "snapcache operator starting");
+    let ctx = std::sync::Arc::new(Context {
+        recorder: kube::runtime::events::Recorder::new(client.clone(), controller::reporter()),
+        client,
+        default_image: args.sidecar_image,
+        native_sidecars,
+    });
+    controller::run(ctx).await;
+    Ok(())
 }

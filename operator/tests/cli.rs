@@ -54,10 +54,3 @@ fn crd_prints_the_snapshot_cache_definition() {
         assert!(yaml.contains(expected), "{expected} missing from:\n{yaml}");
     }
 }
-
-#[test]
-fn run_says_it_is_not_built_yet() {
-    let out = operator(&["run"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
-}

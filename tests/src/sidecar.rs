@@ -203,16 +203,21 @@ fn wait_until_listening(child: &mut Child, log_path: &Path) -> (SocketAddr, Sock
 
 /// The `snapcache-sidecar` binary of the same build profile as this executable.
 pub fn sidecar_binary() -> PathBuf {
+    binary("snapcache-sidecar")
+}
+
+/// A workspace binary of the same build profile as this executable.
+pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // Tests live in target/<profile>/deps/, binaries such as the bench in target/<profile>/.
     let mut dir = exe.parent().expect("executable directory");
     if dir.ends_with("deps") {
         dir = dir.parent().expect("profile directory");
     }
-    let binary = dir.join("snapcache-sidecar");
+    let binary = dir.join(name);
     assert!(
         binary.exists(),
-        "{} is missing: build it first (`cargo build -p snapcache-sidecar`; `make test` does)",
+        "{} is missing: build the workspace first (`cargo build --workspace`; `make test` does)",
         binary.display()
     );
     binary

@@ -1,0 +1,404 @@
+//! Reconciles SnapshotCaches into the sidecars of the workloads they select.
+//!
+//! The only top-level act of `reconcile` is the finalizer helper: `apply` injects by
+//! server-side apply with a fixed field manager, so the operator owns exactly the
+//! sidecar container and its volume; releasing those fields removes them again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::api::{SnapshotCache, SnapshotCacheSpec};
+use crate::inject::{self, Environment};
+
+/// The field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "snapcache-operator";
+/// Holds a SnapshotCache until its sidecars are removed.
+pub const FINALIZER: &str = "snapcache.io/cleanup";
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub default_image: String,
+    pub native_sidecars: bool,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("default_image", &self.default_image)
+            .field("native_sidecars", &self.native_sidecars)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("the SnapshotCache has no namespace")]
+    NoNamespace,
+}
+
+/// The workload kinds a SnapshotCache selects.
+trait Workload:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + Serialize
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: &'static str;
+    fn template(&self) -> Option<&PodTemplateSpec>;
+}
+
+impl Workload for Deployment {
+    const KIND: &'static str = "Deployment";
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|spec| &spec.template)
+    }
+}
+
+impl Workload for StatefulSet {
+    const KIND: &'static str = "StatefulSet";
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|spec| &spec.template)
+    }
+}
+
+pub async fn reconcile(cache: Arc<SnapshotCache>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
+    let caches: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&caches, FINALIZER, cache, |event| async {
+        match event {
+            Finalizer::Apply(cache) => apply(&cache, &ctx).await,
+            Finalizer::Cleanup(cache) => cleanup(&cache, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| Error::Finalizer(Box::new(err)))
+}
+
+/// Errors requeue with a delay; one bad resource never blocks the others.
+pub fn error_policy(cache: Arc<SnapshotCache>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(name = %cache.name_any(), %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(10))
+}
+
+async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
+    let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
+    let selector = match Selector::try_from(cache.spec.selector.clone()) {
+        Ok(selector) => selector,
+        Err(err) => {
+            // The schema cannot say every selector is valid: report it, do not crash-loop.
+            let message = format!("the selector is invalid: {err}");
+            publish(ctx, cache, EventType::Warning, "InvalidSelector", &message).await;
+            set_status(ctx, cache, false, "InvalidSelector", &message, &[], &[]).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let others = other_selectors(ctx, cache, &namespace).await?;
+    let env = Environment {
+        default_image: &ctx.default_image,
+        native_sidecars: ctx.native_sidecars,
+    };
+    let mut report = Report::default();
+    sync::<Deployment>(
+        ctx,
+        &namespace,
+        &cache.spec,
+        &selector,
+        &others,
+        &env,
+        &mut report,
+    )
+    .await?;
+    sync::<StatefulSet>(
+        ctx,
+        &namespace,
+        &cache.spec,
+        &selector,
+        &others,
+        &env,
+        &mut report,
+    )
+    .await?;
+    if !report.newly_injected.is_empty() {
+        let note = format!(
+            "injected the sidecar into {}",
+            report.newly_injected.join(", ")
+        );
+        publish(ctx, cache, EventType::Normal, "Injected", &note).await;
+    }
+    if !report.removed.is_empty() {
+        let note = format!("removed the sidecar from {}", report.removed.join(", "));
+        publish(ctx, cache, EventType::Normal, "Removed", &note).await;
+    }
+    let message = format!(
+        "{} of {} selected workloads carry the sidecar",
+        report.injected.len(),
+        report.selected.len()
+    );
+    set_status(
+        ctx,
+        cache,
+        true,
+        "Injected",
+        &message,
+        &report.selected,
+        &report.injected,
+    )
+    .await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+async fn cleanup(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
+    let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
+    let others = other_selectors(ctx, cache, &namespace).await?;
+    let mut removed = Vec::new();
+    removed.extend(release_all::<Deployment>(ctx, &namespace, &others).await?);
+    removed.extend(release_all::<StatefulSet>(ctx, &namespace, &others).await?);
+    if !removed.is_empty() {
+        let note = format!("removed the sidecar from {}", removed.join(", "));
+        publish(ctx, cache, EventType::Normal, "Removed", &note).await;
+    }
+    Ok(Action::await_change())
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    selected: Vec<String>,
+    injected: Vec<String>,
+    newly_injected: Vec<String>,
+    removed: Vec<String>,
+}
+
+/// Injects into the workloads of kind `W` that `selector` chooses and releases the
+/// ones that no SnapshotCache of the namespace chooses any more.
+async fn sync<W: Workload>(
+    ctx: &Context,
+    namespace: &str,
+    spec: &SnapshotCacheSpec,
+    selector: &Selector,
+    others: &[Selector],
+    env: &Environment<'_>,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let api: Api<W> = Api::namespaced(ctx.client.clone(), namespace);
+    let owned = inject::owned_pod_spec(spec, env);
+    for workload in api.list(&ListParams::default()).await? {
+        let name = workload.name_any();
+        let label = format!("{}/{name}", W::KIND);
+        let labels = workload.labels().clone();
+        let was_injected = workload.template().is_some_and(inject::is_injected);
+        if selector.matches(&labels) {
+            let intent = json!({
+                "apiVersion": "apps/v1", "kind": W::KIND,
+                "metadata": {"name": name},
+                "spec": {"template": {"spec": owned}},
+            });
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            api.patch(&name, &params, &Patch::Apply(&intent)).await?;
+            if !was_injected {
+                report.newly_injected.push(label.clone());
+            }
+            report.selected.push(label.clone());
+            report.injected.push(label);
+        } else if was_injected && !others.iter().any(|other| other.matches(&labels)) {
+            release(&api, &name, W::KIND).await?;
+            report.removed.push(label);
+        }
+    }
+    Ok(())
+}
+
+/// Releases the sidecar of every workload of kind `W` no other SnapshotCache chooses.
+async fn release_all<W: Workload>(
+    ctx: &Context,
+    namespace: &str,
+    others: &[Selector],
+) -> Result<Vec<String>, Error> {
+    let api: Api<W> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut removed = Vec::new();
+    for workload in api.list(&ListParams::default()).await? {
+        let injected = workload.template().is_some_and(inject::is_injected);
+        if injected && !others.iter().any(|other| other.matches(workload.labels())) {
+            release(&api, &workload.name_any(), W::KIND).await?;
+            removed.push(format!("{}/{}", W::KIND, workload.name_any()));
+        }
+    }
+    Ok(removed)
+}
+
+/// An empty apply: the operator gives up every field it owned, so the sidecar and its
+/// volume go and nothing another manager set is touched.
+async fn release<W: Workload>(api: &Api<W>, name: &str, kind: &str) -> Result<(), Error> {
+    let intent = json!({"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": name}});
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&intent),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The selectors of the namespace's other SnapshotCaches (invalid ones select nothing).
+async fn other_selectors(
+    ctx: &Context,
+    cache: &SnapshotCache,
+    namespace: &str,
+) -> Result<Vec<Selector>, Error> {
+    let caches: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(caches
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .filter(|other| {
+            other.name_any() != cache.name_any() && other.meta().deletion_timestamp.is_none()
+        })
+        .filter_map(|other| Selector::try_from(other.spec.selector).ok())
+        .collect())
+}
+
+async fn set_status(
+    ctx: &Context,
+    cache: &SnapshotCache,
+    ready: bool,
+    reason: &str,
+    message: &str,
+    selected: &[String],
+    injected: &[String],
+) -> Result<(), Error> {
+    let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), &namespace);
+    let status = if ready { "True" } else { "False" };
+    let previous = cache
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    // The transition time moves only when the status does.
+    let transition = match previous {
+        Some(condition) if condition.status == status => {
+            condition.last_transition_time.0.to_string()
+        }
+        _ => k8s_openapi::jiff::Timestamp::now().to_string(),
+    };
+    let patch = json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "status": {
+            "observedGeneration": cache.metadata.generation,
+            "conditions": [{
+                "type": "Ready", "status": status, "reason": reason, "message": message,
+                "lastTransitionTime": transition, "observedGeneration": cache.metadata.generation,
+            }],
+            "selected": selected.len(), "injected": injected.len(),
+            "selectedWorkloads": selected, "injectedWorkloads": injected,
+        }
+    });
+    api.patch_status(
+        &cache.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn publish(ctx: &Context, cache: &SnapshotCache, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.to_owned()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &cache.object_ref(&())).await {
+        tracing::warn!(%err, "cannot record an event");
+    }
+}
+
+/// The SnapshotCaches of a workload's namespace that select it, or that may have
+/// injected it before its labels changed.
+fn caches_for(
+    store: &Store<SnapshotCache>,
+    namespace: Option<String>,
+    labels: &BTreeMap<String, String>,
+    injected: bool,
+) -> Vec<ObjectRef<SnapshotCache>> {
+    store
+        .state()
+        .iter()
+        .filter(|cache| cache.namespace() == namespace)
+        .filter(|cache| {
+            injected
+                || Selector::try_from(cache.spec.selector.clone()).is_ok_and(|s| s.matches(labels))
+        })
+        .map(|cache| ObjectRef::from_obj(cache.as_ref()))
+        .collect()
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(
+        Api::<SnapshotCache>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (deployments, stateful_sets) = (controller.store(), controller.store());
+    controller
+        .watches(
+            Api::<Deployment>::all(client.clone()),
+            watcher::Config::default(),
+            move |d| {
+                let injected = d.template().is_some_and(inject::is_injected);
+                caches_for(&deployments, d.namespace(), d.labels(), injected)
+            },
+        )
+        .watches(
+            Api::<StatefulSet>::all(client),
+            watcher::Config::default(),
+            move |s| {
+                let injected = s.template().is_some_and(inject::is_injected);
+                caches_for(&stateful_sets, s.namespace(), s.labels(), injected)
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(%err, "reconcile error");
+            }
+        })
+        .await;
+}
+
+/// The reporter name on the operator's events.
+pub fn reporter() -> Reporter {
+    Reporter {
+        controller: FIELD_MANAGER.to_owned(),
+        instance: std::env::var("POD_NAME").ok(),
+    }
+}

@@ -1,0 +1,237 @@
+//! The operator against the real kube-apiserver 1.20: SnapshotCaches become sidecars in
+//! the Deployments they select, follow spec and label changes, and go away on delete.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, CustomResourceExt};
+use serde_json::json;
+use snapcache_operator::api::SnapshotCache;
+use snapcache_tests::sidecar::binary;
+use snapcache_tests::{TestEnv, unique_name};
+
+const SIDECAR: &str = "snapcache-sidecar";
+
+/// A running `snapcache-operator run`, killed when dropped.
+struct Operator(Child);
+
+impl Operator {
+    fn start() -> Operator {
+        let child = Command::new(binary("snapcache-operator"))
+            .args(["run", "--sidecar-image", "snapcache/sidecar:test"])
+            .env("KUBECONFIG", TestEnv::get().require("KUBECONFIG"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start snapcache-operator");
+        Operator(child)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn setup() -> (Client, String) {
+    let client = TestEnv::get().kube_client().await.expect("kube client");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match crds
+        .create(&PostParams::default(), &SnapshotCache::crd())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(err) => panic!("create the CRD: {err:?}"),
+    }
+    let established = kube::runtime::wait::await_condition(
+        crds,
+        "snapshotcaches.snapcache.io",
+        kube::runtime::wait::conditions::is_crd_established(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), established)
+        .await
+        .expect("CRD established")
+        .expect("watch CRD");
+    let namespace = unique_name("op");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let object: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace");
+    namespaces
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("create namespace");
+    (client, namespace)
+}
+
+/// Polls `check` for up to 30 s.
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn sidecar_args(deployment: &Deployment) -> Option<Vec<String>> {
+    let pod = deployment.spec.as_ref()?.template.spec.as_ref()?;
+    pod.containers
+        .iter()
+        .find(|c| c.name == SIDECAR)
+        .map(|c| c.args.clone().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_caches_become_sidecars_and_go_away_again() {
+    let (client, namespace) = setup().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    let _operator = Operator::start();
+
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "builder", "labels": {"app": "builder"}},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "builder"}},
+            "template": {
+                "metadata": {"labels": {"app": "builder"}},
+                "spec": {"containers": [{"name": "build", "image": "builder:1"}]}
+            }
+        }
+    }))
+    .expect("deployment");
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create deployment");
+    let cache: SnapshotCache = serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": "monorepo"},
+        "spec": {"selector": {"matchLabels": {"app": "builder"}}, "s3": {"bucket": "snapshots"},
+                 "sidecar": {"parallelGetWorkers": 4}}
+    }))
+    .expect("snapshot cache");
+    caches
+        .create(&PostParams::default(), &cache)
+        .await
+        .expect("create snapshot cache");
+
+    // Injected as a regular container: the API server is 1.20, before native sidecars.
+    let injected = eventually("the sidecar", async || {
+        let d = deployments.get("builder").await.ok()?;
+        sidecar_args(&d).map(|_| d)
+    })
+    .await;
+    let args = sidecar_args(&injected).unwrap_or_default();
+    assert!(
+        args.contains(&"--parallel-get-workers=4".to_owned()),
+        "{args:?}"
+    );
+    let spec = injected.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(2), "fields of other managers stay");
+    let pod = spec.template.spec.expect("pod");
+    assert_eq!(pod.containers[0].image.as_deref(), Some("builder:1"));
+
+    let status = eventually("Ready status", async || {
+        let c = caches.get("monorepo").await.ok()?;
+        let status = c.status?;
+        let ready = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && status.injected == 1).then_some(status)
+    })
+    .await;
+    assert_eq!(
+        status.injected_workloads,
+        vec!["Deployment/builder".to_owned()]
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    eventually("an Injected event", async || {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Injected"))
+            .then_some(())
+    })
+    .await;
+
+    // A spec change reaches the template.
+    let patch = json!({"spec": {"sidecar": {"parallelGetWorkers": 16}}});
+    caches
+        .patch("monorepo", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch cache");
+    eventually("the new worker count", async || {
+        let d = deployments.get("builder").await.ok()?;
+        sidecar_args(&d)?
+            .contains(&"--parallel-get-workers=16".to_owned())
+            .then_some(())
+    })
+    .await;
+
+    // Relabelled out of the selector: the sidecar goes.
+    let relabel = |app: &'static str| json!({"metadata": {"labels": {"app": app}}});
+    deployments
+        .patch(
+            "builder",
+            &PatchParams::default(),
+            &Patch::Merge(&relabel("other")),
+        )
+        .await
+        .expect("relabel");
+    eventually("the sidecar removed after relabelling", async || {
+        let d = deployments.get("builder").await.ok()?;
+        sidecar_args(&d).is_none().then_some(())
+    })
+    .await;
+    deployments
+        .patch(
+            "builder",
+            &PatchParams::default(),
+            &Patch::Merge(&relabel("builder")),
+        )
+        .await
+        .expect("relabel back");
+    eventually("the sidecar back", async || {
+        let d = deployments.get("builder").await.ok()?;
+        sidecar_args(&d).map(|_| ())
+    })
+    .await;
+
+    // Deleting the SnapshotCache removes every sidecar, then the finalizer lets it go.
+    caches
+        .delete("monorepo", &DeleteParams::default())
+        .await
+        .expect("delete cache");
+    eventually("the cache gone", async || {
+        caches
+            .get_opt("monorepo")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let d = deployments.get("builder").await.expect("deployment");
+    assert!(sidecar_args(&d).is_none(), "no sidecar after delete");
+    let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
+    assert_eq!(pod.containers.len(), 1);
+    assert!(
+        pod.volumes.unwrap_or_default().is_empty(),
+        "the disk volume went too"
+    );
+}
