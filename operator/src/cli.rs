@@ -23,4 +23,12 @@ pub struct RunArgs {
     /// Sidecar image for SnapshotCaches that name none.
     #[arg(long, env = "SNAPCACHE_SIDECAR_IMAGE", default_value = concat!("ghcr.io/snapcache/snapcache-sidecar:", env!("CARGO_PKG_VERSION")))]
     pub sidecar_image: String,
+
+    /// Address of the admin port: /metrics, /healthz, /readyz.
+    #[arg(
+        long,
+        env = "SNAPCACHE_OPERATOR_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9767"
+    )]
+    pub admin_listen: std::net::SocketAddr,
 }

@@ -26,6 +26,7 @@ use serde_json::json;
 
 use crate::api::{SnapshotCache, SnapshotCacheSpec};
 use crate::inject::{self, Environment};
+use crate::metrics::Metrics;
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "snapcache-operator";
@@ -35,6 +36,7 @@ pub const FINALIZER: &str = "snapcache.io/cleanup";
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
+    pub metrics: Metrics,
     pub recorder: Recorder,
     pub default_image: String,
     pub native_sidecars: bool,
@@ -57,6 +59,17 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("the SnapshotCache has no namespace")]
     NoNamespace,
+}
+
+impl Error {
+    /// A bounded label for the errors metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube_api",
+            Error::Finalizer(_) => "finalizer",
+            Error::NoNamespace => "no_namespace",
+        }
+    }
 }
 
 /// The workload kinds a SnapshotCache selects.
@@ -89,12 +102,20 @@ impl Workload for StatefulSet {
 }
 
 pub async fn reconcile(cache: Arc<SnapshotCache>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(cache, &ctx).await;
+    let reason = result.as_ref().err().map(Error::reason);
+    ctx.metrics.observe(started.elapsed().as_secs_f64(), reason);
+    result
+}
+
+async fn reconcile_inner(cache: Arc<SnapshotCache>, ctx: &Context) -> Result<Action, Error> {
     let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
     let caches: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), &namespace);
     finalizer(&caches, FINALIZER, cache, |event| async {
         match event {
-            Finalizer::Apply(cache) => apply(&cache, &ctx).await,
-            Finalizer::Cleanup(cache) => cleanup(&cache, &ctx).await,
+            Finalizer::Apply(cache) => apply(&cache, ctx).await,
+            Finalizer::Cleanup(cache) => cleanup(&cache, ctx).await,
         }
     })
     .await
@@ -368,6 +389,17 @@ pub async fn run(ctx: Arc<Context>) {
         watcher::Config::default(),
     );
     let (deployments, stateful_sets) = (controller.store(), controller.store());
+    let (caches, metrics) = (
+        Api::<SnapshotCache>::all(client.clone()),
+        ctx.metrics.clone(),
+    );
+    tokio::spawn(async move {
+        // Ready once SnapshotCaches can be listed: the API server answers and the CRD exists.
+        while caches.list(&ListParams::default().limit(1)).await.is_err() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        metrics.set_ready();
+    });
     controller
         .watches(
             Api::<Deployment>::all(client.clone()),

@@ -6,6 +6,7 @@ use snapcache_operator::api::SnapshotCache;
 use snapcache_operator::cli::{Cli, Command, RunArgs};
 use snapcache_operator::controller::{self, Context};
 use snapcache_operator::inject::supports_native_sidecars;
+use snapcache_operator::metrics::Metrics;
 
 fn main() -> ExitCode {
     match Cli::parse().command {
@@ -35,7 +36,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: RunArgs) -> Result<(), kube::Error> {
+async fn run(args: RunArgs) -> Result<(), String> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -43,13 +44,28 @@ async fn run(args: RunArgs) -> Result<(), kube::Error> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let client = kube::Client::try_default().await?;
-    let version = client.apiserver_version().await?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("connecting to the cluster (KUBECONFIG or in-cluster): {e}"))?;
+    let version = client
+        .apiserver_version()
+        .await
+        .map_err(|e| format!("asking the API server for its version: {e}"))?;
+    let metrics = Metrics::new().map_err(|e| format!("metrics: {e}"))?;
+    snapcache_operator::metrics::serve(args.admin_listen, metrics.clone())
+        .await
+        .map_err(|e| {
+            format!(
+                "binding the admin port {} (--admin-listen): {e}",
+                args.admin_listen
+            )
+        })?;
     let native_sidecars = supports_native_sidecars(&version.major, &version.minor);
     tracing::info!(version = %version.git_version, native_sidecars, "snapcache operator starting");
     let ctx = std::sync::Arc::new(Context {
         recorder: kube::runtime::events::Recorder::new(client.clone(), controller::reporter()),
         client,
+        metrics,
         default_image: args.sidecar_image,
         native_sidecars,
     });

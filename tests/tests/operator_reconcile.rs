@@ -18,12 +18,14 @@ use snapcache_tests::{TestEnv, unique_name};
 const SIDECAR: &str = "snapcache-sidecar";
 
 /// A running `snapcache-operator run`, killed when dropped.
-struct Operator(Child);
+struct Operator(Child, std::net::SocketAddr);
 
 impl Operator {
     fn start() -> Operator {
+        let admin = snapcache_tests::sidecar::free_addr();
         let child = Command::new(binary("snapcache-operator"))
             .args(["run", "--sidecar-image", "snapcache/sidecar:test"])
+            .args(["--admin-listen", &admin.to_string()])
             .env("KUBECONFIG", TestEnv::get().require("KUBECONFIG"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -31,7 +33,15 @@ impl Operator {
             .stderr(Stdio::null())
             .spawn()
             .expect("start snapcache-operator");
-        Operator(child)
+        Operator(child, admin)
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let response = reqwest::get(format!("http://{}{path}", self.1))
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
     }
 }
 
@@ -98,7 +108,7 @@ async fn snapshot_caches_become_sidecars_and_go_away_again() {
     let (client, namespace) = setup().await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
     let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
-    let _operator = Operator::start();
+    let operator = Operator::start();
 
     let deployment: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -168,6 +178,17 @@ async fn snapshot_caches_become_sidecars_and_go_away_again() {
             .then_some(())
     })
     .await;
+
+    eventually("/readyz", async || {
+        (operator.get("/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    let (_, metrics) = operator.get("/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains("snapcache_operator_reconciles_total{result=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("snapcache_operator_reconcile_duration_seconds_bucket"));
 
     // A spec change reaches the template.
     let patch = json!({"spec": {"sidecar": {"parallelGetWorkers": 16}}});

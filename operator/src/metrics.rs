@@ -1,0 +1,103 @@
+//! The operator's admin port: `/metrics`, `/healthz`, and `/readyz` (ready once
+//! SnapshotCaches can be listed).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
+
+/// Reconcile counters and durations; `reason` has a fixed set of values.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    reconciles: IntCounterVec,
+    errors: IntCounterVec,
+    duration: Histogram,
+    ready: Arc<AtomicBool>,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let reconciles = IntCounterVec::new(
+            Opts::new(
+                "snapcache_operator_reconciles_total",
+                "Reconciles by result (ok, error).",
+            ),
+            &["result"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "snapcache_operator_reconcile_errors_total",
+                "Failed reconciles by reason (kube_api, finalizer, no_namespace).",
+            ),
+            &["reason"],
+        )?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "snapcache_operator_reconcile_duration_seconds",
+                "Reconcile duration.",
+            )
+            .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+        )?;
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(Metrics {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            ready: Arc::default(),
+        })
+    }
+
+    pub fn observe(&self, seconds: f64, error: Option<&'static str>) {
+        self.duration.observe(seconds);
+        match error {
+            None => self.reconciles.with_label_values(&["ok"]).inc(),
+            Some(reason) => {
+                self.reconciles.with_label_values(&["error"]).inc();
+                self.errors.with_label_values(&[reason]).inc();
+            }
+        }
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Serves the admin port until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let (scraped, probed) = (metrics.clone(), metrics);
+    let router = Router::new()
+        .route("/metrics", get(move || async move { scraped.render() }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if probed.ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "SnapshotCaches cannot be listed yet\n",
+                    )
+                }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(())
+}
