@@ -31,4 +31,24 @@ pub struct RunArgs {
         default_value = "0.0.0.0:9767"
     )]
     pub admin_listen: std::net::SocketAddr,
+
+    /// Run several replicas: only the holder of a coordination.k8s.io Lease writes.
+    #[arg(long, env = "SNAPCACHE_LEADER_ELECTION")]
+    pub leader_election: bool,
+
+    /// Namespace of the Lease (usually the operator's own; POD_NAMESPACE in a pod).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+
+    /// Name of the Lease.
+    #[arg(long, default_value = "snapcache-operator")]
+    pub lease_name: String,
+
+    /// How long a Lease holds without renewal; a follower takes over after it.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: std::time::Duration,
+
+    /// This replica's identity in the Lease [default: POD_NAME, else host name and pid].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }

@@ -26,6 +26,7 @@ use serde_json::json;
 
 use crate::api::{SnapshotCache, SnapshotCacheSpec};
 use crate::inject::{self, Environment};
+use crate::lease::Leadership;
 use crate::metrics::Metrics;
 
 /// The field manager of every server-side apply the operator makes.
@@ -37,6 +38,8 @@ pub const FINALIZER: &str = "snapcache.io/cleanup";
 pub struct Context {
     pub client: Client,
     pub metrics: Metrics,
+    /// Only the leader writes; the others keep their watches hot.
+    pub leadership: Leadership,
     pub recorder: Recorder,
     pub default_image: String,
     pub native_sidecars: bool,
@@ -102,6 +105,10 @@ impl Workload for StatefulSet {
 }
 
 pub async fn reconcile(cache: Arc<SnapshotCache>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.leadership.is_leader() {
+        // Look again soon: this replica may take the lease over.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let started = std::time::Instant::now();
     let result = reconcile_inner(cache, &ctx).await;
     let reason = result.as_ref().err().map(Error::reason);

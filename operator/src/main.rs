@@ -6,6 +6,7 @@ use snapcache_operator::api::SnapshotCache;
 use snapcache_operator::cli::{Cli, Command, RunArgs};
 use snapcache_operator::controller::{self, Context};
 use snapcache_operator::inject::supports_native_sidecars;
+use snapcache_operator::lease::{Leadership, LeaseElector};
 use snapcache_operator::metrics::Metrics;
 
 fn main() -> ExitCode {
@@ -62,7 +63,28 @@ async fn run(args: RunArgs) -> Result<(), String> {
         })?;
     let native_sidecars = supports_native_sidecars(&version.major, &version.minor);
     tracing::info!(version = %version.git_version, native_sidecars, "snapcache operator starting");
+    let leadership = if args.leader_election {
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let elector = LeaseElector::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            args.lease_duration,
+        );
+        let leadership = elector.leadership();
+        let gauge = metrics.clone();
+        tokio::spawn(elector.run(move |leading| gauge.set_leader(leading)));
+        leadership
+    } else {
+        metrics.set_leader(true);
+        Leadership::always()
+    };
     let ctx = std::sync::Arc::new(Context {
+        leadership,
         recorder: kube::runtime::events::Recorder::new(client.clone(), controller::reporter()),
         client,
         metrics,

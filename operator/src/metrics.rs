@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 /// Reconcile counters and durations; `reason` has a fixed set of values.
 #[derive(Debug, Clone)]
@@ -17,6 +19,7 @@ pub struct Metrics {
     reconciles: IntCounterVec,
     errors: IntCounterVec,
     duration: Histogram,
+    leader: IntGauge,
     ready: Arc<AtomicBool>,
 }
 
@@ -46,12 +49,18 @@ impl Metrics {
         )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        let leader = IntGauge::new(
+            "snapcache_operator_leader",
+            "1 while this replica holds the lease and writes, else 0.",
+        )?;
         registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
         Ok(Metrics {
             registry,
             reconciles,
             errors,
             duration,
+            leader,
             ready: Arc::default(),
         })
     }
@@ -65,6 +74,10 @@ impl Metrics {
                 self.errors.with_label_values(&[reason]).inc();
             }
         }
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     pub fn set_ready(&self) {

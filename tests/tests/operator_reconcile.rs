@@ -22,10 +22,15 @@ struct Operator(Child, std::net::SocketAddr);
 
 impl Operator {
     fn start() -> Operator {
+        Operator::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Operator {
         let admin = snapcache_tests::sidecar::free_addr();
         let child = Command::new(binary("snapcache-operator"))
             .args(["run", "--sidecar-image", "snapcache/sidecar:test"])
             .args(["--admin-listen", &admin.to_string()])
+            .args(extra)
             .env("KUBECONFIG", TestEnv::get().require("KUBECONFIG"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -34,6 +39,14 @@ impl Operator {
             .spawn()
             .expect("start snapcache-operator");
         Operator(child, admin)
+    }
+
+    /// The `snapcache_operator_leader` gauge, `None` while the admin port is not up.
+    async fn leading(&self) -> Option<bool> {
+        let (_, metrics) = self.get("/metrics").await?;
+        Some(
+            snapcache_tests::sidecar::Sidecar::metric(&metrics, "snapcache_operator_leader") == 1.0,
+        )
     }
 
     async fn get(&self, path: &str) -> Option<(u16, String)> {
@@ -255,4 +268,93 @@ async fn snapshot_caches_become_sidecars_and_go_away_again() {
         pod.volumes.unwrap_or_default().is_empty(),
         "the disk volume went too"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_leader_election_one_replica_writes_and_another_takes_over() {
+    let (client, namespace) = setup().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    let replica = |identity: &'static str| {
+        Operator::start_with(&[
+            "--leader-election",
+            "--lease-namespace",
+            &namespace,
+            "--lease-duration",
+            "3s",
+            "--identity",
+            identity,
+        ])
+    };
+    let mut replicas = vec![(replica("op-a"), "op-a"), (replica("op-b"), "op-b")];
+    let leader = eventually("exactly one leader", async || {
+        let a = replicas[0].0.leading().await?;
+        let b = replicas[1].0.leading().await?;
+        (a != b).then_some(if a { 0 } else { 1 })
+    })
+    .await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &namespace);
+    let holder = leases
+        .get("snapcache-operator")
+        .await
+        .expect("the lease")
+        .spec
+        .and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), Some(replicas[leader].1));
+
+    let deployment: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "builder", "labels": {"app": "builder"}},
+        "spec": {
+            "selector": {"matchLabels": {"app": "builder"}},
+            "template": {"metadata": {"labels": {"app": "builder"}},
+                         "spec": {"containers": [{"name": "build", "image": "builder:1"}]}}
+        }
+    }))
+    .expect("deployment");
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create deployment");
+    let cache: SnapshotCache = serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": "monorepo"},
+        "spec": {"selector": {"matchLabels": {"app": "builder"}}, "s3": {"bucket": "snapshots"}}
+    }))
+    .expect("snapshot cache");
+    caches
+        .create(&PostParams::default(), &cache)
+        .await
+        .expect("create cache");
+    eventually("the sidecar from the leader", async || {
+        sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
+    })
+    .await;
+
+    // The leader goes away; the follower takes the lease within its duration.
+    let (old_leader, _) = replicas.remove(leader);
+    drop(old_leader);
+    let stopped = Instant::now();
+    eventually("the follower leading", async || {
+        replicas[0].0.leading().await?.then_some(())
+    })
+    .await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3 + 3),
+        "took over in {:?}",
+        stopped.elapsed()
+    );
+    let patch = json!({"spec": {"sidecar": {"parallelGetWorkers": 16}}});
+    caches
+        .patch("monorepo", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch cache");
+    eventually("the new leader writing", async || {
+        let d = deployments.get("builder").await.ok()?;
+        sidecar_args(&d)?
+            .contains(&"--parallel-get-workers=16".to_owned())
+            .then_some(())
+    })
+    .await;
 }
