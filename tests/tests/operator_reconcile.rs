@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, CustomResourceExt};
@@ -26,12 +27,16 @@ impl Operator {
     }
 
     fn start_with(extra: &[&str]) -> Operator {
+        Operator::start_as(TestEnv::get().require("KUBECONFIG"), extra)
+    }
+
+    fn start_as(kubeconfig: &str, extra: &[&str]) -> Operator {
         let admin = snapcache_tests::sidecar::free_addr();
         let child = Command::new(binary("snapcache-operator"))
             .args(["run", "--sidecar-image", "snapcache/sidecar:test"])
             .args(["--admin-listen", &admin.to_string()])
             .args(extra)
-            .env("KUBECONFIG", TestEnv::get().require("KUBECONFIG"))
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -108,21 +113,8 @@ async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) ->
     }
 }
 
-fn sidecar_args(deployment: &Deployment) -> Option<Vec<String>> {
-    let pod = deployment.spec.as_ref()?.template.spec.as_ref()?;
-    pod.containers
-        .iter()
-        .find(|c| c.name == SIDECAR)
-        .map(|c| c.args.clone().unwrap_or_default())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_caches_become_sidecars_and_go_away_again() {
-    let (client, namespace) = setup().await;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
-    let operator = Operator::start();
-
+/// Deployment `builder` (label app=builder) with one container, as another manager made it.
+async fn create_builder(deployments: &Api<Deployment>) {
     let deployment: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": "builder", "labels": {"app": "builder"}},
@@ -140,6 +132,10 @@ async fn snapshot_caches_become_sidecars_and_go_away_again() {
         .create(&PostParams::default(), &deployment)
         .await
         .expect("create deployment");
+}
+
+/// SnapshotCache `monorepo` selecting app=builder.
+async fn create_cache(caches: &Api<SnapshotCache>) {
     let cache: SnapshotCache = serde_json::from_value(json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
         "metadata": {"name": "monorepo"},
@@ -151,6 +147,25 @@ async fn snapshot_caches_become_sidecars_and_go_away_again() {
         .create(&PostParams::default(), &cache)
         .await
         .expect("create snapshot cache");
+}
+
+fn sidecar_args(deployment: &Deployment) -> Option<Vec<String>> {
+    let pod = deployment.spec.as_ref()?.template.spec.as_ref()?;
+    pod.containers
+        .iter()
+        .find(|c| c.name == SIDECAR)
+        .map(|c| c.args.clone().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_caches_become_sidecars_and_go_away_again() {
+    let (client, namespace) = setup().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    let operator = Operator::start();
+
+    create_builder(&deployments).await;
+    create_cache(&caches).await;
 
     // Injected as a regular container: the API server is 1.20, before native sidecars.
     let injected = eventually("the sidecar", async || {
@@ -303,30 +318,8 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
         .and_then(|s| s.holder_identity);
     assert_eq!(holder.as_deref(), Some(replicas[leader].1));
 
-    let deployment: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "builder", "labels": {"app": "builder"}},
-        "spec": {
-            "selector": {"matchLabels": {"app": "builder"}},
-            "template": {"metadata": {"labels": {"app": "builder"}},
-                         "spec": {"containers": [{"name": "build", "image": "builder:1"}]}}
-        }
-    }))
-    .expect("deployment");
-    deployments
-        .create(&PostParams::default(), &deployment)
-        .await
-        .expect("create deployment");
-    let cache: SnapshotCache = serde_json::from_value(json!({
-        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
-        "metadata": {"name": "monorepo"},
-        "spec": {"selector": {"matchLabels": {"app": "builder"}}, "s3": {"bucket": "snapshots"}}
-    }))
-    .expect("snapshot cache");
-    caches
-        .create(&PostParams::default(), &cache)
-        .await
-        .expect("create cache");
+    create_builder(&deployments).await;
+    create_cache(&caches).await;
     eventually("the sidecar from the leader", async || {
         sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
     })
@@ -357,4 +350,138 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_written_rbac_is_enough_to_run_the_operator() {
+    let (client, namespace) = setup().await;
+    let env = TestEnv::get();
+    let subjects = json!([{"kind": "User", "name": "snapcache-operator", "apiGroup": "rbac.authorization.k8s.io"}]);
+    let suffix = unique_name("rbac");
+    let rbac = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../operator/rbac.yaml"
+    ))
+    .expect("operator/rbac.yaml");
+    for document in rbac.split("\n---\n") {
+        let mut role: serde_json::Value = serde_yaml::from_str(document).expect("yaml");
+        let name = format!(
+            "{}-{suffix}",
+            role["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        role["metadata"]["name"] = json!(name);
+        let kind = role["kind"].as_str().unwrap_or_default().to_owned();
+        let binding = json!({
+            "metadata": {"name": name}, "subjects": subjects,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
+        });
+        let params = PostParams::default();
+        match kind.as_str() {
+            "ClusterRole" => {
+                let role: ClusterRole = serde_json::from_value(role).expect("cluster role");
+                Api::<ClusterRole>::all(client.clone())
+                    .create(&params, &role)
+                    .await
+                    .expect("create role");
+                let binding: ClusterRoleBinding = serde_json::from_value(binding).expect("binding");
+                Api::<ClusterRoleBinding>::all(client.clone())
+                    .create(&params, &binding)
+                    .await
+                    .expect("bind");
+            }
+            "Role" => {
+                let role: Role = serde_json::from_value(role).expect("role");
+                Api::<Role>::namespaced(client.clone(), &namespace)
+                    .create(&params, &role)
+                    .await
+                    .expect("create role");
+                let binding: RoleBinding = serde_json::from_value(binding).expect("binding");
+                Api::<RoleBinding>::namespaced(client.clone(), &namespace)
+                    .create(&params, &binding)
+                    .await
+                    .expect("bind");
+            }
+            other => panic!("unexpected {other} in operator/rbac.yaml"),
+        }
+    }
+    // The operator runs as a plain user holding only what rbac.yaml grants.
+    let admin_config = std::fs::read_to_string(env.require("KUBECONFIG")).expect("kubeconfig");
+    let user_config = tempfile::NamedTempFile::new().expect("temp file");
+    let as_user = admin_config.replace(
+        env.require("KUBE_TOKEN"),
+        env.require("KUBE_OPERATOR_TOKEN"),
+    );
+    std::fs::write(user_config.path(), as_user).expect("write kubeconfig");
+    let kubeconfig = user_config.path().display().to_string();
+    let restricted = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(user_config.path()).expect("user kubeconfig"),
+        &Default::default(),
+    )
+    .await
+    .expect("user kube config");
+    let restricted = Client::try_from(restricted).expect("user client");
+    let forbidden = Api::<Namespace>::all(restricted)
+        .list(&ListParams::default())
+        .await;
+    assert!(
+        matches!(forbidden, Err(kube::Error::Api(ref status)) if status.code == 403),
+        "the user must not list namespaces: {forbidden:?}"
+    );
+    let lease_args = [
+        "--leader-election",
+        "--lease-namespace",
+        &namespace,
+        "--lease-duration",
+        "3s",
+    ];
+    let operator = Operator::start_as(&kubeconfig, &lease_args);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    create_builder(&deployments).await;
+    create_cache(&caches).await;
+    eventually("the sidecar", async || {
+        sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
+    })
+    .await;
+    eventually("Ready status", async || {
+        let status = caches.get("monorepo").await.ok()?.status?;
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    eventually("an Injected event", async || {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Injected"))
+            .then_some(())
+    })
+    .await;
+    caches
+        .delete("monorepo", &DeleteParams::default())
+        .await
+        .expect("delete cache");
+    eventually("the cache gone", async || {
+        caches
+            .get_opt("monorepo")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(sidecar_args(&deployments.get("builder").await.expect("deployment")).is_none());
+    let (_, metrics) = operator.get("/metrics").await.expect("metrics");
+    let forbidden = snapcache_tests::sidecar::Sidecar::metric(
+        &metrics,
+        "snapcache_operator_reconcile_errors_total{reason=\"kube_api\"}",
+    );
+    assert_eq!(
+        forbidden, 0.0,
+        "an API call failed: is a permission missing from rbac.yaml?"
+    );
 }
