@@ -485,3 +485,168 @@ async fn the_written_rbac_is_enough_to_run_the_operator() {
         "an API call failed: is a permission missing from rbac.yaml?"
     );
 }
+
+/// A kube-apiserver (and etcd) of this test's own, so it can be stopped and restarted
+/// without disturbing the tests that share the suite's API server.
+struct OwnApiServer {
+    state: tempfile::TempDir,
+    /// API servers started by `restart_apiserver`, reaped on drop.
+    restarted: std::sync::Mutex<Vec<Child>>,
+}
+
+impl OwnApiServer {
+    fn start() -> OwnApiServer {
+        let state = tempfile::tempdir().expect("state dir");
+        std::fs::write(state.path().join("env"), "").expect("env file");
+        std::fs::write(state.path().join("pids"), "").expect("pids file");
+        let status = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/env/kube.sh"))
+            .arg("start")
+            .arg(state.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run kube.sh start");
+        let server = OwnApiServer {
+            state,
+            restarted: std::sync::Mutex::default(),
+        };
+        assert!(status.success(), "kube.sh start failed");
+        server
+    }
+
+    fn value(&self, key: &str) -> String {
+        let env = std::fs::read_to_string(self.state.path().join("env")).expect("env file");
+        env.lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} missing"))
+            .to_owned()
+    }
+
+    async fn client(&self) -> Client {
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(self.value("KUBECONFIG")).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("config");
+        Client::try_from(config).expect("client")
+    }
+
+    /// Stops the API server's process group and waits until it is gone.
+    fn stop_apiserver(&self) {
+        let pids = std::fs::read_to_string(self.state.path().join("pids")).expect("pids");
+        for line in pids.lines().filter(|l| l.ends_with(" kube-apiserver")) {
+            let pid = line.split_whitespace().next().unwrap_or_default();
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &format!("-{pid}")])
+                .status();
+        }
+        // Wait for the port rather than the process: an exited server may linger as a zombie.
+        let address = self
+            .value("KUBE_APISERVER")
+            .trim_start_matches("https://")
+            .to_owned();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&address).is_ok() {
+            assert!(Instant::now() < deadline, "the API server did not stop");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let remaining: String = pids
+            .lines()
+            .filter(|l| !l.ends_with(" kube-apiserver"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(self.state.path().join("pids"), remaining).expect("pids");
+    }
+
+    /// Starts the API server again on the same port, recorded for the clean-up.
+    fn restart_apiserver(&self) {
+        let child = Command::new("setsid")
+            .arg(self.value("KUBE_APISERVER_RUN"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart kube-apiserver");
+        let mut pids = std::fs::read_to_string(self.state.path().join("pids")).expect("pids");
+        pids.push_str(&format!("{} kube-apiserver\n", child.id()));
+        std::fs::write(self.state.path().join("pids"), pids).expect("pids");
+        self.restarted
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(child);
+    }
+}
+
+impl Drop for OwnApiServer {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/env/down.sh"))
+            .arg(self.state.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Ok(mut restarted) = self.restarted.lock() {
+            for child in restarted.iter_mut() {
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_recovers_from_an_api_server_restart() {
+    // Fails loudly when the suite's components (and so kube.sh's install) are missing.
+    TestEnv::get().require("KUBE_APISERVER_RUN");
+    let server = OwnApiServer::start();
+    let client = server.client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &SnapshotCache::crd())
+        .await
+        .expect("create CRD");
+    let established = kube::runtime::wait::await_condition(
+        crds,
+        "snapshotcaches.snapcache.io",
+        kube::runtime::wait::conditions::is_crd_established(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), established)
+        .await
+        .expect("established")
+        .expect("watch");
+    let operator = Operator::start_as(&server.value("KUBECONFIG"), &[]);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), "default");
+    create_builder(&deployments).await;
+    create_cache(&caches).await;
+    eventually("the sidecar", async || {
+        sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
+    })
+    .await;
+
+    server.stop_apiserver();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.restart_apiserver();
+    let patch = json!({"spec": {"sidecar": {"parallelGetWorkers": 16}}});
+    eventually("the API server back", async || {
+        caches
+            .patch("monorepo", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    eventually(
+        "the change applied by the same operator process",
+        async || {
+            let d = deployments.get("builder").await.ok()?;
+            sidecar_args(&d)?
+                .contains(&"--parallel-get-workers=16".to_owned())
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        operator.get("/healthz").await.is_some(),
+        "the operator process kept running"
+    );
+}
