@@ -40,6 +40,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Only the leader writes; the others keep their watches hot.
     pub leadership: Leadership,
+    /// Consecutive failures per SnapshotCache, for the backoff.
+    pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<SnapshotCache>, u32>>,
     pub recorder: Recorder,
     pub default_image: String,
     pub native_sidecars: bool,
@@ -110,9 +112,22 @@ pub async fn reconcile(cache: Arc<SnapshotCache>, ctx: Arc<Context>) -> Result<A
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
     let started = std::time::Instant::now();
-    let result = reconcile_inner(cache, &ctx).await;
+    let result = reconcile_inner(cache.clone(), &ctx).await;
     let reason = result.as_ref().err().map(Error::reason);
     ctx.metrics.observe(started.elapsed().as_secs_f64(), reason);
+    let key = ObjectRef::from_obj(cache.as_ref());
+    match &result {
+        Ok(_) => {
+            ctx.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        }
+        Err(err) => {
+            let note = format!("reconcile failed, retrying: {err}");
+            publish(&ctx, &cache, EventType::Warning, "ReconcileFailed", &note).await;
+        }
+    }
     result
 }
 
@@ -129,10 +144,23 @@ async fn reconcile_inner(cache: Arc<SnapshotCache>, ctx: &Context) -> Result<Act
     .map_err(|err| Error::Finalizer(Box::new(err)))
 }
 
-/// Errors requeue with a delay; one bad resource never blocks the others.
-pub fn error_policy(cache: Arc<SnapshotCache>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(name = %cache.name_any(), %error, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(10))
+/// Errors requeue with exponential backoff per resource (1 s doubling to 5 min); one
+/// bad resource never blocks the others.
+pub fn error_policy(cache: Arc<SnapshotCache>, error: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+    let count = failures
+        .entry(ObjectRef::from_obj(cache.as_ref()))
+        .or_insert(0);
+    *count += 1;
+    let delay = backoff(*count);
+    tracing::warn!(name = %cache.name_any(), %error, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// 1 s after the first failure, doubling up to 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    let seconds = 1u64 << failures.saturating_sub(1).min(9);
+    Duration::from_secs(seconds.min(300))
 }
 
 async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
@@ -439,5 +467,17 @@ pub fn reporter() -> Reporter {
     Reporter {
         controller: FIELD_MANAGER.to_owned(),
         instance: std::env::var("POD_NAME").ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        let delays: Vec<u64> = (1..=11).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
     }
 }

@@ -88,6 +88,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         recorder: kube::runtime::events::Recorder::new(client.clone(), controller::reporter()),
         client,
         metrics,
+        failures: Default::default(),
         default_image: args.sidecar_image,
         native_sidecars,
     });

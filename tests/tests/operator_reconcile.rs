@@ -650,3 +650,54 @@ async fn the_operator_recovers_from_an_api_server_restart() {
         "the operator process kept running"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selector_the_schema_cannot_check_becomes_a_condition_and_others_go_on() {
+    let (client, namespace) = setup().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    let _operator = Operator::start();
+    let broken: SnapshotCache = serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": "broken"},
+        "spec": {"selector": {"matchExpressions": [{"key": "app", "operator": "Sometimes", "values": ["x"]}]},
+                 "s3": {"bucket": "snapshots"}}
+    }))
+    .expect("snapshot cache");
+    caches
+        .create(&PostParams::default(), &broken)
+        .await
+        .expect("the schema lets it in");
+    create_builder(&deployments).await;
+    create_cache(&caches).await;
+    let condition = eventually("the InvalidSelector condition", async || {
+        let status = caches.get("broken").await.ok()?.status?;
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.reason == "InvalidSelector")
+    })
+    .await;
+    assert_eq!(condition.status, "False");
+    assert!(
+        condition.message.contains("selector"),
+        "{}",
+        condition.message
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    eventually("a warning event", async || {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("InvalidSelector")
+                    && e.type_.as_deref() == Some("Warning")
+            })
+            .then_some(())
+    })
+    .await;
+    eventually("the good SnapshotCache still injecting", async || {
+        sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
+    })
+    .await;
+}
