@@ -224,3 +224,26 @@ pub async fn put_snapshot(
         .unwrap_or_else(|e| panic!("put snapshot {repo}: {e:?}"));
     out.e_tag().unwrap_or_default().trim_matches('"').to_owned()
 }
+
+/// Creates the SnapshotCache CRD (kept when a run already made it) and waits until the
+/// API server serves it.
+pub async fn install_snapshot_cache_crd(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::CustomResourceExt;
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let crd = snapcache_operator::api::SnapshotCache::crd();
+    match crds.create(&kube::api::PostParams::default(), &crd).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(err) => panic!("the API server refused the CRD: {err:?}"),
+    }
+    let established = kube::runtime::wait::await_condition(
+        crds,
+        "snapshotcaches.snapcache.io",
+        kube::runtime::wait::conditions::is_crd_established(),
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(30), established)
+        .await
+        .expect("CRD established within 30s")
+        .expect("watch CRD");
+}

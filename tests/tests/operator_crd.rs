@@ -1,35 +1,14 @@
 //! The generated SnapshotCache CRD on the real API server: accepted, and its schema
 //! refuses bad resources with the schema's own message.
 
-use std::time::Duration;
-
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::{TestEnv, unique_name};
+use snapcache_tests::{TestEnv, install_snapshot_cache_crd, unique_name};
 
 async fn snapshot_caches() -> Api<SnapshotCache> {
     let client = TestEnv::get().kube_client().await.expect("kube client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    match crds
-        .create(&PostParams::default(), &SnapshotCache::crd())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 409 => {}
-        Err(err) => panic!("the API server refused the CRD: {err:?}"),
-    }
-    let established = kube::runtime::wait::await_condition(
-        crds,
-        "snapshotcaches.snapcache.io",
-        kube::runtime::wait::conditions::is_crd_established(),
-    );
-    tokio::time::timeout(Duration::from_secs(30), established)
-        .await
-        .expect("CRD established within 30s")
-        .expect("watch CRD");
+    install_snapshot_cache_crd(&client).await;
     Api::namespaced(client, "default")
 }
 

@@ -8,13 +8,12 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::sidecar::binary;
-use snapcache_tests::{TestEnv, unique_name};
+use snapcache_tests::{TestEnv, install_snapshot_cache_crd, unique_name};
 
 const SIDECAR: &str = "snapcache-sidecar";
 
@@ -72,24 +71,7 @@ impl Drop for Operator {
 
 async fn setup() -> (Client, String) {
     let client = TestEnv::get().kube_client().await.expect("kube client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    match crds
-        .create(&PostParams::default(), &SnapshotCache::crd())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 409 => {}
-        Err(err) => panic!("create the CRD: {err:?}"),
-    }
-    let established = kube::runtime::wait::await_condition(
-        crds,
-        "snapshotcaches.snapcache.io",
-        kube::runtime::wait::conditions::is_crd_established(),
-    );
-    tokio::time::timeout(Duration::from_secs(30), established)
-        .await
-        .expect("CRD established")
-        .expect("watch CRD");
+    install_snapshot_cache_crd(&client).await;
     let namespace = unique_name("op");
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let object: Namespace =
@@ -600,19 +582,7 @@ async fn the_operator_recovers_from_an_api_server_restart() {
     TestEnv::get().require("KUBE_APISERVER_RUN");
     let server = OwnApiServer::start();
     let client = server.client().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &SnapshotCache::crd())
-        .await
-        .expect("create CRD");
-    let established = kube::runtime::wait::await_condition(
-        crds,
-        "snapshotcaches.snapcache.io",
-        kube::runtime::wait::conditions::is_crd_established(),
-    );
-    tokio::time::timeout(Duration::from_secs(30), established)
-        .await
-        .expect("established")
-        .expect("watch");
+    install_snapshot_cache_crd(&client).await;
     let operator = Operator::start_as(&server.value("KUBECONFIG"), &[]);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), "default");
