@@ -691,8 +691,11 @@ async fn publish_interval_keeps_going_after_a_failure_and_exports_metrics() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    std::fs::create_dir_all(&repo).expect("mkdir");
-    let commit = make_repository(&repo);
+    // Built aside and renamed into place: the loop must never see a half-made repository.
+    let staging = scratch.path().join("repo-staging");
+    std::fs::create_dir_all(&staging).expect("mkdir");
+    let commit = make_repository(&staging);
+    std::fs::rename(&staging, &repo).expect("move the repository into place");
     let metrics = loop {
         let metrics = scrape().await;
         if Sidecar::metric(
