@@ -424,15 +424,15 @@ pub async fn run(ctx: Arc<Context>) {
         watcher::Config::default(),
     );
     let (deployments, stateful_sets) = (controller.store(), controller.store());
-    let (caches, metrics) = (
-        Api::<SnapshotCache>::all(client.clone()),
-        ctx.metrics.clone(),
-    );
+    let (ready_store, metrics) = (controller.store(), ctx.metrics.clone());
     tokio::spawn(async move {
-        // Ready once SnapshotCaches can be listed: the API server answers and the CRD exists.
-        while caches.list(&ListParams::default().limit(1)).await.is_err() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        // Ready once the SnapshotCache watch delivered its first list. A waiter that
+        // starts before that is not always woken (the controller waits on the same
+        // signal), so ask again every second instead of waiting once.
+        while tokio::time::timeout(Duration::from_secs(1), ready_store.wait_until_ready())
+            .await
+            .is_err()
+        {}
         metrics.set_ready();
     });
     controller

@@ -1,5 +1,5 @@
-//! The operator's admin port: `/metrics`, `/healthz`, and `/readyz` (ready once
-//! SnapshotCaches can be listed).
+//! The operator's admin port: `/metrics`, `/healthz`, and `/readyz` (ready once the
+//! SnapshotCache watch has delivered its first list).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -106,7 +106,7 @@ pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
                 } else {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "SnapshotCaches cannot be listed yet\n",
+                        "the SnapshotCache watch has not synced yet\n",
                     )
                 }
             }),
