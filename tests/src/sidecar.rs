@@ -229,3 +229,29 @@ pub fn free_addr() -> SocketAddr {
         .and_then(|listener| listener.local_addr())
         .expect("a free port on 127.0.0.1")
 }
+
+/// `snapcache-sidecar fetch ARGS…`, run to completion.
+pub fn run_fetch(args: &[&str]) -> std::process::Output {
+    Command::new(sidecar_binary())
+        .arg("fetch")
+        .args(args)
+        .output()
+        .expect("run snapcache-sidecar fetch")
+}
+
+/// The `--json` summary of a command that must have succeeded.
+pub fn json_summary(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "command failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "--json prints one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}

@@ -2,13 +2,13 @@
 //! and a plain HTTP server that knows no pins.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use snapcache_sidecar::fetch::{FetchError, FetchOptions, Progress, fetch};
 use snapcache_tests::git::git;
 use snapcache_tests::proxy::FaultProxy;
-use snapcache_tests::sidecar::{Sidecar, SidecarOptions, free_addr, sidecar_binary};
+use snapcache_tests::sidecar::{Sidecar, SidecarOptions, free_addr, json_summary, run_fetch};
 use snapcache_tests::{
     S3Server, TestEnv, create_bucket, put_snapshot, snapshot_bytes, unique_name,
 };
@@ -26,24 +26,6 @@ async fn serving(server: &S3Server, body: &[u8]) -> (Sidecar, String) {
         Sidecar::start(server, &bucket, &SidecarOptions::default()),
         bucket,
     )
-}
-
-fn run_fetch(args: &[&str]) -> Output {
-    Command::new(sidecar_binary())
-        .arg("fetch")
-        .args(args)
-        .output()
-        .expect("run snapcache-sidecar fetch")
-}
-
-fn summary(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "fetch failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("--json prints one JSON object")
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {
@@ -71,7 +53,7 @@ async fn fetch_downloads_exact_bytes_on_every_s3_server() {
             "256KiB",
             "--json",
         ]);
-        let summary = summary(&out);
+        let summary = json_summary(&out);
         assert_eq!(
             std::fs::read(&output).expect("output"),
             body,
@@ -169,7 +151,7 @@ async fn fetch_retries_chunks_through_a_proxy_that_resets_every_fifth_connection
         "8",
         "--json",
     ]);
-    let summary = summary(&out);
+    let summary = json_summary(&out);
     assert_eq!(std::fs::read(&output).expect("output"), body);
     assert!(summary["retries"].as_u64().unwrap_or(0) >= 1, "{summary}");
     assert!(proxy.resets() >= 1, "the proxy reset a connection");
@@ -209,7 +191,7 @@ async fn fetch_falls_back_to_one_stream_on_a_plain_http_server() {
     ]);
     let _ = server.kill();
     let _ = server.wait();
-    let summary = summary(&out);
+    let summary = json_summary(&out);
     assert_eq!(summary["mode"], "stream");
     assert_eq!(std::fs::read(&output).expect("output"), body);
 }
@@ -318,7 +300,7 @@ fn fetch_extract(
     ];
     args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    (summary(&run_fetch(&args)), checkout)
+    (json_summary(&run_fetch(&args)), checkout)
 }
 
 /// `tar | zstd` of `dir`, built in-process.

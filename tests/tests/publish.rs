@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 
 use sha2::Digest;
 use snapcache_tests::git::git;
-use snapcache_tests::sidecar::{Sidecar, SidecarOptions, sidecar_binary};
+use snapcache_tests::sidecar::{Sidecar, SidecarOptions, json_summary, run_fetch, sidecar_binary};
 use snapcache_tests::{S3Server, TestEnv, create_bucket, snapshot_bytes, unique_name};
 
 const NAME: &str = "example.com/org/published";
@@ -263,7 +263,7 @@ impl Publisher {
     fn json(&self, extra: &[&str]) -> serde_json::Value {
         let mut args = vec!["--json"];
         args.extend_from_slice(extra);
-        summary(&self.run(&args))
+        json_summary(&self.run(&args))
     }
 }
 
@@ -291,22 +291,6 @@ fn run_publish(
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run snapcache-sidecar publish")
-}
-
-fn summary(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "command failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "--json prints one JSON object ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }
 
 /// A publish summary must be well formed whatever its action.
@@ -365,14 +349,6 @@ async fn keys(s3: &aws_sdk_s3::Client, bucket: &str) -> Vec<String> {
         .collect()
 }
 
-fn run_fetch(args: &[&str]) -> Output {
-    Command::new(sidecar_binary())
-        .arg("fetch")
-        .args(args)
-        .output()
-        .expect("run snapcache-sidecar fetch")
-}
-
 /// `fetch URL -o DIR/snapshot.tar.zst --extract DIR/checkout --json`.
 fn fetch_extract(sidecar: &Sidecar, dir: &Path) -> (serde_json::Value, PathBuf) {
     let checkout = dir.join("checkout");
@@ -385,7 +361,7 @@ fn fetch_extract(sidecar: &Sidecar, dir: &Path) -> (serde_json::Value, PathBuf) 
         &checkout.display().to_string(),
         "--json",
     ]);
-    (summary(&out), checkout)
+    (json_summary(&out), checkout)
 }
 
 #[tokio::test]
