@@ -7,6 +7,7 @@ use snapcache_sidecar::fetch::{self, FetchOptions, Progress, Quiet, TerminalProg
 use snapcache_sidecar::publish::{self, PublishError, PublishOptions, PublishSummary};
 
 // jemalloc: steady memory under many large buffers, and the heap figures /metrics exports.
+// .cargo/config.toml builds it to return freed pages to the OS at once.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

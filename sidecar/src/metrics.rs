@@ -46,6 +46,12 @@ pub struct Metrics {
     pub disk_bytes: IntGauge,
     /// Snapshots the disk tier holds.
     pub disk_entries: IntGauge,
+    /// --disk-max-bytes, 0 without a disk tier.
+    pub disk_capacity: IntGauge,
+    /// The container's memory limit, 0 when unlimited.
+    pub memory_limit: IntGauge,
+    /// 1 while /readyz answers 200, as of the last probe or scrape.
+    pub ready: IntGauge,
     /// Bytes held in parallel-GET chunk buffers now.
     pub parallel_get_buffered: IntGauge,
     parallel_get_buffered_high_water: IntGauge,
@@ -122,6 +128,18 @@ impl Metrics {
             disk_entries: gauge(
                 "snapcache_disk_tier_entries",
                 "Snapshots held by the disk tier.",
+            ),
+            disk_capacity: gauge(
+                "snapcache_disk_tier_capacity_bytes",
+                "The disk tier's size limit (--disk-max-bytes); 0 without a disk tier.",
+            ),
+            memory_limit: gauge(
+                "snapcache_memory_limit_bytes",
+                "The container's cgroup memory limit; 0 when it has none.",
+            ),
+            ready: gauge(
+                "snapcache_ready",
+                "1 when S3 answers and the disk tier takes files (what /readyz says), else 0.",
             ),
             parallel_get_buffered: gauge(
                 "snapcache_parallel_get_buffered_bytes",

@@ -13,7 +13,7 @@ pub const PROBE: &str = "probe";
 pub const MAX_TOKEN_LEN: usize = 1024;
 
 /// One S3 revision, by ETag (fails once replaced) or by VersionId (survives it).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PinToken {
     /// `etag:<etag>`: the S3 ETag without quotes.
     ETag(String),

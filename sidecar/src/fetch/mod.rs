@@ -183,7 +183,7 @@ pub async fn fetch(
     let mut restarts = 0;
     let (probe, sink) = loop {
         let probe = probe(&client, &options.url).await?;
-        let mut sink = Sink::create(options, probe.size)?;
+        let mut sink = Sink::create(options, probe.size, probe.digest.is_some())?;
         progress.start(probe.size.unwrap_or(0));
         let attempt = match &probe.token {
             Some(token) => {
@@ -207,7 +207,8 @@ pub async fn fetch(
             Err(AttemptError::Stale) => return Err(FetchError::GaveUp(restarts)),
             Err(AttemptError::NoRanges) => {
                 drop(sink);
-                let mut sink = Sink::create(options, probe.size)?;
+                // The streamed answer may carry a digest the probe did not: always hash.
+                let mut sink = Sink::create(options, probe.size, true)?;
                 progress.restart();
                 let probe = download_stream(&client, options, probe, &mut sink, progress).await?;
                 break (

@@ -16,14 +16,20 @@ use super::{AttemptError, FetchError, FetchOptions};
 pub struct Sink {
     temp_path: PathBuf,
     output: PathBuf,
-    state: Option<(File, Sha256)>,
+    /// The file, and the running SHA-256 when there is a digest to check it against.
+    state: Option<(File, Option<Sha256>)>,
     written: u64,
     extractor: Option<Extractor>,
     finished: bool,
 }
 
 impl Sink {
-    pub fn create(options: &FetchOptions, size: Option<u64>) -> Result<Sink, FetchError> {
+    /// `hash`: compute the SHA-256 as chunks land (only worth it with a digest to check).
+    pub fn create(
+        options: &FetchOptions,
+        size: Option<u64>,
+        hash: bool,
+    ) -> Result<Sink, FetchError> {
         let temp_path = sibling(&options.output, "partial");
         let file = File::create(&temp_path)
             .map_err(|e| FetchError::Failed(format!("creating {}: {e}", temp_path.display())))?;
@@ -42,7 +48,7 @@ impl Sink {
         Ok(Sink {
             temp_path,
             output: options.output.clone(),
-            state: Some((file, Sha256::new())),
+            state: Some((file, hash.then(Sha256::new))),
             written: 0,
             extractor,
             finished: false,
@@ -62,7 +68,9 @@ impl Sink {
         let chunk = bytes.clone();
         let (file, hasher) = tokio::task::spawn_blocking(move || {
             file.write_all(&chunk)?;
-            hasher.update(&chunk);
+            if let Some(hasher) = &mut hasher {
+                hasher.update(&chunk);
+            }
             Ok::<_, std::io::Error>((file, hasher))
         })
         .await
@@ -90,14 +98,16 @@ impl Sink {
             .state
             .take()
             .ok_or_else(|| FetchError::Failed("the output file was lost".into()))?;
-        let actual: [u8; 32] = hasher.finalize().into();
-        match (digest, size) {
-            (Some(expected), _) if expected != actual => {
-                return Err(FetchError::Verification(format!(
-                    "SHA-256 is {}, the server's Repr-Digest says {}",
-                    hex::encode(actual),
-                    hex::encode(expected)
-                )));
+        match (digest.zip(hasher), size) {
+            (Some((expected, hasher)), _) => {
+                let actual: [u8; 32] = hasher.finalize().into();
+                if expected != actual {
+                    return Err(FetchError::Verification(format!(
+                        "SHA-256 is {}, the server's Repr-Digest says {}",
+                        hex::encode(actual),
+                        hex::encode(expected)
+                    )));
+                }
             }
             (None, Some(size)) if size != self.written => {
                 return Err(FetchError::Verification(format!(
@@ -105,7 +115,7 @@ impl Sink {
                     self.written
                 )));
             }
-            _ => {}
+            (None, _) => {}
         }
         file.sync_all().map_err(|e| {
             FetchError::Failed(format!("syncing {}: {e}", self.temp_path.display()))

@@ -23,6 +23,8 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let ready = readiness(&app).await.is_ok();
+    app.metrics.ready.set(i64::from(ready));
     (
         [(
             header::CONTENT_TYPE,
@@ -32,8 +34,20 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     )
 }
 
-/// Ready when S3 answers and the disk tier (if any) takes a new file.
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let readiness = readiness(&app).await;
+    app.metrics.ready.set(i64::from(readiness.is_ok()));
+    match readiness {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reasons}\n"),
+        ),
+    }
+}
+
+/// Ready when S3 answers and the disk tier (if any) takes a new file.
+async fn readiness(app: &App) -> Result<(), String> {
     let s3 = match tokio::time::timeout(READINESS_TIMEOUT, app.tiered.s3().check_reachable()).await
     {
         Ok(Ok(())) => Ok(()),
@@ -52,13 +66,10 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
         },
     };
     match (s3, disk) {
-        (Ok(()), Ok(())) => (StatusCode::OK, "ready\n".to_owned()),
+        (Ok(()), Ok(())) => Ok(()),
         (s3, disk) => {
             let reasons: Vec<String> = [s3.err(), disk.err()].into_iter().flatten().collect();
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {}\n", reasons.join("; ")),
-            )
+            Err(reasons.join("; "))
         }
     }
 }

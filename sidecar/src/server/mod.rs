@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod error;
 pub mod pinned;
+pub mod revisions;
 pub mod snapshot;
 
 use std::sync::Arc;
@@ -27,6 +28,8 @@ pub struct App {
     pub prefix: String,
     /// Which pin tokens probes hand out.
     pub pin_mode: PinMode,
+    /// HeadObject answers for pinned revisions.
+    pub revisions: revisions::RevisionCache,
 }
 
 /// The snapshot API: every path is a snapshot path or a 400.
@@ -38,6 +41,14 @@ impl App {
     /// Connects to S3 and opens the disk tier as `config` says.
     pub async fn from_config(config: &ServeConfig) -> anyhow::Result<App> {
         let metrics = Metrics::new();
+        metrics
+            .memory_limit
+            .set(crate::cgroup::memory_limit().map_or(0, saturating_i64));
+        if config.disk_dir.is_some() {
+            metrics
+                .disk_capacity
+                .set(saturating_i64(config.disk_max_bytes));
+        }
         let s3 = S3Store::connect(&config.s3, metrics.clone()).await;
         let disk = match &config.disk_dir {
             Some(dir) => Some(Arc::new(
@@ -64,8 +75,13 @@ impl App {
             metrics,
             prefix: config.s3.prefix.clone(),
             pin_mode: config.pin_mode,
+            revisions: Default::default(),
         })
     }
+}
+
+fn saturating_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// Serves until SIGTERM or Ctrl-C, then lets in-flight responses finish for up to

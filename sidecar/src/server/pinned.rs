@@ -1,6 +1,9 @@
 //! The pin probe and pinned reads: answered from S3 only, never the disk tier, so
 //! parallel ranges of one pin always come from one revision.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 
@@ -10,8 +13,8 @@ use super::snapshot::{Reply, empty, plain, representation_headers};
 use crate::metrics::Source;
 use crate::pin::{PIN_HEADER, PinToken, SIZE_HEADER};
 use crate::snapshot_path::SnapshotFile;
-use crate::store::StoreError;
 use crate::store::s3::Revision;
+use crate::store::{ObjectInfo, StoreError};
 
 /// `X-Cachew-Snapshot-Pin: probe`: a token for the revision S3 holds now, and its size.
 pub async fn probe(app: &App, key: &str, file: SnapshotFile) -> Result<Response, ApiError> {
@@ -29,6 +32,7 @@ pub async fn probe(app: &App, key: &str, file: SnapshotFile) -> Result<Response,
     representation_headers(headers, &info, file);
     set(headers, PIN_HEADER, &token.to_string());
     set(headers, SIZE_HEADER, &info.size.to_string());
+    app.revisions.insert(key, token, info, Instant::now());
     Ok(response)
 }
 
@@ -45,26 +49,35 @@ pub async fn read(
         PinToken::ETag(etag) => Revision::ETag(etag),
         PinToken::Version(version) => Revision::Version(version),
     };
-    let s3 = app.tiered.s3();
+    let pinned = PinnedRead {
+        app,
+        key,
+        file,
+        revision,
+        request,
+        with_body,
+    };
     let result = async {
+        // A remembered revision is trusted only when the pinned GetObject confirms it;
+        // an answer with no bytes (HEAD, 304, 416) asks S3 again.
+        if let Some(info) = app.revisions.get(key, &token, Instant::now()) {
+            let asked_s3 = AtomicBool::new(false);
+            let response = pinned.reply(&info, &asked_s3).await;
+            if asked_s3.load(Ordering::Relaxed) {
+                return response;
+            }
+        }
         // The revision's size decides the range before any byte is read.
-        let info = s3.head_revision(key, revision).await?;
-        let reply = Reply {
-            app,
-            request,
-            info: &info,
-            file,
-            with_body,
-            source: Source::S3,
-        };
-        reply
-            .send(|range| async move { Ok(s3.get(key, Some(range), revision).await?.body) })
-            .await
+        let info = app.tiered.s3().head_revision(key, revision).await?;
+        app.revisions
+            .insert(key, token.clone(), info.clone(), Instant::now());
+        pinned.reply(&info, &AtomicBool::new(false)).await
     }
     .await;
     let mut response = match result {
         // The revision was replaced (412) or its version deleted (404): never serve another.
         Err(ApiError::Store(StoreError::PreconditionFailed | StoreError::NotFound)) => {
+            app.revisions.remove(key, &token);
             app.metrics.pin_precondition_failed.inc();
             plain(
                 StatusCode::PRECONDITION_FAILED,
@@ -76,6 +89,40 @@ pub async fn read(
     };
     set(response.headers_mut(), PIN_HEADER, &token.to_string());
     Ok(response)
+}
+
+struct PinnedRead<'a> {
+    app: &'a App,
+    key: &'a str,
+    file: SnapshotFile,
+    revision: Revision<'a>,
+    request: &'a HeaderMap,
+    with_body: bool,
+}
+
+impl PinnedRead<'_> {
+    /// Answers from `info`; `asked_s3` records whether a pinned GetObject was sent.
+    async fn reply(&self, info: &ObjectInfo, asked_s3: &AtomicBool) -> Result<Response, ApiError> {
+        let reply = Reply {
+            app: self.app,
+            request: self.request,
+            info,
+            file: self.file,
+            with_body: self.with_body,
+            source: Source::S3,
+        };
+        reply
+            .send(|range| async move {
+                asked_s3.store(true, Ordering::Relaxed);
+                let response = self
+                    .app
+                    .tiered
+                    .s3()
+                    .get(self.key, Some(range), self.revision);
+                Ok(response.await?.body)
+            })
+            .await
+    }
 }
 
 fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {

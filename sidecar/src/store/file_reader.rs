@@ -5,17 +5,20 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 use super::{ByteStream, StoreError};
 use crate::http_range::ByteRange;
+use crate::window::{Slot, Window};
 
 /// Large reads: tokio's 4 KiB default serves a cached file about 9x slower.
 const BLOCK: u64 = 512 * 1024;
 /// Blocks read ahead of the client.
 const READ_AHEAD: usize = 2;
+/// Blocks in use at once: read ahead, being read, and queued in hyper's write buffer.
+const BLOCKS: usize = READ_AHEAD + 3;
 
 /// How far a fill has written its file.
 #[derive(Debug, Clone, Default)]
@@ -36,6 +39,7 @@ pub fn read_range<L: Send + 'static>(
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     tokio::spawn(async move {
         let _lease = lease;
+        let blocks = Window::new(BLOCKS);
         let mut progress = progress;
         let mut offset = range.start;
         while offset <= range.end {
@@ -48,8 +52,11 @@ pub fn read_range<L: Send + 'static>(
             };
             let len = BLOCK.min(range.end + 1 - offset).min(available - offset);
             let file = file.clone();
+            let slot = blocks.take(len, None).await;
             let block =
-                match tokio::task::spawn_blocking(move || read_block(&file, offset, len)).await {
+                match tokio::task::spawn_blocking(move || read_block(&file, offset, len, slot))
+                    .await
+                {
                     Ok(Ok(block)) => {
                         offset += len;
                         Ok(block)
@@ -91,8 +98,9 @@ async fn wait_for(
     }
 }
 
-fn read_block(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
-    let mut buffer = BytesMut::zeroed(usize::try_from(len).unwrap_or(usize::MAX));
-    file.read_exact_at(&mut buffer, offset)?;
-    Ok(buffer.freeze())
+fn read_block(file: &File, offset: u64, len: u64, mut slot: Slot) -> std::io::Result<Bytes> {
+    let buffer = slot.buffer();
+    buffer.resize(usize::try_from(len).unwrap_or(usize::MAX), 0);
+    file.read_exact_at(buffer, offset)?;
+    Ok(slot.into_bytes())
 }

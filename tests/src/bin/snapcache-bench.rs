@@ -17,6 +17,7 @@ const REPO: &str = "bench.example.com/org/big";
 const PATH: &str = "/git/bench.example.com/org/big/snapshot.tar.zst";
 const SIZE: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
+const HEAP_ALLOCATED: &str = "snapcache_heap_allocated_bytes";
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -193,7 +194,7 @@ fn clients(server: &snapcache_tests::S3Server, bucket: &str) -> Result<Vec<Row>>
     let url = sidecar.url(PATH);
     let out_dir = tempfile::tempdir_in("/dev/shm").context("a tmpfs directory in /dev/shm")?;
     let output = out_dir.path().join("snapshot.tar.zst");
-    let fetch = best_of(2, || {
+    let fetch = || {
         let started = Instant::now();
         let status = Command::new(snapcache_tests::sidecar::sidecar_binary())
             .args(["fetch", &url, "-o"])
@@ -205,9 +206,9 @@ fn clients(server: &snapcache_tests::S3Server, bucket: &str) -> Result<Vec<Row>>
             "fetch wrote a short file"
         );
         Ok(mb_per_s(SIZE, started.elapsed()))
-    })?;
-    let curl_one = best_of(2, || curl_to(&url, &output, &[]))?;
-    let aria2c = best_of(2, || {
+    };
+    let curl_one = || curl_to(&url, &output, &[]);
+    let aria2c = || {
         let _ = std::fs::remove_file(&output);
         let started = Instant::now();
         let status = Command::new("aria2c")
@@ -230,7 +231,9 @@ fn clients(server: &snapcache_tests::S3Server, bucket: &str) -> Result<Vec<Row>>
             "aria2c wrote a short file"
         );
         Ok(mb_per_s(SIZE, started.elapsed()))
-    })?;
+    };
+    // Round by round, so a slow spell of the S3 server hits every client alike.
+    let [fetch, curl_one, aria2c] = best_of_interleaved(3, [&fetch, &curl_one, &aria2c])?;
     Ok(vec![
         Row::new(
             "fetch (8 pinned ranges) vs aria2c -x8 -s8, from S3 through the sidecar",
@@ -308,6 +311,12 @@ fn curl(url: &str, extra: &[&str]) -> Result<f64> {
     curl_to(url, Path::new("/dev/null"), extra)
 }
 
+/// A small text resource (a metrics scrape) fetched from a thread outside the runtime.
+fn curl_text(url: &str) -> Result<String> {
+    let out = Command::new("curl").args(["-sf", url]).output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// MB/s of one curl download to `output`, checked for its size.
 fn curl_to(url: &str, output: &Path, extra: &[&str]) -> Result<f64> {
     let out = Command::new("curl")
@@ -368,6 +377,20 @@ fn sequential_write(dir: &Path) -> Result<f64> {
     Ok(speed)
 }
 
+/// The best of `rounds` runs of each measurement, taking turns.
+fn best_of_interleaved<const N: usize>(
+    rounds: usize,
+    measures: [&dyn Fn() -> Result<f64>; N],
+) -> Result<[f64; N]> {
+    let mut best = [0.0f64; N];
+    for _ in 0..rounds {
+        for (best, measure) in best.iter_mut().zip(measures) {
+            *best = best.max(measure()?);
+        }
+    }
+    Ok(best)
+}
+
 fn best_of(runs: usize, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
     let mut best: f64 = 0.0;
     for _ in 0..runs {
@@ -405,30 +428,42 @@ async fn throttled_memory(
         })
     })?;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let heap_before = Sidecar::metric(&sidecar.metrics().await, HEAP_ALLOCATED);
     let pid = sidecar.pid();
     let before = proc_status_kib(pid, "VmHWM:")?;
     let anon_before = proc_status_kib(pid, "RssAnon:")?;
     let file_before = proc_status_kib(pid, "RssFile:")?;
     println!("parallel GET {workers} x {chunk_mib} MiB: 1 GiB at 50 MB/s (about 21 s)");
     let done = std::sync::atomic::AtomicBool::new(false);
-    let (anon_peak, file_peak) = std::thread::scope(|scope| {
-        let sampler = scope.spawn(|| {
-            let (mut anon, mut file) = (0, 0);
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+    let (anon_peak, file_peak, heap_peak) = std::thread::scope(|scope| {
+        let metrics_url = sidecar.admin_url("/metrics");
+        let done = &done;
+        let sampler = scope.spawn(move || {
+            let (mut anon, mut file, mut heap) = (0, 0, 0f64);
+            for round in 0.. {
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
                 anon = anon.max(proc_status_kib(pid, "RssAnon:").unwrap_or(0));
                 file = file.max(proc_status_kib(pid, "RssFile:").unwrap_or(0));
+                // The heap figure costs a scrape: every tenth round is enough.
+                if round % 10 == 0 {
+                    let text = curl_text(&metrics_url).unwrap_or_default();
+                    heap = heap.max(Sidecar::metric(&text, HEAP_ALLOCATED));
+                }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            (anon, file)
+            (anon, file, heap)
         });
         let result = curl(&sidecar.url(PATH), &["--limit-rate", "50000000"]);
         done.store(true, std::sync::atomic::Ordering::SeqCst);
-        result.map(|_| sampler.join().unwrap_or((0, 0)))
+        result.map(|_| sampler.join().unwrap_or((0, 0, 0.0)))
     })?;
     println!(
-        "  sampled peaks above the start: anonymous {:.1} MiB, file-backed {:.1} MiB",
+        "  sampled peaks above the start: anonymous {:.1} MiB, file-backed {:.1} MiB, jemalloc allocated {:.1} MiB",
         anon_peak.saturating_sub(anon_before) as f64 / 1024.0,
-        file_peak.saturating_sub(file_before) as f64 / 1024.0
+        file_peak.saturating_sub(file_before) as f64 / 1024.0,
+        (heap_peak - heap_before) / MIB as f64
     );
     let peak = proc_status_kib(pid, "VmHWM:")?;
     let metrics = sidecar.metrics().await;
