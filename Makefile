@@ -1,9 +1,13 @@
 # Thin wrappers over tests/env; every target does its own set-up on a fresh machine.
-.PHONY: demo test lint bench crds
+.PHONY: demo cluster-demo test lint bench crds
 
 ## demo: publish this repository to local S3, serve it through a sidecar, fetch it with pins, verify, stop
 demo:
 	bash tests/env/demo.sh
+
+## cluster-demo: a real API server, `helm install` of the chart, the operator injecting a sidecar into a Deployment
+cluster-demo:
+	bash tests/env/cluster-demo.sh
 
 ## test: format and lint checks, install and start the real components, run every test, stop them
 test:
@@ -18,6 +22,7 @@ lint:
 bench:
 	bash tests/env/bench.sh
 
-## crds: regenerate crds/ from the SnapshotCache types (make test fails when it drifts)
+## crds: regenerate crds/ and the chart's copy from the SnapshotCache types (make test fails when they drift)
 crds:
 	cargo run --quiet --locked -p snapcache-operator -- crd > crds/snapcache.io_snapshotcaches.yaml
+	cp crds/snapcache.io_snapshotcaches.yaml charts/snapcache/crds/

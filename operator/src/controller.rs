@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
@@ -18,11 +18,12 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use tokio::sync::oneshot;
 
 use crate::api::{SnapshotCache, SnapshotCacheSpec};
 use crate::inject::{self, Environment};
@@ -67,6 +68,9 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value of `reason`: the metrics start each at 0, so a rate has a series.
+    pub const REASONS: [&'static str; 3] = ["kube_api", "finalizer", "no_namespace"];
+
     /// A bounded label for the errors metric.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -424,29 +428,30 @@ pub async fn run(ctx: Arc<Context>) {
         watcher::Config::default(),
     );
     let (deployments, stateful_sets) = (controller.store(), controller.store());
+    let (deployments_synced, deployments_listed) = oneshot::channel();
+    let (stateful_sets_synced, stateful_sets_listed) = oneshot::channel();
     let (ready_store, metrics) = (controller.store(), ctx.metrics.clone());
     tokio::spawn(async move {
-        // Ready once the SnapshotCache watch delivered its first list. A waiter that
-        // starts before that is not always woken (the controller waits on the same
-        // signal), so ask again every second instead of waiting once.
+        // A waiter that starts before the SnapshotCache watch's first list is not always
+        // woken (the controller waits on the same signal), so ask again every second.
         while tokio::time::timeout(Duration::from_secs(1), ready_store.wait_until_ready())
             .await
             .is_err()
         {}
-        metrics.set_ready();
+        if deployments_listed.await.is_ok() && stateful_sets_listed.await.is_ok() {
+            metrics.set_ready();
+        }
     });
     controller
-        .watches(
-            Api::<Deployment>::all(client.clone()),
-            watcher::Config::default(),
+        .watches_stream(
+            workload_watch(Api::<Deployment>::all(client.clone()), deployments_synced),
             move |d| {
                 let injected = d.template().is_some_and(inject::is_injected);
                 caches_for(&deployments, d.namespace(), d.labels(), injected)
             },
         )
-        .watches(
-            Api::<StatefulSet>::all(client),
-            watcher::Config::default(),
+        .watches_stream(
+            workload_watch(Api::<StatefulSet>::all(client), stateful_sets_synced),
             move |s| {
                 let injected = s.template().is_some_and(inject::is_injected);
                 caches_for(&stateful_sets, s.namespace(), s.labels(), injected)
@@ -462,6 +467,28 @@ pub async fn run(ctx: Arc<Context>) {
         .await;
 }
 
+/// The objects of `api` as they change, for `watches_stream`; `synced` fires once the
+/// first list is complete, which readiness waits for.
+fn workload_watch<K>(
+    api: Api<K>,
+    synced: oneshot::Sender<()>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let mut synced = Some(synced);
+    watcher(api, watcher::Config::default())
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone)
+                && let Some(synced) = synced.take()
+            {
+                let _ = synced.send(());
+            }
+        })
+        .default_backoff()
+        .touched_objects()
+}
+
 /// The reporter name on the operator's events.
 pub fn reporter() -> Reporter {
     Reporter {
@@ -473,6 +500,18 @@ pub fn reporter() -> Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_reason_is_listed_for_the_metrics() {
+        let errors = [
+            Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded),
+            Error::NoNamespace,
+            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::UnnamedObject)),
+        ];
+        for error in errors {
+            assert!(Error::REASONS.contains(&error.reason()), "{error}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_five_minutes() {

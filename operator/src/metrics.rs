@@ -47,6 +47,14 @@ impl Metrics {
             )
             .buckets(vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
         )?;
+        // Every label value from the start: a rate over a series that does not exist yet
+        // is no data, not zero.
+        for result in ["ok", "error"] {
+            reconciles.with_label_values(&[result]);
+        }
+        for reason in crate::controller::Error::REASONS {
+            errors.with_label_values(&[reason]);
+        }
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         let leader = IntGauge::new(

@@ -130,14 +130,10 @@ start() {
     -CAcreateserial -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt" 2>/dev/null
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
-  local token operator_token
+  local token
   token=$(openssl rand -hex 32)
-  # A second user with no groups: tests bind the operator's RBAC to it and run as it.
-  operator_token=$(openssl rand -hex 32)
-  {
-    printf '%s,snapcache-admin,snapcache-admin,"system:masters"\n' "$token"
-    printf '%s,snapcache-operator,snapcache-operator\n' "$operator_token"
-  } >"$dir/tokens.csv"
+  # Tests act as other users (a chart's ServiceAccount) by impersonation from this one.
+  printf '%s,snapcache-admin,snapcache-admin,"system:masters"\n' "$token" >"$dir/tokens.csv"
   chmod 600 "$dir/tokens.csv" "$pki"/*.key
 
   local api_url="https://127.0.0.1:$api_port"
@@ -195,7 +191,6 @@ EOF
   export_env "$state" KUBECONFIG "$dir/kubeconfig"
   export_env "$state" KUBE_APISERVER "$api_url"
   export_env "$state" KUBE_TOKEN "$token"
-  export_env "$state" KUBE_OPERATOR_TOKEN "$operator_token"
   export_env "$state" KUBE_CA_FILE "$pki/ca.crt"
   export_env "$state" KUBE_APISERVER_RUN "$dir/run-apiserver.sh"
   log "kube-apiserver at $api_url (etcd at $etcd_url)"

@@ -18,13 +18,14 @@ report() {
   for line in "${timings[@]}"; do log "$line"; done
   log "total $((SECONDS - run_start))s (exit $status)"
 }
-# crds/ must be exactly what `snapcache-operator crd` prints; `make crds` regenerates it.
+# crds/ and the chart's crds/ must be exactly what `snapcache-operator crd` prints; `make crds` regenerates it.
 crd_drift() {
-  local generated
+  local generated copy
   generated=$(cargo run --quiet --locked -p snapcache-operator -- crd)
-  if ! diff -u crds/snapcache.io_snapshotcaches.yaml - <<<"$generated"; then
-    die "crds/ is out of date with the SnapshotCache types: run 'make crds' and commit the result"
-  fi
+  for copy in crds/snapcache.io_snapshotcaches.yaml charts/snapcache/crds/snapcache.io_snapshotcaches.yaml; do
+    diff -u "$copy" - <<<"$generated" ||
+      die "$copy is out of date with the SnapshotCache types: run 'make crds' and commit the result"
+  done
 }
 run_start=$SECONDS
 trap report EXIT

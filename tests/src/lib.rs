@@ -83,6 +83,22 @@ impl TestEnv {
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
         Ok(kube::Client::try_from(config)?)
     }
+
+    /// A kubeconfig that acts as `user` in `groups` (the admin impersonating them), so a
+    /// test can run the operator with exactly the permissions it bound to that user.
+    pub fn kubeconfig_as(&self, user: &str, groups: &[&str]) -> Result<tempfile::NamedTempFile> {
+        let mut kubeconfig = kube::config::Kubeconfig::read_from(self.require("KUBECONFIG"))?;
+        for named in &mut kubeconfig.auth_infos {
+            if let Some(auth) = named.auth_info.as_mut() {
+                auth.impersonate = Some(user.to_owned());
+                auth.impersonate_groups =
+                    Some(groups.iter().map(|group| (*group).to_owned()).collect());
+            }
+        }
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), serde_yaml::to_string(&kubeconfig)?)?;
+        Ok(file)
+    }
 }
 
 /// One S3-compatible server started for the tests.

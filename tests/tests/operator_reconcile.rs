@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -334,140 +334,6 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_written_rbac_is_enough_to_run_the_operator() {
-    let (client, namespace) = setup().await;
-    let env = TestEnv::get();
-    let subjects = json!([{"kind": "User", "name": "snapcache-operator", "apiGroup": "rbac.authorization.k8s.io"}]);
-    let suffix = unique_name("rbac");
-    let rbac = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../operator/rbac.yaml"
-    ))
-    .expect("operator/rbac.yaml");
-    for document in rbac.split("\n---\n") {
-        let mut role: serde_json::Value = serde_yaml::from_str(document).expect("yaml");
-        let name = format!(
-            "{}-{suffix}",
-            role["metadata"]["name"].as_str().unwrap_or_default()
-        );
-        role["metadata"]["name"] = json!(name);
-        let kind = role["kind"].as_str().unwrap_or_default().to_owned();
-        let binding = json!({
-            "metadata": {"name": name}, "subjects": subjects,
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
-        });
-        let params = PostParams::default();
-        match kind.as_str() {
-            "ClusterRole" => {
-                let role: ClusterRole = serde_json::from_value(role).expect("cluster role");
-                Api::<ClusterRole>::all(client.clone())
-                    .create(&params, &role)
-                    .await
-                    .expect("create role");
-                let binding: ClusterRoleBinding = serde_json::from_value(binding).expect("binding");
-                Api::<ClusterRoleBinding>::all(client.clone())
-                    .create(&params, &binding)
-                    .await
-                    .expect("bind");
-            }
-            "Role" => {
-                let role: Role = serde_json::from_value(role).expect("role");
-                Api::<Role>::namespaced(client.clone(), &namespace)
-                    .create(&params, &role)
-                    .await
-                    .expect("create role");
-                let binding: RoleBinding = serde_json::from_value(binding).expect("binding");
-                Api::<RoleBinding>::namespaced(client.clone(), &namespace)
-                    .create(&params, &binding)
-                    .await
-                    .expect("bind");
-            }
-            other => panic!("unexpected {other} in operator/rbac.yaml"),
-        }
-    }
-    // The operator runs as a plain user holding only what rbac.yaml grants.
-    let admin_config = std::fs::read_to_string(env.require("KUBECONFIG")).expect("kubeconfig");
-    let user_config = tempfile::NamedTempFile::new().expect("temp file");
-    let as_user = admin_config.replace(
-        env.require("KUBE_TOKEN"),
-        env.require("KUBE_OPERATOR_TOKEN"),
-    );
-    std::fs::write(user_config.path(), as_user).expect("write kubeconfig");
-    let kubeconfig = user_config.path().display().to_string();
-    let restricted = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(user_config.path()).expect("user kubeconfig"),
-        &Default::default(),
-    )
-    .await
-    .expect("user kube config");
-    let restricted = Client::try_from(restricted).expect("user client");
-    let forbidden = Api::<Namespace>::all(restricted)
-        .list(&ListParams::default())
-        .await;
-    assert!(
-        matches!(forbidden, Err(kube::Error::Api(ref status)) if status.code == 403),
-        "the user must not list namespaces: {forbidden:?}"
-    );
-    let lease_args = [
-        "--leader-election",
-        "--lease-namespace",
-        &namespace,
-        "--lease-duration",
-        "3s",
-    ];
-    let operator = Operator::start_as(&kubeconfig, &lease_args);
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
-    create_builder(&deployments).await;
-    create_cache(&caches).await;
-    eventually("the sidecar", async || {
-        sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
-    })
-    .await;
-    eventually("Ready status", async || {
-        let status = caches.get("monorepo").await.ok()?.status?;
-        status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-            .then_some(())
-    })
-    .await;
-    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
-    eventually("an Injected event", async || {
-        let list = events.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("Injected"))
-            .then_some(())
-    })
-    .await;
-    caches
-        .delete("monorepo", &DeleteParams::default())
-        .await
-        .expect("delete cache");
-    eventually("the cache gone", async || {
-        caches
-            .get_opt("monorepo")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
-    assert!(sidecar_args(&deployments.get("builder").await.expect("deployment")).is_none());
-    let (_, metrics) = operator.get("/metrics").await.expect("metrics");
-    let forbidden = snapcache_tests::sidecar::Sidecar::metric(
-        &metrics,
-        "snapcache_operator_reconcile_errors_total{reason=\"kube_api\"}",
-    );
-    assert_eq!(
-        forbidden, 0.0,
-        "an API call failed: is a permission missing from rbac.yaml?"
-    );
-}
-
 /// A kube-apiserver (and etcd) of this test's own, so it can be stopped and restarted
 /// without disturbing the tests that share the suite's API server.
 struct OwnApiServer {
@@ -668,6 +534,62 @@ async fn a_selector_the_schema_cannot_check_becomes_a_condition_and_others_go_on
     .await;
     eventually("the good SnapshotCache still injecting", async || {
         sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
+    })
+    .await;
+}
+
+/// /readyz waits for every watch: a user who may watch SnapshotCaches but not the
+/// workloads keeps the operator unready until the workload watches can list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_the_workload_watches() {
+    let (client, _namespace) = setup().await;
+    let user = unique_name("readiness");
+    let rule = |group: &str, resources: &[&str]| json!({"apiGroups": [group], "resources": resources, "verbs": ["get", "list", "watch"]});
+    let grant = async |name: &str, rules: serde_json::Value| {
+        let role: ClusterRole =
+            serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules}))
+                .expect("cluster role");
+        Api::<ClusterRole>::all(client.clone())
+            .create(&PostParams::default(), &role)
+            .await
+            .expect("create role");
+        let binding: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        }))
+        .expect("binding");
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("bind");
+    };
+    grant(
+        &format!("{user}-caches"),
+        json!([rule("snapcache.io", &["snapshotcaches"])]),
+    )
+    .await;
+    let kubeconfig = TestEnv::get()
+        .kubeconfig_as(&user, &["system:authenticated"])
+        .expect("kubeconfig");
+    let operator = Operator::start_as(&kubeconfig.path().display().to_string(), &[]);
+    eventually("the admin port", async || {
+        (operator.get("/healthz").await?.0 == 200).then_some(())
+    })
+    .await;
+    // The SnapshotCache watch lists at once; the workload watches are refused.
+    for _ in 0..10 {
+        let (status, _) = operator.get("/readyz").await.expect("/readyz");
+        assert_eq!(status, 503, "ready while the workload watches cannot list");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    grant(
+        &format!("{user}-workloads"),
+        json!([rule("apps", &["deployments", "statefulsets"])]),
+    )
+    .await;
+    eventually("/readyz once the workload watches listed", async || {
+        (operator.get("/readyz").await?.0 == 200).then_some(())
     })
     .await;
 }

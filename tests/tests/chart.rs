@@ -1,0 +1,580 @@
+//! The Helm chart: lint, rendered manifests against the Kubernetes 1.30 schemas, the
+//! values schema, the alert rules under promtool, an install into the real API server with
+//! the operator running as the chart's ServiceAccount, and the dashboard's queries
+//! answered by a real Prometheus scraping a sidecar and the operator.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use snapcache_operator::api::SnapshotCache;
+use snapcache_tests::sidecar::{Sidecar, SidecarOptions, binary, free_addr};
+use snapcache_tests::{
+    TestEnv, create_bucket, install_snapshot_cache_crd, put_snapshot, snapshot_bytes, unique_name,
+};
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/snapcache")
+}
+
+fn all_options() -> PathBuf {
+    chart().join("ci/all-options-values.yaml")
+}
+
+fn helm(args: &[&str]) -> Output {
+    let env = TestEnv::get();
+    Command::new(env.require("HELM"))
+        .args(args)
+        .env("KUBECONFIG", env.require("KUBECONFIG"))
+        .output()
+        .expect("run helm")
+}
+
+fn succeeded(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `helm template` of the chart with `extra` arguments.
+fn render(extra: &[&str]) -> String {
+    let chart = chart().display().to_string();
+    let mut args = vec!["template", "t", &chart, "-n", "snapcache-system"];
+    args.extend_from_slice(extra);
+    succeeded(&helm(&args))
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    yaml.split("\n---")
+        .filter_map(|document| serde_yaml::from_str::<Value>(document).ok())
+        .filter(|document| !document.is_null())
+        .collect()
+}
+
+fn of_kind<'a>(documents: &'a [Value], kind: &str) -> &'a Value {
+    documents
+        .iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} rendered"))
+}
+
+#[test]
+fn helm_lint_strict_passes_with_default_and_every_option() {
+    let chart = chart().display().to_string();
+    let all = all_options().display().to_string();
+    succeeded(&helm(&["lint", "--strict", &chart]));
+    succeeded(&helm(&["lint", "--strict", &chart, "-f", &all]));
+}
+
+#[test]
+fn rendered_manifests_validate_against_kubernetes_1_30() {
+    let all = all_options().display().to_string();
+    let validator = format!(
+        "{}/kubernetes-validate",
+        TestEnv::get().require("PYTHON_BIN")
+    );
+    for (name, rendered) in [
+        ("default", render(&[])),
+        ("every option", render(&["--include-crds", "-f", &all])),
+    ] {
+        let file = tempfile::Builder::new()
+            .suffix(".yaml")
+            .tempfile()
+            .expect("temp file");
+        std::fs::write(file.path(), &rendered).expect("write");
+        let out = Command::new(&validator)
+            .args(["--strict", "-k", "1.30.0"])
+            .arg(file.path())
+            .output()
+            .expect("run kubernetes-validate");
+        // The Prometheus Operator's kinds have no schema there; they are checked below.
+        succeeded(&out);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("deployment/") && stdout.contains("clusterrole/"),
+            "{name}: the core kinds were validated: {stdout}"
+        );
+    }
+
+    let rendered = documents(&render(&["-f", &all]));
+    let deployment = of_kind(&rendered, "Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
+    let pod_monitor = of_kind(&rendered, "PodMonitor");
+    assert_eq!(
+        pod_monitor["spec"]["podMetricsEndpoints"][0]["port"], "snapcache-admin",
+        "sidecars are scraped by the admin port's name"
+    );
+    let service_monitor = of_kind(&rendered, "ServiceMonitor");
+    assert_eq!(service_monitor["spec"]["endpoints"][0]["port"], "metrics");
+    let rule = of_kind(&rendered, "PrometheusRule");
+    assert!(
+        !rule["spec"]["groups"][0]["rules"]
+            .as_array()
+            .expect("rules")
+            .is_empty()
+    );
+    let dashboard = rendered
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .expect("the dashboard ConfigMap");
+    assert!(dashboard["data"].as_object().is_some_and(|d| !d.is_empty()));
+}
+
+#[test]
+fn bad_values_are_refused_with_a_clear_message() {
+    let chart = chart().display().to_string();
+    for (args, message) in [
+        (
+            vec!["--set", "replicaCount=x"],
+            "replicaCount: Invalid type",
+        ),
+        (
+            vec!["--set", "replicaCont=2"],
+            "Additional property replicaCont is not allowed",
+        ),
+        (
+            vec![
+                "--set",
+                "replicaCount=2",
+                "--set",
+                "leaderElection.enabled=false",
+            ],
+            "Set leaderElection.enabled=true or replicaCount=1",
+        ),
+    ] {
+        let mut full = vec!["template", "t", &chart];
+        full.extend_from_slice(&args);
+        let out = helm(&full);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_each_alert_fires_in_its_test() {
+    let env = TestEnv::get();
+    let rendered = render(&[
+        "--set",
+        "prometheusRule.enabled=true",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    ]);
+    let rule = documents(&rendered).remove(0);
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        serde_yaml::to_string(&rule["spec"]).expect("rules yaml"),
+    )
+    .expect("write rules");
+    let tests = std::fs::read_to_string(chart().join("tests/alerts_test.yaml")).expect("tests");
+    std::fs::write(dir.path().join("alerts_test.yaml"), &tests).expect("write tests");
+    let promtool = |args: &[&str]| {
+        Command::new(env.require("PROMTOOL"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run promtool")
+    };
+    succeeded(&promtool(&["check", "rules", "rules.yaml"]));
+    succeeded(&promtool(&["test", "rules", "alerts_test.yaml"]));
+
+    let alerts: Vec<&str> = rule["spec"]["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|group| group["rules"].as_array().into_iter().flatten())
+        .filter_map(|rule| rule["alert"].as_str())
+        .collect();
+    assert!(alerts.len() >= 4, "{alerts:?}");
+    let fired: Value = serde_yaml::from_str(&tests).expect("tests yaml");
+    for alert in alerts {
+        let fires = fired["tests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|test| test["alert_rule_test"].as_array().into_iter().flatten())
+            .any(|case| {
+                case["alertname"] == alert
+                    && case["exp_alerts"].as_array().is_some_and(|e| !e.is_empty())
+            });
+        assert!(fires, "no test makes {alert} fire");
+    }
+}
+
+/// A process killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `snapcache-operator run` with `args`, as the kubeconfig's user, admin port on loopback.
+fn start_operator(
+    kubeconfig: &Path,
+    args: &[String],
+    env: &[(String, String)],
+) -> (Process, String) {
+    let admin = free_addr();
+    let child = Command::new(binary("snapcache-operator"))
+        .args(args)
+        .arg(format!("--admin-listen={admin}"))
+        .envs(env.iter().cloned())
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start snapcache-operator");
+    (Process(child), format!("http://{admin}"))
+}
+
+/// Polls `check` for up to 30 s.
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn create_namespace(client: &kube::Client, name: &str) {
+    let object: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("create namespace");
+}
+
+/// A Deployment `builder` and a SnapshotCache selecting it, in `namespace`.
+async fn create_workload(client: &kube::Client, namespace: &str) {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "builder", "labels": {"app": "builder"}},
+        "spec": {
+            "selector": {"matchLabels": {"app": "builder"}},
+            "template": {
+                "metadata": {"labels": {"app": "builder"}},
+                "spec": {"containers": [{"name": "build", "image": "builder:1"}]}
+            }
+        }
+    }))
+    .expect("deployment");
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create deployment");
+    let cache: SnapshotCache = serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": "monorepo"},
+        "spec": {"selector": {"matchLabels": {"app": "builder"}}, "s3": {"bucket": "snapshots"}}
+    }))
+    .expect("cache");
+    Api::<SnapshotCache>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &cache)
+        .await
+        .expect("create cache");
+}
+
+fn injected(deployment: &Deployment) -> bool {
+    deployment
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.template.spec.as_ref())
+        .is_some_and(|pod| pod.containers.iter().any(|c| c.name == "snapcache-sidecar"))
+}
+
+/// `helm install`, then the operator started exactly as the chart's Deployment says
+/// (its args and env) and acting as the chart's ServiceAccount, so the chart's RBAC is
+/// what is tested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
+    let env = TestEnv::get();
+    let client = env.kube_client().await.expect("kube client");
+    install_snapshot_cache_crd(&client).await;
+    let release_namespace = unique_name("chart");
+    let chart = chart().display().to_string();
+    succeeded(&helm(&[
+        "install",
+        "snapcache",
+        &chart,
+        "-n",
+        &release_namespace,
+        "--create-namespace",
+    ]));
+    let installed = Api::<Deployment>::namespaced(client.clone(), &release_namespace)
+        .get("snapcache")
+        .await
+        .expect("the chart's Deployment");
+    let pod = installed
+        .spec
+        .and_then(|spec| spec.template.spec)
+        .expect("pod spec");
+    let container = &pod.containers[0];
+    let service_account = pod.service_account_name.expect("service account");
+    // The chart's args, but the admin port on loopback; the downward API by hand.
+    let args: Vec<String> = container
+        .args
+        .iter()
+        .flatten()
+        .filter(|arg| !arg.starts_with("--admin-listen"))
+        .cloned()
+        .collect();
+    let mut vars = vec![
+        ("POD_NAME".to_owned(), "snapcache-0".to_owned()),
+        ("POD_NAMESPACE".to_owned(), release_namespace.clone()),
+    ];
+    vars.extend(
+        container
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|var| Some((var.name.clone(), var.value.clone()?))),
+    );
+    let user = format!("system:serviceaccount:{release_namespace}:{service_account}");
+    let groups = [
+        "system:serviceaccounts",
+        &format!("system:serviceaccounts:{release_namespace}"),
+        "system:authenticated",
+    ];
+    let kubeconfig = env.kubeconfig_as(&user, &groups).expect("kubeconfig");
+    let (_operator, admin) = start_operator(kubeconfig.path(), &args, &vars);
+
+    let workloads = unique_name("chart-workloads");
+    create_namespace(&client, &workloads).await;
+    create_workload(&client, &workloads).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &workloads);
+    eventually("the injected sidecar", async || {
+        injected(&deployments.get("builder").await.ok()?).then_some(())
+    })
+    .await;
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &workloads);
+    eventually("Ready status", async || {
+        let status = caches.get("monorepo").await.ok()?.status?;
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &release_namespace);
+    let lease = leases.get("snapcache").await.expect("the Lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some("snapcache-0")
+    );
+    let metrics = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert_eq!(
+        Sidecar::metric(
+            &metrics,
+            "snapcache_operator_reconcile_errors_total{reason=\"kube_api\"}"
+        ),
+        0.0,
+        "an API call was refused: is a permission missing from the chart's RBAC?"
+    );
+    succeeded(&helm(&["uninstall", "snapcache", "-n", &release_namespace]));
+}
+
+/// A Prometheus on loopback scraping `targets` every second.
+fn start_prometheus(dir: &Path, targets: &[(&str, &str)]) -> (Process, String) {
+    let listen = free_addr();
+    let jobs: Vec<Value> = targets
+        .iter()
+        .map(|(job, address)| {
+            json!({
+                "job_name": job,
+                "static_configs": [{"targets": [address], "labels": {"container": job}}],
+            })
+        })
+        .collect();
+    let config = json!({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": jobs,
+    });
+    let config_path = dir.join("prometheus.yml");
+    std::fs::write(&config_path, serde_yaml::to_string(&config).expect("yaml")).expect("write");
+    let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
+    let child = Command::new(TestEnv::get().require("PROMETHEUS"))
+        .arg(format!("--config.file={}", config_path.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={listen}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start prometheus");
+    (Process(child), format!("http://{listen}"))
+}
+
+/// Every `expr` in the dashboard JSON.
+fn dashboard_queries() -> Vec<String> {
+    fn collect(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(expr)) = map.get("expr") {
+                    out.push(expr.clone());
+                }
+                map.values().for_each(|v| collect(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
+            _ => {}
+        }
+    }
+    let text =
+        std::fs::read_to_string(chart().join("dashboards/snapcache.json")).expect("dashboard");
+    let dashboard: Value = serde_json::from_str(&text).expect("dashboard json");
+    let mut queries = Vec::new();
+    collect(&dashboard, &mut queries);
+    queries
+}
+
+/// A real Prometheus scrapes a sidecar serving traffic (disk tier, S3, pins) and the
+/// operator reconciling a SnapshotCache; every dashboard query then returns data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_a_sidecar_and_every_dashboard_query_has_data() {
+    let env = TestEnv::get();
+    let server = &env.s3_servers()[0];
+    let s3 = server.client();
+    let bucket = unique_name("dash");
+    create_bucket(&s3, &bucket).await;
+    let repo = "dash.example.com/org/repo";
+    put_snapshot(&s3, &bucket, repo, &snapshot_bytes(3 << 20, 7), "c0ffee").await;
+    let options = SidecarOptions {
+        chunk_size: "1MiB".into(),
+        ..SidecarOptions::default()
+    };
+    let sidecar = Sidecar::start(server, &bucket, &options);
+
+    let client = env.kube_client().await.expect("kube client");
+    install_snapshot_cache_crd(&client).await;
+    let namespace = unique_name("dash");
+    create_namespace(&client, &namespace).await;
+    let (_operator, operator_admin) = start_operator(
+        Path::new(env.require("KUBECONFIG")),
+        &[
+            "run".to_owned(),
+            "--sidecar-image=snapcache/sidecar:test".to_owned(),
+        ],
+        &[],
+    );
+    create_workload(&client, &namespace).await;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sidecar_admin = sidecar.admin.to_string();
+    let operator_address = operator_admin.trim_start_matches("http://").to_owned();
+    let (_prometheus, prometheus) = start_prometheus(
+        dir.path(),
+        &[
+            ("snapcache-sidecar", &sidecar_admin),
+            ("snapcache-operator", &operator_address),
+        ],
+    );
+    let http = reqwest::Client::new();
+    eventually("Prometheus ready", async || {
+        let response = http
+            .get(format!("{prometheus}/-/ready"))
+            .send()
+            .await
+            .ok()?;
+        response.status().is_success().then_some(())
+    })
+    .await;
+
+    // Traffic over several scrapes: cold S3 reads, disk hits, pinned ranges and a 412.
+    let url = sidecar.url(&format!("/git/{repo}/snapshot.tar.zst"));
+    for round in 0..12 {
+        let body = http.get(&url).send().await.expect("GET").bytes().await;
+        assert_eq!(body.expect("body").len(), 3 << 20);
+        let probe = http
+            .head(&url)
+            .header("X-Cachew-Snapshot-Pin", "probe")
+            .send()
+            .await
+            .expect("probe");
+        let token = probe.headers()["x-cachew-snapshot-pin"]
+            .to_str()
+            .expect("token")
+            .to_owned();
+        let pinned = http
+            .get(&url)
+            .header("X-Cachew-Snapshot-Pin", &token)
+            .header("Range", "bytes=0-1023")
+            .send()
+            .await
+            .expect("pinned");
+        assert_eq!(pinned.status(), 206);
+        if round % 4 == 0 {
+            let stale = http
+                .get(&url)
+                .header("X-Cachew-Snapshot-Pin", "etag:gone")
+                .header("Range", "bytes=0-1023")
+                .send()
+                .await
+                .expect("stale pin");
+            assert_eq!(stale.status(), 412);
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 8, "{queries:?}");
+    let mut empty = Vec::new();
+    for query in &queries {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{prometheus}/api/v1/query"),
+            [("query", query.as_str())],
+        )
+        .expect("query url");
+        let text = http
+            .get(url)
+            .send()
+            .await
+            .expect("query")
+            .text()
+            .await
+            .expect("query answer");
+        let answer: Value = serde_json::from_str(&text).expect("query json");
+        assert_eq!(answer["status"], "success", "{query}: {answer}");
+        if answer["data"]["result"]
+            .as_array()
+            .is_none_or(|result| result.is_empty())
+        {
+            empty.push(query.clone());
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "dashboard queries without data: {empty:#?}"
+    );
+}
