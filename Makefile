@@ -1,5 +1,5 @@
 # Thin wrappers over tests/env; every target does its own set-up on a fresh machine.
-.PHONY: demo cluster-demo test lint bench crds
+.PHONY: demo cluster-demo test lint bench crds images images-test
 
 ## demo: publish this repository to local S3, serve it through a sidecar, fetch it with pins, verify, stop
 demo:
@@ -26,3 +26,12 @@ bench:
 crds:
 	cargo run --quiet --locked -p snapcache-operator -- crd > crds/snapcache.io_snapshotcaches.yaml
 	cp crds/snapcache.io_snapshotcaches.yaml charts/snapcache/crds/
+
+## images: release build, then daemonless OCI images of the sidecar and the operator (buildah, FROM scratch) as target/images/snapcache-{sidecar,operator}-VERSION.oci.tar
+images:
+	bash tests/env/images.sh install
+	bash tests/env/images.sh build
+
+## images-test: make images, then check each archive's config and exact file list and run --help from it in a chroot
+images-test: images
+	bash tests/env/images.sh test

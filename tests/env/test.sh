@@ -36,3 +36,9 @@ phase "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warni
 phase "CRD drift" crd_drift
 phase "build tests" cargo nextest run --workspace --locked --no-run
 phase "tests" bash "$ENV_DIR/run.sh" all -- cargo nextest run --workspace --locked --no-fail-fast
+# The container images, from the dev build the tests just used (make images ships release).
+images_test() {
+  SNAPCACHE_IMAGE_PROFILE=dev bash "$ENV_DIR/images.sh" build &&
+    SNAPCACHE_IMAGE_PROFILE=dev bash "$ENV_DIR/images.sh" test
+}
+phase "images" images_test

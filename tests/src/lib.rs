@@ -263,3 +263,18 @@ pub async fn install_snapshot_cache_crd(client: &kube::Client) {
         .expect("CRD established within 30s")
         .expect("watch CRD");
 }
+
+/// Polls `check` every 200 ms for up to 30 s; panics naming `what` when it never succeeds.
+pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

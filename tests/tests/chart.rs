@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, binary, free_addr};
 use snapcache_tests::{
-    TestEnv, create_bucket, install_snapshot_cache_crd, put_snapshot, snapshot_bytes, unique_name,
+    TestEnv, create_bucket, eventually, install_snapshot_cache_crd, put_snapshot, snapshot_bytes,
+    unique_name,
 };
 
 fn chart() -> PathBuf {
@@ -246,18 +247,6 @@ fn start_operator(
         .spawn()
         .expect("start snapcache-operator");
     (Process(child), format!("http://{admin}"))
-}
-
-/// Polls `check` for up to 30 s.
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 async fn create_namespace(client: &kube::Client, name: &str) {

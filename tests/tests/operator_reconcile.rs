@@ -13,7 +13,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::sidecar::binary;
-use snapcache_tests::{TestEnv, install_snapshot_cache_crd, unique_name};
+use snapcache_tests::{TestEnv, eventually, install_snapshot_cache_crd, unique_name};
 
 const SIDECAR: &str = "snapcache-sidecar";
 
@@ -81,18 +81,6 @@ async fn setup() -> (Client, String) {
         .await
         .expect("create namespace");
     (client, namespace)
-}
-
-/// Polls `check` for up to 30 s.
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Deployment `builder` (label app=builder) with one container, as another manager made it.
