@@ -43,6 +43,16 @@ pub struct ServeConfig {
     #[arg(long, env = "SNAPCACHE_PARALLEL_GET_CHUNK_SIZE", default_value = "16MiB", value_parser = parse_chunk_size)]
     pub parallel_get_chunk_size: u64,
 
+    /// Bytes all parallel GETs together may hold in chunk buffers; a part waits for its
+    /// share before it is sent. Default: workers x chunk size, for the whole process.
+    #[arg(long, env = "SNAPCACHE_PARALLEL_GET_BUDGET", value_parser = parse_size)]
+    pub parallel_get_budget: Option<u64>,
+
+    /// Bytes all disk tier readers together may hold in read blocks; slow clients then
+    /// share it instead of each holding its own read-ahead.
+    #[arg(long, env = "SNAPCACHE_DISK_READ_BUDGET", default_value = "64MiB", value_parser = parse_size)]
+    pub disk_read_budget: u64,
+
     /// A part of a parallel GET that takes longer than this is retried.
     #[arg(long, env = "SNAPCACHE_PART_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub part_timeout: Duration,
@@ -51,6 +61,22 @@ pub struct ServeConfig {
     /// else an etag pin), `etag`, or `version`.
     #[arg(long, env = "SNAPCACHE_PIN_MODE", value_enum, default_value_t = PinMode::Auto)]
     pub pin_mode: PinMode,
+
+    /// Open connections the snapshot API holds at once; one more is answered 503 and
+    /// closed. Lowered at start when the open-files limit (ulimit -n) cannot hold it.
+    #[arg(long, env = "SNAPCACHE_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Open connections the admin port holds at once (probes and scrapes need few).
+    #[arg(long, env = "SNAPCACHE_ADMIN_MAX_CONNECTIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub admin_max_connections: u32,
+
+    /// A connection that has not sent a whole request head within this time, including
+    /// an idle keep-alive connection between requests, is closed (both ports).
+    #[arg(long, env = "SNAPCACHE_HEADER_READ_TIMEOUT", default_value = "15s", value_parser = parse_timeout)]
+    pub header_read_timeout: Duration,
 
     /// How long in-flight responses may run after SIGTERM before the process exits.
     #[arg(long, env = "SNAPCACHE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -80,6 +106,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .parse::<bytesize::ByteSize>()
         .map(|size| size.as_u64())
         .map_err(|_| format!("`{text}` is not a size; use bytes or a unit, e.g. 16MiB or 10GB"))
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(text).map_err(|err| format!("`{text}`: {err}"))?;
+    if timeout.is_zero() {
+        Err("a timeout must be longer than 0s, e.g. 15s".to_owned())
+    } else {
+        Ok(timeout)
+    }
 }
 
 fn parse_chunk_size(text: &str) -> Result<u64, String> {
@@ -112,6 +147,13 @@ mod tests {
         let err = parse_size("lots").expect_err("not a size");
         assert!(err.contains("16MiB"), "{err}");
         assert!(parse_size("-1MiB").is_err());
+    }
+
+    #[test]
+    fn timeouts_are_positive_durations() {
+        assert_eq!(parse_timeout("15s"), Ok(Duration::from_secs(15)));
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("soon").is_err());
     }
 
     #[test]

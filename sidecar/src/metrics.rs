@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Where the bytes of a response came from.
@@ -24,6 +24,175 @@ impl Source {
             Source::S3 => "s3",
         }
     }
+}
+
+/// The kinds of transfer buffers held under a process-wide budget.
+#[derive(Debug, Clone, Copy)]
+pub enum Buffers {
+    /// Chunks of parallel GETs from S3.
+    ParallelGet = 0,
+    /// Blocks read from the disk tier on their way to clients.
+    DiskRead = 1,
+}
+
+/// Which listening port a connection came in on.
+#[derive(Debug, Clone, Copy)]
+pub enum Port {
+    Api,
+    Admin,
+}
+
+impl Port {
+    pub fn label(self) -> &'static str {
+        match self {
+            Port::Api => "api",
+            Port::Admin => "admin",
+        }
+    }
+}
+
+/// Counts one open connection until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(IntGauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Why an S3 request failed, as S3 health counts it (bounded: these are the label values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3Failure {
+    /// No answer: connection refused or cut, a timeout, or a 5xx.
+    Unreachable,
+    /// 401/403: the credentials are wrong or the policy denies the request.
+    AccessDenied,
+    /// The start-up HeadBucket found no such bucket.
+    BucketMissing,
+    Other,
+}
+
+impl S3Failure {
+    const ALL: [S3Failure; 4] = [
+        S3Failure::Unreachable,
+        S3Failure::AccessDenied,
+        S3Failure::BucketMissing,
+        S3Failure::Other,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            S3Failure::Unreachable => "unreachable",
+            S3Failure::AccessDenied => "access_denied",
+            S3Failure::BucketMissing => "bucket_missing",
+            S3Failure::Other => "other",
+        }
+    }
+}
+
+/// What one S3 request says of S3's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Answered,
+    /// Says nothing either way (a HEAD's 404: a missing key or a missing bucket).
+    Inconclusive,
+    Failed(S3Failure),
+}
+
+/// S3's health as the sidecar's own requests show it; probes and scrapes never ask S3.
+#[derive(Debug, Clone)]
+pub struct S3Health {
+    up: IntGauge,
+    failing: IntGaugeVec,
+    consecutive_failures: IntGauge,
+    last_success: Gauge,
+    last_failure: Gauge,
+}
+
+impl S3Health {
+    fn new(registry: &Registry) -> S3Health {
+        let health = S3Health {
+            up: register(
+                registry,
+                IntGauge::new(
+                    "snapcache_s3_up",
+                    "0 when the sidecar's latest S3 request failed (no answer, refused \
+                     credentials, missing bucket), else 1. Probes and scrapes never ask S3.",
+                ),
+            ),
+            failing: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "snapcache_s3_failing",
+                        "1 for the reason of the current run of S3 failures, else 0.",
+                    ),
+                    &["reason"],
+                ),
+            ),
+            consecutive_failures: register(
+                registry,
+                IntGauge::new(
+                    "snapcache_s3_consecutive_failures",
+                    "S3 requests failed in a row since the last one that got an answer.",
+                ),
+            ),
+            last_success: register(
+                registry,
+                Gauge::new(
+                    "snapcache_s3_last_success_timestamp_seconds",
+                    "Unix time of the latest S3 request that got an answer; 0 before any.",
+                ),
+            ),
+            last_failure: register(
+                registry,
+                Gauge::new(
+                    "snapcache_s3_last_failure_timestamp_seconds",
+                    "Unix time of the latest failed S3 request; 0 before any.",
+                ),
+            ),
+        };
+        health.up.set(1);
+        for failure in S3Failure::ALL {
+            health.failing.with_label_values(&[failure.label()]).set(0);
+        }
+        health
+    }
+
+    pub fn record(&self, health: Health) {
+        let failure = match health {
+            Health::Inconclusive => return,
+            Health::Answered => {
+                self.up.set(1);
+                self.consecutive_failures.set(0);
+                self.last_success.set(unix_now());
+                None
+            }
+            Health::Failed(failure) => {
+                self.up.set(0);
+                self.consecutive_failures.inc();
+                self.last_failure.set(unix_now());
+                Some(failure)
+            }
+        };
+        for reason in S3Failure::ALL {
+            let failing = i64::from(failure == Some(reason));
+            self.failing
+                .with_label_values(&[reason.label()])
+                .set(failing);
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.get() == 1
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
 }
 
 /// All metrics of one sidecar process, registered in their own registry.
@@ -48,16 +217,27 @@ pub struct Metrics {
     pub disk_entries: IntGauge,
     /// --disk-max-bytes, 0 without a disk tier.
     pub disk_capacity: IntGauge,
+    /// Fills not started because the filesystem had no room; those reads stream from S3.
+    pub disk_fills_skipped: IntCounter,
+    /// Revisions remembered as not fitting the filesystem, served uncached for now.
+    pub disk_unfit: IntGauge,
     /// The container's memory limit, 0 when unlimited.
     pub memory_limit: IntGauge,
     /// 1 while /readyz answers 200, as of the last probe or scrape.
     pub ready: IntGauge,
+    /// S3 health from the requests the sidecar makes anyway.
+    pub s3_health: S3Health,
+    connections_open: IntGaugeVec,
+    connections_refused: IntCounterVec,
     /// Bytes held in parallel-GET chunk buffers now.
     pub parallel_get_buffered: IntGauge,
     parallel_get_buffered_high_water: IntGauge,
-    // Exact running figures; gauges alone cannot take a race-free maximum.
-    buffered_now: Arc<AtomicI64>,
-    buffered_high_water: Arc<AtomicI64>,
+    /// Bytes held in disk tier read blocks now.
+    pub disk_read_buffered: IntGauge,
+    disk_read_buffered_high_water: IntGauge,
+    // Exact running figures per kind; gauges alone cannot take a race-free maximum.
+    buffered_now: Arc<[AtomicI64; 2]>,
+    buffered_high_water: Arc<[AtomicI64; 2]>,
     /// Parallel-GET parts retried after a timeout or a transient error.
     pub parallel_get_part_retries: IntCounter,
     /// 412s served on pinned reads.
@@ -101,7 +281,7 @@ impl Metrics {
             ),
         );
 
-        Metrics {
+        let metrics = Metrics {
             requests: counter_vec(
                 "snapcache_http_requests_total",
                 "Snapshot API requests by route and status class.",
@@ -133,13 +313,40 @@ impl Metrics {
                 "snapcache_disk_tier_capacity_bytes",
                 "The disk tier's size limit (--disk-max-bytes); 0 without a disk tier.",
             ),
+            disk_fills_skipped: counter(
+                "snapcache_disk_tier_fills_skipped_total",
+                "Disk tier fills not started because the filesystem had no room for the \
+                 snapshot; those reads stream from S3 uncached.",
+            ),
+            disk_unfit: gauge(
+                "snapcache_disk_tier_unfit_snapshots",
+                "Snapshot revisions the filesystem had no room for, served from S3 uncached \
+                 (a fill is tried again after 10 minutes).",
+            ),
             memory_limit: gauge(
                 "snapcache_memory_limit_bytes",
                 "The container's cgroup memory limit; 0 when it has none.",
             ),
             ready: gauge(
                 "snapcache_ready",
-                "1 when S3 answers and the disk tier takes files (what /readyz says), else 0.",
+                "1 when the sidecar can serve (what /readyz says: the disk tier, if any, \
+                 takes files), else 0. S3 health is snapcache_s3_up.",
+            ),
+            s3_health: S3Health::new(&registry),
+            connections_open: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "snapcache_connections_open",
+                        "Open client connections, by port (api, admin).",
+                    ),
+                    &["port"],
+                ),
+            ),
+            connections_refused: counter_vec(
+                "snapcache_connections_refused_total",
+                "Connections answered 503 and closed because the port held its maximum.",
+                &["port"],
             ),
             parallel_get_buffered: gauge(
                 "snapcache_parallel_get_buffered_bytes",
@@ -152,6 +359,14 @@ impl Metrics {
             parallel_get_part_retries: counter(
                 "snapcache_parallel_get_part_retries_total",
                 "Parallel-GET parts retried after a timeout or a transient error.",
+            ),
+            disk_read_buffered: gauge(
+                "snapcache_disk_read_buffered_bytes",
+                "Bytes held in disk tier read blocks now (bounded by --disk-read-budget).",
+            ),
+            disk_read_buffered_high_water: gauge(
+                "snapcache_disk_read_buffered_bytes_high_water",
+                "The most bytes held in disk tier read blocks at once since start.",
             ),
             buffered_now: Arc::default(),
             buffered_high_water: Arc::default(),
@@ -169,7 +384,27 @@ impl Metrics {
             ),
             fill_duration,
             registry,
+        };
+        // Both ports' series exist from the start, so rate() and alerts see zeros.
+        for port in [Port::Api, Port::Admin] {
+            metrics.connections_open.with_label_values(&[port.label()]);
+            metrics
+                .connections_refused
+                .with_label_values(&[port.label()]);
         }
+        metrics
+    }
+
+    pub fn connection_opened(&self, port: Port) -> OpenConnection {
+        let gauge = self.connections_open.with_label_values(&[port.label()]);
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    pub fn connection_refused(&self, port: Port) {
+        self.connections_refused
+            .with_label_values(&[port.label()])
+            .inc();
     }
 
     pub fn count_response_bytes(&self, source: Source, bytes: u64) {
@@ -186,23 +421,29 @@ impl Metrics {
         self.fill_duration.observe(seconds);
     }
 
-    /// Adds `delta` (negative to release) to the buffered-bytes gauge and its high-water mark.
-    pub fn add_buffered(&self, delta: i64) {
-        let now = self.buffered_now.fetch_add(delta, Ordering::SeqCst) + delta;
-        self.buffered_high_water.fetch_max(now, Ordering::SeqCst);
-        self.parallel_get_buffered.add(delta);
+    /// Adds `delta` (negative to release) to a buffered-bytes gauge and its high-water mark.
+    pub fn add_buffered(&self, buffers: Buffers, delta: i64) {
+        let index = buffers as usize;
+        let now = self.buffered_now[index].fetch_add(delta, Ordering::SeqCst) + delta;
+        self.buffered_high_water[index].fetch_max(now, Ordering::SeqCst);
+        match buffers {
+            Buffers::ParallelGet => self.parallel_get_buffered.add(delta),
+            Buffers::DiskRead => self.disk_read_buffered.add(delta),
+        }
     }
 
-    /// The most bytes held in parallel-GET chunk buffers at once since start.
-    pub fn buffered_high_water(&self) -> i64 {
-        self.buffered_high_water.load(Ordering::SeqCst)
+    /// The most bytes held in buffers of this kind at once since start.
+    pub fn buffered_high_water(&self, buffers: Buffers) -> i64 {
+        self.buffered_high_water[buffers as usize].load(Ordering::SeqCst)
     }
 
     /// The Prometheus text exposition of every metric, with fresh heap figures.
     pub fn render(&self) -> String {
         self.refresh_heap();
         self.parallel_get_buffered_high_water
-            .set(self.buffered_high_water());
+            .set(self.buffered_high_water(Buffers::ParallelGet));
+        self.disk_read_buffered_high_water
+            .set(self.buffered_high_water(Buffers::DiskRead));
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -238,5 +479,63 @@ fn register<M: Collector + Clone + 'static>(
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(metrics: &Metrics, name: &str) -> f64 {
+        metrics
+            .render()
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} is not exported"))
+    }
+
+    #[test]
+    fn s3_is_up_until_a_request_fails() {
+        let metrics = Metrics::new();
+        assert!(metrics.s3_health.is_up(), "no evidence of a failure yet");
+        assert_eq!(
+            sample(&metrics, "snapcache_s3_last_success_timestamp_seconds"),
+            0.0
+        );
+    }
+
+    #[test]
+    fn failures_count_in_a_row_with_their_reason_until_an_answer() {
+        let metrics = Metrics::new();
+        metrics
+            .s3_health
+            .record(Health::Failed(S3Failure::Unreachable));
+        metrics
+            .s3_health
+            .record(Health::Failed(S3Failure::AccessDenied));
+        assert!(!metrics.s3_health.is_up());
+        assert_eq!(sample(&metrics, "snapcache_s3_up"), 0.0);
+        assert_eq!(sample(&metrics, "snapcache_s3_consecutive_failures"), 2.0);
+        assert_eq!(
+            sample(&metrics, "snapcache_s3_failing{reason=\"access_denied\"}"),
+            1.0
+        );
+        assert_eq!(
+            sample(&metrics, "snapcache_s3_failing{reason=\"unreachable\"}"),
+            0.0,
+            "only the latest reason is failing"
+        );
+        assert!(sample(&metrics, "snapcache_s3_last_failure_timestamp_seconds") > 0.0);
+
+        metrics.s3_health.record(Health::Inconclusive);
+        assert!(!metrics.s3_health.is_up(), "a 404 clears no failure");
+        metrics.s3_health.record(Health::Answered);
+        assert!(metrics.s3_health.is_up());
+        assert_eq!(sample(&metrics, "snapcache_s3_consecutive_failures"), 0.0);
+        assert_eq!(
+            sample(&metrics, "snapcache_s3_failing{reason=\"access_denied\"}"),
+            0.0
+        );
+        assert!(sample(&metrics, "snapcache_s3_last_success_timestamp_seconds") > 0.0);
     }
 }

@@ -1,20 +1,87 @@
-//! A window of reusable chunk buffers for large transfers split into ranged requests.
+//! A window of reusable chunk buffers for large transfers split into ranged requests,
+//! optionally drawing on a process-wide byte budget.
 //!
 //! A request takes a slot before it is sent and the slot comes back only when the
 //! consumer drops the chunk's bytes, so at most `slots` chunks are in memory however
 //! slow the consumer is. Each buffer is allocated once and reused: a 1 GiB transfer
-//! does not fault in 1 GiB of fresh pages.
+//! does not fault in 1 GiB of fresh pages. With a `Budget`, a slot also waits until
+//! the bytes it needs are free across every transfer sharing that budget.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Buffers, Metrics};
+
+/// Budget permits are KiB, so a budget past 4 GiB still fits the semaphore's u32 takes.
+const UNIT: u64 = 1024;
+
+/// Bytes that every transfer sharing it may hold in buffers at once, process-wide.
+/// Waiters are served first come, first served, so no transfer starves.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    permits: Arc<Semaphore>,
+    units: u32,
+    buffers: Buffers,
+    metrics: Metrics,
+}
+
+impl Budget {
+    pub fn new(bytes: u64, buffers: Buffers, metrics: Metrics) -> Budget {
+        let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).unwrap_or(u32::MAX);
+        Budget {
+            permits: Arc::new(Semaphore::new(units as usize)),
+            units,
+            buffers,
+            metrics,
+        }
+    }
+
+    /// Bytes free now: a hint for sizing the next request, not a promise.
+    pub fn available(&self) -> u64 {
+        self.permits.available_permits() as u64 * UNIT
+    }
+
+    /// Waits until `len` bytes are free (a request larger than the budget waits for all of it).
+    async fn reserve(&self, len: u64) -> Reservation {
+        let units = u32::try_from(len.div_ceil(UNIT))
+            .unwrap_or(u32::MAX)
+            .min(self.units);
+        // The semaphore is never closed, so acquiring cannot fail.
+        let permit = self.permits.clone().acquire_many_owned(units).await.ok();
+        let bytes = i64::try_from(len).unwrap_or(i64::MAX);
+        self.metrics.add_buffered(self.buffers, bytes);
+        Reservation {
+            _permit: permit,
+            bytes,
+            buffers: self.buffers,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Bytes of a budget held by one slot; they return when it drops.
+#[derive(Debug)]
+struct Reservation {
+    _permit: Option<OwnedSemaphorePermit>,
+    bytes: i64,
+    buffers: Buffers,
+    metrics: Metrics,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.metrics.add_buffered(self.buffers, -self.bytes);
+    }
+}
 
 /// The slots of one transfer.
 #[derive(Debug)]
 pub struct Window {
     free: Mutex<mpsc::Receiver<Vec<u8>>>,
     returns: mpsc::Sender<Vec<u8>>,
+    budget: Option<Budget>,
 }
 
 impl Window {
@@ -28,24 +95,32 @@ impl Window {
         Window {
             free: Mutex::new(free),
             returns,
+            budget: None,
         }
     }
 
-    /// Waits for a free slot and makes room in it for `len` bytes; `gauge` counts them
-    /// in the parallel-GET buffered-bytes metric while the slot is held.
-    pub async fn take(&self, len: u64, gauge: Option<Metrics>) -> Slot {
+    /// A window whose slots also take their bytes from `budget`.
+    pub fn with_budget(slots: usize, budget: Budget) -> Window {
+        Window {
+            budget: Some(budget),
+            ..Window::new(slots)
+        }
+    }
+
+    /// Waits for a free slot, and for `len` bytes of the budget if there is one, and
+    /// makes room in it for `len` bytes.
+    pub async fn take(&self, len: u64) -> Slot {
         // The window keeps a sender, so the channel never closes while waiting here.
         let mut data = self.free.lock().await.recv().await.unwrap_or_default();
+        let reservation = match &self.budget {
+            Some(budget) => Some(budget.reserve(len).await),
+            None => None,
+        };
         data.clear();
         data.reserve_exact(usize::try_from(len).unwrap_or(usize::MAX));
-        let reserved = i64::try_from(len).unwrap_or(i64::MAX);
-        if let Some(metrics) = &gauge {
-            metrics.add_buffered(reserved);
-        }
         Slot {
             data,
-            reserved,
-            gauge,
+            _reservation: reservation,
             returns: self.returns.clone(),
         }
     }
@@ -55,8 +130,7 @@ impl Window {
 #[derive(Debug)]
 pub struct Slot {
     data: Vec<u8>,
-    reserved: i64,
-    gauge: Option<Metrics>,
+    _reservation: Option<Reservation>,
     returns: mpsc::Sender<Vec<u8>>,
 }
 
@@ -87,9 +161,6 @@ impl AsRef<[u8]> for Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(metrics) = &self.gauge {
-            metrics.add_buffered(-self.reserved);
-        }
         // Fails only when the transfer is over and its window gone: then the buffer is freed.
         let _ = self.returns.try_send(std::mem::take(&mut self.data));
     }
@@ -97,21 +168,29 @@ impl Drop for Slot {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::Context;
+
     use super::*;
+
+    /// Whether `future` is still waiting after being polled once.
+    fn waits<F: Future>(future: F) -> bool {
+        let mut future = pin!(future);
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        future.as_mut().poll(&mut context).is_pending()
+    }
 
     #[tokio::test]
     async fn buffers_are_reused_and_bounded() {
         let window = Window::new(2);
-        let mut first = window.take(1024, None).await;
+        let mut first = window.take(1024).await;
         first.buffer().extend_from_slice(&[1; 1024]);
         let pointer = first.buffer().as_ptr();
-        let second = window.take(1024, None).await;
-        // A third take waits until a slot comes back.
-        let third =
-            tokio::time::timeout(std::time::Duration::from_millis(50), window.take(1, None));
-        assert!(third.await.is_err(), "only two slots");
+        let second = window.take(1024).await;
+        assert!(waits(window.take(1)), "only two slots");
         drop(first.into_bytes());
-        let mut again = window.take(512, None).await;
+        let mut again = window.take(512).await;
         assert!(again.is_empty(), "a reused buffer starts empty");
         assert_eq!(
             again.buffer().as_ptr(),
@@ -124,8 +203,9 @@ mod tests {
     #[tokio::test]
     async fn the_gauge_counts_held_slots() {
         let metrics = Metrics::new();
-        let window = Window::new(4);
-        let slot = window.take(100, Some(metrics.clone())).await;
+        let budget = Budget::new(1 << 20, Buffers::ParallelGet, metrics.clone());
+        let window = Window::with_budget(4, budget);
+        let slot = window.take(100).await;
         let bytes = slot.into_bytes();
         assert_eq!(metrics.parallel_get_buffered.get(), 100);
         let clone = bytes.clone();
@@ -137,6 +217,37 @@ mod tests {
         );
         drop(clone);
         assert_eq!(metrics.parallel_get_buffered.get(), 0);
-        assert_eq!(metrics.buffered_high_water(), 100);
+        assert_eq!(metrics.buffered_high_water(Buffers::ParallelGet), 100);
+    }
+
+    #[tokio::test]
+    async fn one_budget_bounds_every_window_sharing_it() {
+        let metrics = Metrics::new();
+        let budget = Budget::new(64 * 1024, Buffers::DiskRead, metrics.clone());
+        let first = Window::with_budget(8, budget.clone());
+        let second = Window::with_budget(8, budget.clone());
+        let a = first.take(32 * 1024).await;
+        let b = second.take(32 * 1024).await;
+        assert_eq!(budget.available(), 0);
+        assert!(
+            waits(second.take(1024)),
+            "a free slot still waits for budget"
+        );
+        drop(a);
+        let c = second.take(32 * 1024).await;
+        assert_eq!(metrics.disk_read_buffered.get(), 64 * 1024);
+        drop((b, c));
+        assert_eq!(metrics.disk_read_buffered.get(), 0);
+        assert_eq!(budget.available(), 64 * 1024);
+    }
+
+    #[tokio::test]
+    async fn a_slot_larger_than_the_budget_takes_all_of_it() {
+        let budget = Budget::new(4096, Buffers::ParallelGet, Metrics::new());
+        let window = Window::with_budget(2, budget.clone());
+        let big = window.take(1 << 20).await;
+        assert_eq!(budget.available(), 0);
+        drop(big);
+        assert_eq!(budget.available(), 4096);
     }
 }

@@ -3,18 +3,40 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
 /// Forwards 127.0.0.1:port to `upstream` while up; refuses connections while down.
+/// Counts the bytes clients send upstream, so a test can prove no request was made.
 #[derive(Debug)]
 pub struct CutProxy {
     pub addr: SocketAddr,
     upstream: SocketAddr,
     accept: Mutex<Option<JoinHandle<()>>>,
     connections: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    sent_upstream: Arc<AtomicU64>,
+    downstream: Arc<Downstream>,
+}
+
+/// What the server sends back: counted, and held once a test's limit is reached.
+#[derive(Debug)]
+struct Downstream {
+    sent: AtomicU64,
+    limit: AtomicU64,
+}
+
+impl Default for Downstream {
+    fn default() -> Downstream {
+        Downstream {
+            sent: AtomicU64::new(0),
+            limit: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 impl CutProxy {
@@ -26,6 +48,8 @@ impl CutProxy {
             upstream,
             accept: Mutex::new(None),
             connections: Arc::default(),
+            sent_upstream: Arc::default(),
+            downstream: Arc::default(),
         };
         proxy.serve(listener).await;
         proxy
@@ -33,6 +57,25 @@ impl CutProxy {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Bytes clients have sent to the upstream server so far.
+    pub fn sent_upstream(&self) -> u64 {
+        self.sent_upstream.load(Ordering::SeqCst)
+    }
+
+    /// Forwards the server's answers only until `bytes` more have passed, then holds the
+    /// rest: a transfer stalls mid-way, at a point the test chose.
+    pub fn stall_after(&self, bytes: u64) {
+        let sent = self.downstream.sent.load(Ordering::SeqCst);
+        self.downstream
+            .limit
+            .store(sent.saturating_add(bytes), Ordering::SeqCst);
+    }
+
+    /// Bytes the server has sent back through the proxy so far.
+    pub fn sent_downstream(&self) -> u64 {
+        self.downstream.sent.load(Ordering::SeqCst)
     }
 
     /// Closes the listener and every open connection: the server looks gone.
@@ -62,9 +105,11 @@ impl CutProxy {
     async fn serve(&self, listener: TcpListener) {
         let upstream = self.upstream;
         let connections = self.connections.clone();
+        let sent = self.sent_upstream.clone();
+        let downstream = self.downstream.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let relay = tokio::spawn(relay(client, upstream));
+                let relay = tokio::spawn(relay(client, upstream, sent.clone(), downstream.clone()));
                 if let Ok(mut all) = connections.lock() {
                     all.retain(|task| !task.is_finished());
                     all.push(relay);
@@ -75,10 +120,49 @@ impl CutProxy {
     }
 }
 
-async fn relay(mut client: TcpStream, upstream: SocketAddr) {
-    if let Ok(mut server) = TcpStream::connect(upstream).await {
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-    }
+/// Relays both ways, adding every byte the client sends to `sent` as it passes, and
+/// holding the server's bytes past `downstream`'s limit.
+async fn relay(
+    client: TcpStream,
+    upstream: SocketAddr,
+    sent: Arc<AtomicU64>,
+    downstream: Arc<Downstream>,
+) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let to_server = async {
+        let mut buffer = vec![0; 64 * 1024];
+        while let Ok(n @ 1..) = client_read.read(&mut buffer).await {
+            sent.fetch_add(n as u64, Ordering::SeqCst);
+            if server_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let to_client = async {
+        let mut buffer = vec![0; 64 * 1024];
+        while let Ok(n @ 1..) = server_read.read(&mut buffer).await {
+            let before = downstream.sent.fetch_add(n as u64, Ordering::SeqCst);
+            let allowed = downstream
+                .limit
+                .load(Ordering::SeqCst)
+                .saturating_sub(before);
+            let forward = n.min(usize::try_from(allowed).unwrap_or(usize::MAX));
+            if client_write.write_all(&buffer[..forward]).await.is_err() {
+                break;
+            }
+            if forward < n {
+                // Held until the test cuts the proxy, which aborts this task.
+                std::future::pending::<()>().await;
+            }
+        }
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(to_server, to_client);
 }
 
 /// Forwards to `upstream` but closes every `nth` connection as soon as it is accepted:
@@ -86,7 +170,7 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr) {
 #[derive(Debug)]
 pub struct FaultProxy {
     pub addr: SocketAddr,
-    resets: Arc<std::sync::atomic::AtomicU32>,
+    resets: Arc<AtomicU32>,
     task: JoinHandle<()>,
 }
 
@@ -94,19 +178,19 @@ impl FaultProxy {
     pub async fn start(upstream: SocketAddr, nth: u32) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let resets = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let resets = Arc::new(AtomicU32::new(0));
         let counter = resets.clone();
         let task = tokio::spawn(async move {
             let mut accepted = 0u32;
             while let Ok((client, _)) = listener.accept().await {
                 accepted += 1;
                 if accepted.is_multiple_of(nth) {
-                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    counter.fetch_add(1, Ordering::SeqCst);
                     // Closed before a byte is read: the request dies mid-flight.
                     drop(client);
                     continue;
                 }
-                tokio::spawn(relay(client, upstream));
+                tokio::spawn(relay(client, upstream, Arc::default(), Arc::default()));
             }
         });
         FaultProxy { addr, resets, task }
@@ -114,7 +198,7 @@ impl FaultProxy {
 
     /// How many connections were reset so far.
     pub fn resets(&self) -> u32 {
-        self.resets.load(std::sync::atomic::Ordering::SeqCst)
+        self.resets.load(Ordering::SeqCst)
     }
 }
 

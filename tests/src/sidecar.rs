@@ -17,6 +17,8 @@ pub struct SidecarOptions {
     pub chunk_size: String,
     pub part_timeout: String,
     pub shutdown_grace: String,
+    /// The disk tier's directory; a fresh temporary one when `None`.
+    pub disk_dir: Option<PathBuf>,
     pub extra_args: Vec<String>,
 }
 
@@ -30,6 +32,7 @@ impl Default for SidecarOptions {
             chunk_size: "256KiB".into(),
             part_timeout: "20s".into(),
             shutdown_grace: "10s".into(),
+            disk_dir: None,
             extra_args: Vec::new(),
         }
     }
@@ -41,7 +44,9 @@ pub struct Sidecar {
     child: Child,
     pub api: SocketAddr,
     pub admin: SocketAddr,
-    disk_dir: tempfile::TempDir,
+    disk_dir: PathBuf,
+    /// Holds the default disk tier directory and the log.
+    _scratch: tempfile::TempDir,
     log_path: PathBuf,
 }
 
@@ -58,8 +63,12 @@ impl Sidecar {
         bucket: &str,
         options: &SidecarOptions,
     ) -> Sidecar {
-        let disk_dir = tempfile::tempdir().expect("temp dir for the disk tier");
-        let log_path = disk_dir.path().with_extension("log");
+        let scratch = tempfile::tempdir().expect("temp dir for the disk tier");
+        let disk_dir = options
+            .disk_dir
+            .clone()
+            .unwrap_or_else(|| scratch.path().join("disk"));
+        let log_path = scratch.path().join("sidecar.log");
         let log = std::fs::File::create(&log_path).expect("sidecar log file");
         let mut command = Command::new(sidecar_binary());
         command
@@ -85,7 +94,7 @@ impl Sidecar {
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log);
         if options.disk_tier {
-            command.args(["--disk-dir", &disk_dir.path().display().to_string()]);
+            command.args(["--disk-dir", &disk_dir.display().to_string()]);
         }
         let mut child = command.spawn().expect("start snapcache-sidecar");
         let (api, admin) = wait_until_listening(&mut child, &log_path);
@@ -94,6 +103,7 @@ impl Sidecar {
             api,
             admin,
             disk_dir,
+            _scratch: scratch,
             log_path,
         }
     }
@@ -108,7 +118,13 @@ impl Sidecar {
     }
 
     pub fn disk_dir(&self) -> &Path {
-        self.disk_dir.path()
+        &self.disk_dir
+    }
+
+    /// SIGKILL, as the kernel's OOM killer or a node failure would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn pid(&self) -> u32 {
@@ -171,9 +187,7 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log_path);
+        self.kill();
     }
 }
 

@@ -353,7 +353,11 @@ async fn s3_outage_serves_disk_hits_and_503s_misses_then_recovers() {
     let ready = reqwest::get(sidecar.admin_url("/readyz"))
         .await
         .expect("readyz");
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        ready.status(),
+        StatusCode::OK,
+        "an S3 outage leaves the sidecar ready (sidecar_availability.rs has the metrics)"
+    );
 
     proxy.restore().await;
     let back = reqwest::get(sidecar.url("/git/example.com/org/other/snapshot.tar.zst"))

@@ -359,7 +359,7 @@ struct ChunkRequest {
 
 impl ChunkRequest {
     async fn fetch(self: Arc<Self>, range: ByteRange) -> Result<Bytes, AttemptError> {
-        let mut slot = self.window.take(range.len(), None).await;
+        let mut slot = self.window.take(range.len()).await;
         let mut attempt = 1;
         loop {
             slot.buffer().clear();

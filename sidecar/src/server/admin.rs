@@ -1,7 +1,8 @@
-//! The admin port: `/metrics`, `/healthz` and `/readyz`. No snapshot bytes here.
+//! The admin port: `/metrics`, `/healthz` and `/readyz`. No snapshot bytes here, and
+//! never an S3 request: a fleet's probes and scrapes must not cost S3 anything, and an
+//! S3 outage must not take a workload's pods out of their Services.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -10,9 +11,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use super::App;
-use crate::store::StoreError;
-
-const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -39,37 +37,23 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
     app.metrics.ready.set(i64::from(readiness.is_ok()));
     match readiness {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(reasons) => (
+        Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reasons}\n"),
+            format!("not ready: {reason}\n"),
         ),
     }
 }
 
-/// Ready when S3 answers and the disk tier (if any) takes a new file.
+/// Ready when the sidecar can serve: it answers (this request) and the disk tier, if
+/// any, takes a new file. S3's health is a metric (`snapcache_s3_up`), not readiness:
+/// disk hits are served and misses get 503 with Retry-After while S3 is away.
 async fn readiness(app: &App) -> Result<(), String> {
-    let s3 = match tokio::time::timeout(READINESS_TIMEOUT, app.tiered.s3().check_reachable()).await
-    {
+    let Some(disk) = app.tiered.disk().cloned() else {
+        return Ok(());
+    };
+    match tokio::task::spawn_blocking(move || disk.check_writable()).await {
         Ok(Ok(())) => Ok(()),
-        // S3 answered: a policy without s3:ListBucket refuses HeadBucket yet serves GetObject.
-        Ok(Err(StoreError::S3(_) | StoreError::PreconditionFailed)) => Ok(()),
-        Ok(Err(StoreError::NotFound)) => Err("S3: the bucket does not exist".to_owned()),
-        Ok(Err(err)) => Err(format!("S3: {err}")),
-        Err(_) => Err("S3: no answer within 3s".to_owned()),
-    };
-    let disk = match app.tiered.disk().cloned() {
-        None => Ok(()),
-        Some(disk) => match tokio::task::spawn_blocking(move || disk.check_writable()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(format!("disk tier: {err}")),
-            Err(err) => Err(format!("disk tier check failed: {err}")),
-        },
-    };
-    match (s3, disk) {
-        (Ok(()), Ok(())) => Ok(()),
-        (s3, disk) => {
-            let reasons: Vec<String> = [s3.err(), disk.err()].into_iter().flatten().collect();
-            Err(reasons.join("; "))
-        }
+        Ok(Err(err)) => Err(format!("disk tier: {err}")),
+        Err(err) => Err(format!("disk tier check failed: {err}")),
     }
 }

@@ -1,6 +1,7 @@
 //! `snapcache-sidecar serve`: the snapshot API on localhost and the admin port.
 
 pub mod admin;
+pub mod connections;
 pub mod error;
 pub mod pinned;
 pub mod revisions;
@@ -12,12 +13,14 @@ use anyhow::Context;
 use axum::Router;
 
 use crate::config::ServeConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Buffers, Metrics, Port};
 use crate::pin::PinMode;
+use crate::store::Budgets;
 use crate::store::disk::DiskTier;
 use crate::store::parallel_get::ParallelGetConfig;
-use crate::store::s3::S3Store;
+use crate::store::s3::{BucketCheck, S3Store};
 use crate::store::tiered::Tiered;
+use crate::window::Budget;
 
 /// Shared state of both routers.
 #[derive(Debug)]
@@ -64,12 +67,20 @@ impl App {
             part_timeout: config.part_timeout,
             part_attempts: 3,
         };
+        let parallel_get_budget = config.parallel_get_budget.unwrap_or(
+            u64::from(config.parallel_get_workers).saturating_mul(config.parallel_get_chunk_size),
+        );
+        let budgets = Budgets {
+            parallel_get: Budget::new(parallel_get_budget, Buffers::ParallelGet, metrics.clone()),
+            disk_read: Budget::new(config.disk_read_budget, Buffers::DiskRead, metrics.clone()),
+        };
         Ok(App {
             tiered: Tiered::new(
                 Arc::new(s3),
                 disk,
                 config.revalidate_after,
                 parallel,
+                budgets,
                 metrics.clone(),
             ),
             metrics,
@@ -99,13 +110,30 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
                 config.admin_listen
             )
         })?;
+    let open_files = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let caps = connection_caps(
+        config.max_connections,
+        config.admin_max_connections,
+        open_files,
+    );
+    if caps != (config.max_connections, config.admin_max_connections) {
+        tracing::warn!(
+            open_files = ?open_files,
+            max_connections = caps.0,
+            admin_max_connections = caps.1,
+            "the open-files limit cannot hold --max-connections and --admin-max-connections; \
+             using lower caps (raise `ulimit -n` to keep the configured ones)"
+        );
+    }
     tracing::info!(
         listen = %api.local_addr()?,
         admin = %admin.local_addr()?,
         bucket = %config.s3.bucket,
         disk_dir = ?config.disk_dir,
+        max_connections = caps.0,
         "snapcache sidecar serving"
     );
+    tokio::spawn(report_bucket_check(app.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -114,23 +142,27 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         }
     };
-    let mut api_server = tokio::spawn(
-        axum::serve(api, router(app.clone()))
-            .with_graceful_shutdown(stopped())
-            .into_future(),
-    );
-    let admin_server = tokio::spawn(
-        axum::serve(admin, admin::router(app))
-            .with_graceful_shutdown(stopped())
-            .into_future(),
-    );
-    tokio::select! {
-        result = &mut api_server => {
-            result.context("the snapshot API task failed")?.context("serving the snapshot API")?;
-            anyhow::bail!("the snapshot API stopped unexpectedly");
-        }
-        () = shutdown_signal() => {}
-    }
+    let limits = |max_connections: u32| connections::Limits {
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        header_read_timeout: config.header_read_timeout,
+    };
+    let api_server = tokio::spawn(connections::serve(
+        api,
+        router(app.clone()),
+        limits(caps.0),
+        Port::Api,
+        app.metrics.clone(),
+        stopped(),
+    ));
+    let admin_server = tokio::spawn(connections::serve(
+        admin,
+        admin::router(app.clone()),
+        limits(caps.1),
+        Port::Admin,
+        app.metrics.clone(),
+        stopped(),
+    ));
+    shutdown_signal().await;
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight responses");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(config.shutdown_grace, async {
@@ -142,6 +174,50 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         tracing::warn!("shutdown grace expired; closing the remaining connections");
     }
     Ok(())
+}
+
+/// Descriptors kept for S3 connections, disk tier files and the listeners.
+const RESERVED_FILES: u64 = 128;
+
+/// The connection caps (API, admin) that `open_files` descriptors can hold: lowered,
+/// admin port first kept small, rather than letting accept fail with EMFILE.
+fn connection_caps(api: u32, admin: u32, open_files: Option<u64>) -> (u32, u32) {
+    let Some(open_files) = open_files else {
+        return (api, admin);
+    };
+    let available = u32::try_from(open_files.saturating_sub(RESERVED_FILES)).unwrap_or(u32::MAX);
+    if u64::from(api) + u64::from(admin) <= u64::from(available) {
+        return (api, admin);
+    }
+    let admin = admin.min(available / 4).max(1);
+    (available.saturating_sub(admin).clamp(1, api), admin)
+}
+
+/// Says once, loudly and with what to fix, whether the bucket and credentials work; a
+/// failure leaves the pod serving (disk hits) and Ready, and shows in `snapcache_s3_up`.
+async fn report_bucket_check(app: Arc<App>) {
+    let s3 = app.tiered.s3();
+    let bucket = s3.bucket();
+    match s3.check_bucket().await {
+        BucketCheck::Usable => tracing::info!(bucket, "S3 bucket reachable"),
+        BucketCheck::Missing => tracing::error!(
+            bucket,
+            "S3 bucket does not exist: check --s3-bucket (the SnapshotCache's spec.bucket) \
+             and --s3-endpoint; snapshots will answer 404 until it exists"
+        ),
+        BucketCheck::Denied(err) => tracing::error!(
+            bucket,
+            error = %err,
+            "S3 refused HeadBucket: the credentials are wrong (check the credentials Secret \
+             and AWS_* variables) or the policy lacks s3:ListBucket (then GetObject may still work)"
+        ),
+        BucketCheck::Failed(err) => tracing::error!(
+            bucket,
+            error = %err,
+            "S3 cannot be asked about the bucket: check --s3-endpoint and the network; \
+             disk tier hits are served, misses answer 503 until S3 answers"
+        ),
+    }
 }
 
 async fn shutdown_signal() {
@@ -159,5 +235,29 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_stand_when_the_open_files_limit_holds_them() {
+        assert_eq!(connection_caps(512, 64, Some(1_048_576)), (512, 64));
+        assert_eq!(connection_caps(512, 64, Some(512 + 64 + 128)), (512, 64));
+        assert_eq!(connection_caps(512, 64, None), (512, 64));
+    }
+
+    #[test]
+    fn a_low_open_files_limit_lowers_the_caps_below_it() {
+        let (api, admin) = connection_caps(512, 64, Some(256));
+        assert_eq!((api, admin), (96, 32));
+        assert!(u64::from(api + admin) + RESERVED_FILES <= 256);
+    }
+
+    #[test]
+    fn caps_never_reach_zero() {
+        assert_eq!(connection_caps(512, 64, Some(10)), (1, 1));
     }
 }

@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -34,7 +34,16 @@ struct State {
     /// Bytes of the entries plus the bytes reserved by fills in progress.
     used_bytes: u64,
     clock: u64,
+    /// Revisions (key, etag) the filesystem had no room for, and when that was found:
+    /// they are streamed from S3 uncached instead of starting a doomed fill per request.
+    unfit: HashMap<(String, String), Instant>,
 }
+
+/// How long a revision that did not fit the filesystem is served uncached before a
+/// fill is tried again (space may have been freed meanwhile).
+const UNFIT_RETRY_AFTER: Duration = Duration::from_secs(600);
+/// Unfit revisions remembered at once; the oldest are forgotten first.
+const UNFIT_CAPACITY: usize = 1024;
 
 #[derive(Debug)]
 struct Entry {
@@ -181,8 +190,17 @@ impl DiskTier {
     /// Reserves room for `info` and creates its temporary file, evicting least recently
     /// used entries that nobody reads. `None` when it cannot fit.
     pub fn begin_fill(self: &Arc<Self>, key: &str, info: &ObjectInfo) -> Option<FillWriter> {
+        let unfit_key = (key.to_owned(), info.etag.clone());
         {
             let mut state = self.lock();
+            let now = Instant::now();
+            state
+                .unfit
+                .retain(|_, found| now.duration_since(*found) < UNFIT_RETRY_AFTER);
+            self.metrics.disk_unfit.set(state.unfit.len() as i64);
+            if state.unfit.contains_key(&unfit_key) {
+                return None;
+            }
             if !self.make_room(&mut state, info.size) {
                 return None;
             }
@@ -198,7 +216,14 @@ impl DiskTier {
             .write(true)
             .create_new(true)
             .open(&tmp_path);
-        match opened {
+        let reserved = opened.and_then(|file| {
+            reserve_space(&file, &self.dir, info.size)
+                .map(|()| file)
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&tmp_path);
+                })
+        });
+        match reserved {
             Ok(file) => Some(FillWriter {
                 tier: self.clone(),
                 key: key.to_owned(),
@@ -209,9 +234,19 @@ impl DiskTier {
                 committed: false,
             }),
             Err(err) => {
-                tracing::warn!(error = %err, "cannot create a disk tier file; serving from S3");
+                tracing::warn!(
+                    error = %err,
+                    bytes = info.size,
+                    "the disk tier cannot hold this snapshot; serving it from S3 uncached"
+                );
+                self.metrics.disk_fills_skipped.inc();
                 let mut state = self.lock();
                 state.used_bytes -= info.size;
+                if state.unfit.len() >= UNFIT_CAPACITY {
+                    state.unfit.clear();
+                }
+                state.unfit.insert(unfit_key, Instant::now());
+                self.metrics.disk_unfit.set(state.unfit.len() as i64);
                 self.publish_gauges(&state);
                 None
             }
@@ -293,12 +328,12 @@ impl FillWriter {
         self.file.clone()
     }
 
-    /// Makes the fill an entry once it holds exactly `size` bytes (blocking).
-    pub fn commit(mut self) -> io::Result<()> {
-        let len = self.file.metadata()?.len();
-        if len != self.info.size {
+    /// Makes the fill an entry once `written` is exactly its size (blocking). The file's
+    /// length says nothing: its space was allocated up front.
+    pub fn commit(mut self, written: u64) -> io::Result<()> {
+        if written != self.info.size {
             return Err(io::Error::other(format!(
-                "fill has {len} bytes, expected {}",
+                "fill wrote {written} bytes, expected {}",
                 self.info.size
             )));
         }
@@ -353,6 +388,28 @@ impl Drop for FillWriter {
     }
 }
 
+/// Allocates `size` bytes for `file` up front, so a full filesystem refuses the fill
+/// before any client joins it rather than cutting every reader short mid-way.
+fn reserve_space(file: &File, dir: &Path, size: u64) -> io::Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        // Filesystems without fallocate: the free space is the best guess there is.
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            let stats = rustix::fs::statvfs(dir)?;
+            let free = stats.f_bavail.saturating_mul(stats.f_frsize);
+            if free >= size {
+                Ok(())
+            } else {
+                Err(io::Error::from(io::ErrorKind::StorageFull))
+            }
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
 fn hash(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
@@ -380,7 +437,7 @@ mod tests {
             .file()
             .write_all_at(&vec![7; size as usize], 0)
             .ok()?;
-        writer.commit().ok()
+        writer.commit(size).ok()
     }
 
     fn tier(dir: &Path, max: u64) -> Arc<DiskTier> {
@@ -422,7 +479,7 @@ mod tests {
         let tier = tier(dir.path(), 1000);
         let writer = tier.begin_fill("a", &info("e1", 100)).expect("room");
         writer.file().write_all_at(&[1; 50], 0).expect("write");
-        assert!(writer.commit().is_err());
+        assert!(writer.commit(50).is_err());
         assert!(tier.lookup("a").is_none());
         assert_eq!(tier.used_bytes(), 0);
     }
@@ -500,6 +557,34 @@ mod tests {
         assert!(
             !old_path.exists(),
             "the old revision goes once nobody reads it"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_the_filesystem_cannot_hold_is_remembered_and_not_tried_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Metrics::new();
+        let tier =
+            Arc::new(DiskTier::open(dir.path(), u64::MAX / 2, metrics.clone()).expect("open"));
+        let huge = info("e", 1 << 50);
+        assert!(tier.begin_fill("a", &huge).is_none(), "1 PiB does not fit");
+        assert!(tier.begin_fill("a", &huge).is_none());
+        assert_eq!(
+            metrics.disk_fills_skipped.get(),
+            1,
+            "the second try is not made"
+        );
+        assert_eq!(metrics.disk_unfit.get(), 1);
+        assert_eq!(tier.used_bytes(), 0, "the reservation is released");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            0,
+            "no file left"
+        );
+        let smaller = info("e2", 100);
+        assert!(
+            tier.begin_fill("a", &smaller).is_some(),
+            "another revision is tried"
         );
     }
 

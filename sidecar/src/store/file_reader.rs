@@ -11,10 +11,13 @@ use tokio::sync::{mpsc, watch};
 
 use super::{ByteStream, StoreError};
 use crate::http_range::ByteRange;
-use crate::window::{Slot, Window};
+use crate::window::{Budget, Slot, Window};
 
 /// Large reads: tokio's 4 KiB default serves a cached file about 9x slower.
 const BLOCK: u64 = 512 * 1024;
+/// The block size while the disk-read budget is short: many slow readers then share it
+/// in small pieces instead of queueing for whole blocks.
+const SMALL_BLOCK: u64 = 64 * 1024;
 /// Blocks read ahead of the client.
 const READ_AHEAD: usize = 2;
 /// Blocks in use at once: read ahead, being read, and queued in hyper's write buffer.
@@ -28,18 +31,21 @@ pub struct FillProgress {
     pub failed: Option<StoreError>,
 }
 
-/// Streams `range` of `file`. With `progress`, waits for a fill to write each block and
-/// ends with its error if it fails. `lease` is held until the stream ends.
+/// Streams `range` of `file`, its blocks drawn from `budget`. With `progress`, waits
+/// for a fill to write each block and ends with its error if it fails. `lease` is held
+/// until the stream ends.
 pub fn read_range<L: Send + 'static>(
     file: Arc<File>,
     range: ByteRange,
     progress: Option<watch::Receiver<FillProgress>>,
+    budget: &Budget,
     lease: L,
 ) -> ByteStream {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
+    let budget = budget.clone();
     tokio::spawn(async move {
         let _lease = lease;
-        let blocks = Window::new(BLOCKS);
+        let blocks = Window::with_budget(BLOCKS, budget.clone());
         let mut progress = progress;
         let mut offset = range.start;
         while offset <= range.end {
@@ -50,9 +56,14 @@ pub fn read_range<L: Send + 'static>(
                     return;
                 }
             };
-            let len = BLOCK.min(range.end + 1 - offset).min(available - offset);
+            let block = if budget.available() >= BLOCK {
+                BLOCK
+            } else {
+                SMALL_BLOCK
+            };
+            let len = block.min(range.end + 1 - offset).min(available - offset);
             let file = file.clone();
-            let slot = blocks.take(len, None).await;
+            let slot = blocks.take(len).await;
             let block =
                 match tokio::task::spawn_blocking(move || read_block(&file, offset, len, slot))
                     .await

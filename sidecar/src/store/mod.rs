@@ -63,5 +63,12 @@ pub enum StoreError {
     Disk(String),
 }
 
+/// The process-wide budgets of transfer buffers (`--parallel-get-budget`, `--disk-read-budget`).
+#[derive(Debug, Clone)]
+pub struct Budgets {
+    pub parallel_get: crate::window::Budget,
+    pub disk_read: crate::window::Budget,
+}
+
 /// A stream of body bytes; an `Err` ends it and must close the client's connection.
 pub type ByteStream = BoxStream<'static, Result<Bytes, StoreError>>;

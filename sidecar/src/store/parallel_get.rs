@@ -3,8 +3,10 @@
 //! A part takes a window slot (a reusable chunk buffer) before its request is sent and
 //! the slot returns only when the consumer drops that chunk's bytes, so buffered bytes
 //! never exceed workers x chunk size however slow the consumer is, and the buffers are
-//! allocated once per read rather than once per part. Every part carries If-Match on
-//! one ETag, so a replacement mid-read fails the read instead of mixing revisions.
+//! allocated once per read rather than once per part. Every slot also waits for its
+//! bytes in one process-wide budget shared by all reads, so many slow clients cannot
+//! multiply that bound. Every part carries If-Match on one ETag, so a replacement
+//! mid-read fails the read instead of mixing revisions.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +19,7 @@ use super::s3::{Revision, S3Store};
 use super::{ByteStream, StoreError};
 use crate::http_range::ByteRange;
 use crate::metrics::Metrics;
-use crate::window::Window;
+use crate::window::{Budget, Slot, Window};
 
 /// How a parallel GET splits and paces its parts.
 #[derive(Debug, Clone, Copy)]
@@ -33,13 +35,14 @@ pub struct ParallelGetConfig {
 /// Streams `range` of revision `etag` of `key`, in order, with bounded buffering.
 pub fn parallel_get(
     s3: Arc<S3Store>,
+    budget: &Budget,
     metrics: Metrics,
     key: String,
     etag: String,
     range: ByteRange,
     config: ParallelGetConfig,
 ) -> ByteStream {
-    let window = Arc::new(Window::new(config.workers));
+    let window = Arc::new(Window::with_budget(config.workers, budget.clone()));
     let part = Arc::new(PartRequest {
         s3,
         metrics,
@@ -48,18 +51,28 @@ pub fn parallel_get(
         config,
     });
     futures::stream::iter(range.split(config.chunk_size))
-        .map(move |chunk| {
-            let task = tokio::spawn(part.clone().fetch(chunk, window.clone()));
-            // Dropping the stream (a client gone) cancels parts still in flight.
-            let task = AbortOnDropHandle::new(task);
+        .then(move |chunk| {
+            let (window, part) = (window.clone(), part.clone());
+            // Slots are taken one after another, in order: each read holds budget for a
+            // prefix of its parts, so the part its client waits for always has its bytes.
             async move {
-                task.await
-                    .map_err(|err| StoreError::S3(format!("part task failed: {err}")))?
+                let slot = window.take(chunk.len()).await;
+                // Dropping the stream (a client gone) cancels parts still in flight.
+                InFlight(AbortOnDropHandle::new(tokio::spawn(
+                    part.fetch(chunk, slot),
+                )))
             }
+        })
+        .map(|InFlight(task)| async move {
+            task.await
+                .map_err(|err| StoreError::S3(format!("part task failed: {err}")))?
         })
         .buffered(config.workers)
         .boxed()
 }
+
+/// A part's spawned request, named so the ordered stream yields it rather than awaits it.
+struct InFlight(AbortOnDropHandle<Result<Bytes, StoreError>>);
 
 #[derive(Debug)]
 struct PartRequest {
@@ -71,12 +84,7 @@ struct PartRequest {
 }
 
 impl PartRequest {
-    async fn fetch(
-        self: Arc<Self>,
-        chunk: ByteRange,
-        window: Arc<Window>,
-    ) -> Result<Bytes, StoreError> {
-        let mut slot = window.take(chunk.len(), Some(self.metrics.clone())).await;
+    async fn fetch(self: Arc<Self>, chunk: ByteRange, mut slot: Slot) -> Result<Bytes, StoreError> {
         let mut attempt = 1;
         loop {
             slot.buffer().clear();

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use super::{ByteStream, ObjectInfo, SnapshotMetadata, StoreError};
 use crate::config::S3Args;
 use crate::http_range::ByteRange;
-use crate::metrics::Metrics;
+use crate::metrics::{Health, Metrics, S3Failure};
 
 /// Which revision a GET must read; S3 refuses the read when it is gone.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +21,19 @@ pub enum Revision<'a> {
     ETag(&'a str),
     /// This VersionId of a versioned bucket.
     Version(&'a str),
+}
+
+impl Revision<'_> {
+    /// Whether S3's answer is this revision. Checked on every answer whatever the server
+    /// claims: one that ignores If-Match or VersionId (Garage ignores VersionId) would
+    /// otherwise hand out the current bytes under a stale pin.
+    pub fn is(&self, info: &ObjectInfo) -> bool {
+        match self {
+            Revision::Current => true,
+            Revision::ETag(etag) => info.etag == *etag,
+            Revision::Version(version) => info.version_id.as_deref() == Some(*version),
+        }
+    }
 }
 
 /// One bucket, with metrics on every request.
@@ -90,12 +103,35 @@ impl S3Store {
         }
     }
 
-    /// Whether the bucket answers at all (for /readyz).
-    pub async fn check_reachable(&self) -> Result<(), StoreError> {
+    /// HeadBucket, once at start-up, to say loudly whether the bucket and credentials
+    /// work. Probes and scrapes never ask S3: its health comes from the serving requests.
+    pub async fn check_bucket(&self) -> BucketCheck {
         let started = Instant::now();
         let result = self.client.head_bucket().bucket(&self.bucket).send().await;
         self.observe("head_bucket", started);
-        result.map(|_| ()).map_err(|err| self.classify(err))
+        let Err(err) = result else {
+            self.metrics.s3_health.record(Health::Answered);
+            return BucketCheck::Usable;
+        };
+        let failure = self.classify(&err);
+        let (check, health) = match (failure.health, failure.error) {
+            (_, StoreError::NotFound) => (
+                BucketCheck::Missing,
+                Health::Failed(S3Failure::BucketMissing),
+            ),
+            // Ambiguous: wrong credentials, or a policy without s3:ListBucket that still
+            // allows GetObject. The first snapshot read decides, so health is left to it.
+            (Health::Failed(S3Failure::AccessDenied), error) => {
+                (BucketCheck::Denied(error), Health::Inconclusive)
+            }
+            (health, error) => (BucketCheck::Failed(error), health),
+        };
+        self.metrics.s3_health.record(health);
+        check
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
     }
 
     /// The current revision of `key`.
@@ -116,16 +152,15 @@ impl S3Store {
             Revision::Version(version) => request.version_id(version),
         };
         let started = Instant::now();
-        let result = request.send().await;
-        self.observe("head", started);
-        let out = result.map_err(|err| self.classify(err))?;
-        Ok(ObjectInfo {
+        let out = self.finish("head", started, request.send().await)?;
+        let info = ObjectInfo {
             etag: unquote(out.e_tag()).to_owned(),
             size: non_negative(out.content_length()),
             last_modified: to_system_time(out.last_modified()),
             version_id: out.version_id().map(str::to_owned),
             metadata: SnapshotMetadata::from_user_metadata(out.metadata()),
-        })
+        };
+        self.verify(revision, info)
     }
 
     /// GetObject of `range` (or the whole object) of the given revision, streamed.
@@ -145,17 +180,25 @@ impl S3Store {
             Revision::Version(version) => request.version_id(version),
         };
         let started = Instant::now();
-        let result = request.send().await;
-        self.observe("get", started);
-        let out = result.map_err(|err| self.classify(err))?;
-        let info = get_info(&out);
+        let out = self.finish("get", started, request.send().await)?;
+        let info = self.verify(revision, get_info(&out))?;
         let metrics = self.metrics.clone();
-        let body = futures::stream::unfold(out.body, |mut body| async move {
-            match body.next().await? {
-                Ok(bytes) => Some((Ok(bytes), body)),
-                Err(err) => Some((Err(StoreError::S3(format!("reading body: {err}"))), body)),
-            }
-        })
+        let body = futures::stream::unfold(
+            (out.body, metrics.clone()),
+            |(mut body, metrics)| async move {
+                match body.next().await? {
+                    Ok(bytes) => Some((Ok(bytes), (body, metrics))),
+                    Err(err) => {
+                        // A body cut mid-way is S3 failing as surely as a refused request.
+                        metrics
+                            .s3_health
+                            .record(Health::Failed(S3Failure::Unreachable));
+                        let err = StoreError::Unreachable(format!("reading body: {err}"));
+                        Some((Err(err), (body, metrics)))
+                    }
+                }
+            },
+        )
         .inspect(move |chunk| {
             if let Ok(bytes) = chunk {
                 metrics.s3_bytes_read.inc_by(bytes.len() as u64);
@@ -165,6 +208,49 @@ impl S3Store {
         Ok(GetResponse { info, body })
     }
 
+    fn verify(&self, revision: Revision<'_>, info: ObjectInfo) -> Result<ObjectInfo, StoreError> {
+        if revision.is(&info) {
+            return Ok(info);
+        }
+        tracing::warn!(
+            wanted = ?revision,
+            etag = %info.etag,
+            version = ?info.version_id,
+            "S3 answered with another revision than the one asked for (does the server \
+             ignore If-Match or VersionId?); refusing it"
+        );
+        self.metrics
+            .s3_errors
+            .with_label_values(&["wrong_revision"])
+            .inc();
+        Err(StoreError::PreconditionFailed)
+    }
+
+    /// Records the request's latency and what it says of S3's health, and maps its error.
+    fn finish<T, E, R>(
+        &self,
+        operation: &str,
+        started: Instant,
+        result: Result<T, SdkError<E, R>>,
+    ) -> Result<T, StoreError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + HasStatus,
+    {
+        self.observe(operation, started);
+        match result {
+            Ok(out) => {
+                self.metrics.s3_health.record(Health::Answered);
+                Ok(out)
+            }
+            Err(err) => {
+                let failure = self.classify(&err);
+                self.metrics.s3_health.record(failure.health);
+                Err(failure.error)
+            }
+        }
+    }
+
     fn observe(&self, operation: &str, started: Instant) {
         self.metrics
             .s3_latency
@@ -172,33 +258,66 @@ impl S3Store {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    /// Maps an SDK error onto the few outcomes the sidecar distinguishes, by status
-    /// code rather than error code: Garage's 412 carries no error code.
-    fn classify<E, R>(&self, err: SdkError<E, R>) -> StoreError
+    /// Maps an SDK error onto the few outcomes the sidecar distinguishes, by status code
+    /// rather than error code (Garage's 412 carries no error code), and counts it.
+    fn classify<E, R>(&self, err: &SdkError<E, R>) -> Classified
     where
         E: std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + HasStatus,
     {
         let status = err.raw_response().map(HasStatus::status_code);
-        let (reason, error) = match (&err, status) {
+        let detail = || DisplayErrorContext(err).to_string();
+        let (reason, health, error) = match (err, status) {
             (SdkError::DispatchFailure(_) | SdkError::TimeoutError(_), _) => (
                 "unreachable",
-                StoreError::Unreachable(DisplayErrorContext(&err).to_string()),
+                Health::Failed(S3Failure::Unreachable),
+                StoreError::Unreachable(detail()),
             ),
-            (_, Some(404)) => ("not_found", StoreError::NotFound),
-            (_, Some(412)) => ("precondition_failed", StoreError::PreconditionFailed),
+            // A HEAD's 404 cannot tell a missing key from a missing bucket, so it clears
+            // no failure; a 412 is S3 weighing an existing object's ETag: an answer.
+            (_, Some(404)) => ("not_found", Health::Inconclusive, StoreError::NotFound),
+            (_, Some(412)) => (
+                "precondition_failed",
+                Health::Answered,
+                StoreError::PreconditionFailed,
+            ),
+            (_, Some(401 | 403)) => (
+                "access_denied",
+                Health::Failed(S3Failure::AccessDenied),
+                StoreError::S3(format!(
+                    "S3 refused the credentials, or the bucket policy denies access: {}",
+                    detail()
+                )),
+            ),
             (_, Some(500..=599)) => (
                 "server_error",
-                StoreError::Unreachable(DisplayErrorContext(&err).to_string()),
+                Health::Failed(S3Failure::Unreachable),
+                StoreError::Unreachable(detail()),
             ),
             _ => (
                 "other",
-                StoreError::S3(DisplayErrorContext(&err).to_string()),
+                Health::Failed(S3Failure::Other),
+                StoreError::S3(detail()),
             ),
         };
         self.metrics.s3_errors.with_label_values(&[reason]).inc();
-        error
+        Classified { health, error }
     }
+}
+
+/// A failed S3 request: what it says of S3's health, and the error.
+struct Classified {
+    health: Health,
+    error: StoreError,
+}
+
+/// What the start-up HeadBucket found.
+#[derive(Debug)]
+pub enum BucketCheck {
+    Usable,
+    Missing,
+    Denied(StoreError),
+    Failed(StoreError),
 }
 
 /// The HTTP status of a raw SDK response, as a plain number.
@@ -247,6 +366,31 @@ fn to_system_time(time: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(etag: &str, version: Option<&str>) -> ObjectInfo {
+        ObjectInfo {
+            etag: etag.to_owned(),
+            size: 1,
+            last_modified: SystemTime::UNIX_EPOCH,
+            version_id: version.map(str::to_owned),
+            metadata: SnapshotMetadata::default(),
+        }
+    }
+
+    #[test]
+    fn an_answer_is_the_pinned_revision_only_when_its_validator_matches() {
+        let answer = info("e1", Some("v1"));
+        assert!(Revision::Current.is(&answer));
+        assert!(Revision::ETag("e1").is(&answer));
+        assert!(!Revision::ETag("e2").is(&answer));
+        assert!(!Revision::ETag("").is(&answer));
+        assert!(Revision::Version("v1").is(&answer));
+        assert!(!Revision::Version("v2").is(&answer));
+        assert!(
+            !Revision::Version("v1").is(&info("e1", None)),
+            "a server that reports no VersionId did not honour the version"
+        );
+    }
 
     #[test]
     fn etags_lose_their_quotes() {

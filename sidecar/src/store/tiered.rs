@@ -14,7 +14,7 @@ use super::disk::{DataFile, DiskTier, FillWriter};
 use super::file_reader::{FillProgress, read_range};
 use super::parallel_get::{ParallelGetConfig, parallel_get};
 use super::s3::S3Store;
-use super::{ByteStream, ObjectInfo, StoreError};
+use super::{Budgets, ByteStream, ObjectInfo, StoreError};
 use crate::http_range::ByteRange;
 use crate::metrics::{Metrics, Source};
 
@@ -59,6 +59,7 @@ pub struct Tiered {
     fills: Arc<Mutex<HashMap<String, Arc<Fill>>>>,
     revalidate_after: Duration,
     parallel: ParallelGetConfig,
+    budgets: Budgets,
     metrics: Metrics,
 }
 
@@ -68,6 +69,7 @@ impl Tiered {
         disk: Option<Arc<DiskTier>>,
         revalidate_after: Duration,
         parallel: ParallelGetConfig,
+        budgets: Budgets,
         metrics: Metrics,
     ) -> Tiered {
         Tiered {
@@ -76,6 +78,7 @@ impl Tiered {
             fills: Arc::default(),
             revalidate_after,
             parallel,
+            budgets,
             metrics,
         }
     }
@@ -145,17 +148,25 @@ impl Tiered {
     }
 
     /// Streams `range` of a resolved snapshot. A read of a revision not on disk yet
-    /// starts (or joins) the fill; a partial read streams its range from S3 meanwhile.
+    /// starts (or joins) the fill; a range far into the object streams from S3 meanwhile.
     pub fn read(&self, key: &str, resolved: Resolved, range: ByteRange) -> ByteStream {
-        let whole = range.start == 0 && range.end + 1 == resolved.info.size;
+        // A range the fill's first wave of parts covers waits for the fill rather than
+        // reading its bytes from S3 a second time (a cold `bytes=1-` is a whole read).
+        let first_wave = self
+            .parallel
+            .chunk_size
+            .saturating_mul(self.parallel.workers as u64);
+        let fill_reaches_soon = range.start < first_wave;
         match resolved.location {
             Location::Disk(file) => match file.open() {
-                Ok(handle) => read_range(Arc::new(handle), range, None, file),
+                Ok(handle) => {
+                    read_range(Arc::new(handle), range, None, &self.budgets.disk_read, file)
+                }
                 Err(err) => error_stream(StoreError::Disk(err.to_string())),
             },
-            Location::Filling(fill) => fill_reader(fill, range),
+            Location::Filling(fill) => self.fill_reader(fill, range),
             Location::S3 => match self.start_fill(key, &resolved.info) {
-                Some(fill) if whole => fill_reader(fill, range),
+                Some(fill) if fill_reaches_soon => self.fill_reader(fill, range),
                 _ => self.s3_stream(key, &resolved.info.etag, range),
             },
         }
@@ -164,12 +175,19 @@ impl Tiered {
     fn s3_stream(&self, key: &str, etag: &str, range: ByteRange) -> ByteStream {
         parallel_get(
             self.s3.clone(),
+            &self.budgets.parallel_get,
             self.metrics.clone(),
             key.to_owned(),
             etag.to_owned(),
             range,
             self.parallel,
         )
+    }
+
+    fn fill_reader(&self, fill: Arc<Fill>, range: ByteRange) -> ByteStream {
+        let progress = fill.progress.clone();
+        let file = fill.file.clone();
+        read_range(file, range, Some(progress), &self.budgets.disk_read, fill)
     }
 
     fn fill_in_progress(&self, key: &str) -> Option<Arc<Fill>> {
@@ -218,11 +236,6 @@ fn disk_hit(info: ObjectInfo, file: Arc<DataFile>) -> Resolved {
     }
 }
 
-fn fill_reader(fill: Arc<Fill>, range: ByteRange) -> ByteStream {
-    let progress = fill.progress.clone();
-    read_range(fill.file.clone(), range, Some(progress), fill)
-}
-
 fn error_stream(err: StoreError) -> ByteStream {
     Box::pin(futures::stream::once(async move { Err(err) }))
 }
@@ -252,7 +265,7 @@ impl FillJob {
         let started = Instant::now();
         let copied = copy(&writer, &mut source, &progress).await;
         let committed = match copied {
-            Ok(()) => tokio::task::spawn_blocking(move || writer.commit())
+            Ok(written) => tokio::task::spawn_blocking(move || writer.commit(written))
                 .await
                 .map_err(|err| StoreError::Disk(format!("commit task failed: {err}")))
                 .and_then(|done| done.map_err(|err| StoreError::Disk(err.to_string()))),
@@ -276,7 +289,7 @@ async fn copy(
     writer: &FillWriter,
     source: &mut ByteStream,
     progress: &watch::Sender<FillProgress>,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let mut offset = 0;
     while let Some(chunk) = source.try_next().await? {
         let file = writer.file();
@@ -288,5 +301,5 @@ async fn copy(
         offset += len;
         progress.send_modify(|p| p.written = offset);
     }
-    Ok(())
+    Ok(offset)
 }
