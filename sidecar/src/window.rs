@@ -5,9 +5,11 @@
 //! consumer drops the chunk's bytes, so at most `slots` chunks are in memory however
 //! slow the consumer is. Each buffer is allocated once and reused: a 1 GiB transfer
 //! does not fault in 1 GiB of fresh pages. With a `Budget`, a slot also waits until
-//! the bytes it needs are free across every transfer sharing that budget.
+//! the bytes it needs are free across every transfer sharing that budget, and a buffer
+//! keeps its share while the window keeps the buffer: every byte allocated is counted.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc};
@@ -23,6 +25,8 @@ const UNIT: u64 = 1024;
 pub struct Budget {
     permits: Arc<Semaphore>,
     units: u32,
+    /// Windows drawing on the budget now, for each one's fair share.
+    windows: Arc<AtomicUsize>,
     buffers: Buffers,
     metrics: Metrics,
 }
@@ -33,6 +37,7 @@ impl Budget {
         Budget {
             permits: Arc::new(Semaphore::new(units as usize)),
             units,
+            windows: Arc::default(),
             buffers,
             metrics,
         }
@@ -41,6 +46,13 @@ impl Budget {
     /// Bytes free now: a hint for sizing the next request, not a promise.
     pub fn available(&self) -> u64 {
         self.permits.available_permits() as u64 * UNIT
+    }
+
+    /// The chunk size at which every window drawing on the budget now could hold `slots`
+    /// chunks at once without waiting for another.
+    pub fn fair_share(&self, slots: usize) -> u64 {
+        let windows = self.windows.load(Ordering::SeqCst).max(1);
+        u64::from(self.units) * UNIT / (windows * slots.max(1)) as u64
     }
 
     /// Waits until `len` bytes are free (a request larger than the budget waits for all of it).
@@ -61,7 +73,7 @@ impl Budget {
     }
 }
 
-/// Bytes of a budget held by one slot; they return when it drops.
+/// Bytes of a budget held by one buffer; they return when it drops.
 #[derive(Debug)]
 struct Reservation {
     _permit: Option<OwnedSemaphorePermit>,
@@ -76,34 +88,39 @@ impl Drop for Reservation {
     }
 }
 
+/// A buffer and the budget share it holds.
+type Buffer = (Vec<u8>, Option<Reservation>);
+
 /// The slots of one transfer.
 #[derive(Debug)]
 pub struct Window {
-    free: Mutex<mpsc::Receiver<Vec<u8>>>,
-    returns: mpsc::Sender<Vec<u8>>,
+    free: Mutex<mpsc::Receiver<Buffer>>,
+    returns: mpsc::Sender<Buffer>,
     budget: Option<Budget>,
 }
 
 impl Window {
     pub fn new(slots: usize) -> Window {
-        let slots = slots.max(1);
-        let (returns, free) = mpsc::channel(slots);
-        for _ in 0..slots {
-            // Capacity is reserved on first use: a small object never allocates a whole chunk.
-            let _ = returns.try_send(Vec::new());
-        }
-        Window {
-            free: Mutex::new(free),
-            returns,
-            budget: None,
-        }
+        Window::build(slots, None)
     }
 
     /// A window whose slots also take their bytes from `budget`.
     pub fn with_budget(slots: usize, budget: Budget) -> Window {
+        budget.windows.fetch_add(1, Ordering::SeqCst);
+        Window::build(slots, Some(budget))
+    }
+
+    fn build(slots: usize, budget: Option<Budget>) -> Window {
+        let slots = slots.max(1);
+        let (returns, free) = mpsc::channel(slots);
+        for _ in 0..slots {
+            // Capacity is reserved on first use: a small object never allocates a whole chunk.
+            let _ = returns.try_send((Vec::new(), None));
+        }
         Window {
-            budget: Some(budget),
-            ..Window::new(slots)
+            free: Mutex::new(free),
+            returns,
+            budget,
         }
     }
 
@@ -111,17 +128,34 @@ impl Window {
     /// makes room in it for `len` bytes.
     pub async fn take(&self, len: u64) -> Slot {
         // The window keeps a sender, so the channel never closes while waiting here.
-        let mut data = self.free.lock().await.recv().await.unwrap_or_default();
-        let reservation = match &self.budget {
-            Some(budget) => Some(budget.reserve(len).await),
-            None => None,
-        };
+        let (mut data, mut reservation) = self.free.lock().await.recv().await.unwrap_or_default();
+        let wanted = usize::try_from(len).unwrap_or(usize::MAX);
+        if data.capacity() > wanted.saturating_mul(2) {
+            // Far too big for this chunk: holding it would keep budget from others.
+            (data, reservation) = (Vec::new(), None);
+        }
         data.clear();
-        data.reserve_exact(usize::try_from(len).unwrap_or(usize::MAX));
+        if let Some(budget) = &self.budget {
+            let held = reservation.as_ref().map_or(0, |r| r.bytes);
+            if held < i64::try_from(len).unwrap_or(i64::MAX) {
+                // Give back the old share before waiting, so a window never waits on itself.
+                drop(reservation.take());
+                reservation = Some(budget.reserve(len).await);
+            }
+        }
+        data.reserve_exact(wanted);
         Slot {
             data,
-            _reservation: reservation,
+            reservation,
             returns: self.returns.clone(),
+        }
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.windows.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -130,8 +164,8 @@ impl Window {
 #[derive(Debug)]
 pub struct Slot {
     data: Vec<u8>,
-    _reservation: Option<Reservation>,
-    returns: mpsc::Sender<Vec<u8>>,
+    reservation: Option<Reservation>,
+    returns: mpsc::Sender<Buffer>,
 }
 
 impl Slot {
@@ -161,8 +195,10 @@ impl AsRef<[u8]> for Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        // Fails only when the transfer is over and its window gone: then the buffer is freed.
-        let _ = self.returns.try_send(std::mem::take(&mut self.data));
+        // Fails only when the transfer is over and its window gone: then the buffer and
+        // its budget share are freed.
+        let buffer = (std::mem::take(&mut self.data), self.reservation.take());
+        let _ = self.returns.try_send(buffer);
     }
 }
 
@@ -201,23 +237,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_gauge_counts_held_slots() {
+    async fn the_gauge_counts_buffers_until_their_window_goes() {
         let metrics = Metrics::new();
         let budget = Budget::new(1 << 20, Buffers::ParallelGet, metrics.clone());
-        let window = Window::with_budget(4, budget);
+        let window = Window::with_budget(1, budget);
         let slot = window.take(100).await;
         let bytes = slot.into_bytes();
         assert_eq!(metrics.parallel_get_buffered.get(), 100);
         let clone = bytes.clone();
         drop(bytes);
+        drop(clone);
         assert_eq!(
             metrics.parallel_get_buffered.get(),
             100,
-            "a clone still holds it"
+            "a buffer kept for reuse still counts"
         );
-        drop(clone);
+        let again = window.take(80).await;
+        assert_eq!(
+            metrics.parallel_get_buffered.get(),
+            100,
+            "reused, not counted twice"
+        );
+        drop(again);
+        drop(window);
         assert_eq!(metrics.parallel_get_buffered.get(), 0);
         assert_eq!(metrics.buffered_high_water(Buffers::ParallelGet), 100);
+    }
+
+    #[tokio::test]
+    async fn a_buffer_far_larger_than_its_chunk_is_given_back() {
+        let metrics = Metrics::new();
+        let budget = Budget::new(1 << 20, Buffers::DiskRead, metrics.clone());
+        let window = Window::with_budget(1, budget.clone());
+        drop(window.take(512 * 1024).await);
+        assert_eq!(budget.available(), 512 * 1024);
+        let small = window.take(64 * 1024).await;
+        assert!(small.data.capacity() < 128 * 1024, "a fresh, small buffer");
+        assert_eq!(budget.available(), (1 << 20) - 64 * 1024);
     }
 
     #[tokio::test]
@@ -233,12 +289,28 @@ mod tests {
             waits(second.take(1024)),
             "a free slot still waits for budget"
         );
-        drop(a);
+        drop((a, first));
         let c = second.take(32 * 1024).await;
         assert_eq!(metrics.disk_read_buffered.get(), 64 * 1024);
-        drop((b, c));
+        drop((b, c, second));
         assert_eq!(metrics.disk_read_buffered.get(), 0);
         assert_eq!(budget.available(), 64 * 1024);
+    }
+
+    #[tokio::test]
+    async fn the_fair_share_divides_the_budget_among_open_windows() {
+        let budget = Budget::new(64 << 20, Buffers::DiskRead, Metrics::new());
+        assert_eq!(
+            budget.fair_share(4),
+            16 << 20,
+            "no window yet counts as one"
+        );
+        let windows: Vec<Window> = (0..8)
+            .map(|_| Window::with_budget(4, budget.clone()))
+            .collect();
+        assert_eq!(budget.fair_share(4), 2 << 20);
+        drop(windows);
+        assert_eq!(budget.fair_share(4), 16 << 20);
     }
 
     #[tokio::test]
@@ -247,7 +319,7 @@ mod tests {
         let window = Window::with_budget(2, budget.clone());
         let big = window.take(1 << 20).await;
         assert_eq!(budget.available(), 0);
-        drop(big);
+        drop((big, window));
         assert_eq!(budget.available(), 4096);
     }
 }

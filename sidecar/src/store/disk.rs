@@ -234,19 +234,25 @@ impl DiskTier {
                 committed: false,
             }),
             Err(err) => {
+                let no_room = matches!(
+                    err.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::FileTooLarge
+                );
                 tracing::warn!(
                     error = %err,
                     bytes = info.size,
-                    "the disk tier cannot hold this snapshot; serving it from S3 uncached"
+                    "the disk tier cannot take this snapshot; serving it from S3 uncached"
                 );
-                self.metrics.disk_fills_skipped.inc();
                 let mut state = self.lock();
                 state.used_bytes -= info.size;
-                if state.unfit.len() >= UNFIT_CAPACITY {
-                    state.unfit.clear();
+                if no_room {
+                    self.metrics.disk_fills_skipped.inc();
+                    if state.unfit.len() >= UNFIT_CAPACITY {
+                        state.unfit.clear();
+                    }
+                    state.unfit.insert(unfit_key, Instant::now());
+                    self.metrics.disk_unfit.set(state.unfit.len() as i64);
                 }
-                state.unfit.insert(unfit_key, Instant::now());
-                self.metrics.disk_unfit.set(state.unfit.len() as i64);
                 self.publish_gauges(&state);
                 None
             }

@@ -7,16 +7,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 
 use super::{ByteStream, StoreError};
 use crate::http_range::ByteRange;
 use crate::window::{Budget, Slot, Window};
 
-/// Large reads: tokio's 4 KiB default serves a cached file about 9x slower.
+/// Large reads for clients that keep up: tokio's 4 KiB default serves a cached file
+/// about 9x slower.
 const BLOCK: u64 = 512 * 1024;
-/// The block size while the disk-read budget is short: many slow readers then share it
-/// in small pieces instead of queueing for whole blocks.
+/// The first block, and every block for a client that does not keep up: a slow client
+/// then holds little of the shared disk-read budget, and many of them share it.
 const SMALL_BLOCK: u64 = 64 * 1024;
 /// Blocks read ahead of the client.
 const READ_AHEAD: usize = 2;
@@ -48,6 +50,7 @@ pub fn read_range<L: Send + 'static>(
         let blocks = Window::with_budget(BLOCKS, budget.clone());
         let mut progress = progress;
         let mut offset = range.start;
+        let mut block_size = SMALL_BLOCK;
         while offset <= range.end {
             let available = match wait_for(&mut progress, offset).await {
                 Ok(available) => available,
@@ -56,12 +59,11 @@ pub fn read_range<L: Send + 'static>(
                     return;
                 }
             };
-            let block = if budget.available() >= BLOCK {
-                BLOCK
-            } else {
-                SMALL_BLOCK
-            };
-            let len = block.min(range.end + 1 - offset).min(available - offset);
+            let fair_share = budget.fair_share(BLOCKS).max(SMALL_BLOCK);
+            let len = block_size
+                .min(fair_share)
+                .min(range.end + 1 - offset)
+                .min(available - offset);
             let file = file.clone();
             let slot = blocks.take(len).await;
             let block =
@@ -76,8 +78,21 @@ pub fn read_range<L: Send + 'static>(
                     Err(err) => Err(StoreError::Disk(format!("read task failed: {err}"))),
                 };
             let failed = block.is_err();
+            // Blocks grow while the client takes them as fast as they come (the channel
+            // has room), and shrink back as soon as it does not.
+            let sent = match tx.try_send(block) {
+                Ok(()) => {
+                    block_size = (block_size * 2).min(BLOCK);
+                    true
+                }
+                Err(TrySendError::Full(block)) => {
+                    block_size = SMALL_BLOCK;
+                    tx.send(block).await.is_ok()
+                }
+                Err(TrySendError::Closed(_)) => false,
+            };
             // A closed channel means the client went away.
-            if tx.send(block).await.is_err() || failed {
+            if !sent || failed {
                 return;
             }
         }

@@ -190,8 +190,13 @@ impl Tiered {
         read_range(file, range, Some(progress), &self.budgets.disk_read, fill)
     }
 
+    /// The running fill of `key`; one that failed is never joined, even in the moment
+    /// before its job removes it.
     fn fill_in_progress(&self, key: &str) -> Option<Arc<Fill>> {
-        lock(&self.fills).get(key).cloned()
+        lock(&self.fills)
+            .get(key)
+            .filter(|fill| fill.progress.borrow().failed.is_none())
+            .cloned()
     }
 
     /// The fill of this revision: the one running, or a new one when the disk tier
@@ -200,7 +205,10 @@ impl Tiered {
         let disk = self.disk.as_ref()?;
         let whole = ByteRange::whole(info.size)?;
         let mut fills = lock(&self.fills);
-        if let Some(fill) = fills.get(key) {
+        let running = fills
+            .get(key)
+            .filter(|fill| fill.progress.borrow().failed.is_none());
+        if let Some(fill) = running {
             return (fill.info.etag == info.etag).then(|| fill.clone());
         }
         let writer = disk.begin_fill(key, info)?;
@@ -269,8 +277,11 @@ impl FillJob {
                 .await
                 .map_err(|err| StoreError::Disk(format!("commit task failed: {err}")))
                 .and_then(|done| done.map_err(|err| StoreError::Disk(err.to_string()))),
-            // Dropping the writer removes the temporary file.
-            Err(err) => Err(err),
+            Err(err) => {
+                // Removes the temporary file before any reader or new fill sees the failure.
+                drop(writer);
+                Err(err)
+            }
         };
         match committed {
             Ok(()) => {
