@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 /// Forwards 127.0.0.1:port to `upstream` while up; refuses connections while down.
@@ -27,15 +27,25 @@ pub struct CutProxy {
 #[derive(Debug)]
 struct Downstream {
     sent: AtomicU64,
-    limit: AtomicU64,
+    limit: watch::Sender<u64>,
 }
 
 impl Default for Downstream {
     fn default() -> Downstream {
         Downstream {
             sent: AtomicU64::new(0),
-            limit: AtomicU64::new(u64::MAX),
+            limit: watch::channel(u64::MAX).0,
         }
+    }
+}
+
+impl Downstream {
+    /// Waits while the limit is reached.
+    async fn wait_open(&self) {
+        let mut limit = self.limit.subscribe();
+        let _ = limit
+            .wait_for(|limit| self.sent.load(Ordering::SeqCst) < *limit)
+            .await;
     }
 }
 
@@ -64,13 +74,18 @@ impl CutProxy {
         self.sent_upstream.load(Ordering::SeqCst)
     }
 
-    /// Forwards the server's answers only until `bytes` more have passed, then holds the
-    /// rest: a transfer stalls mid-way, at a point the test chose.
+    /// Forwards the server's answers only until about `bytes` more have passed, then
+    /// holds them: a transfer stalls mid-way, at a point the test chose.
     pub fn stall_after(&self, bytes: u64) {
         let sent = self.downstream.sent.load(Ordering::SeqCst);
         self.downstream
             .limit
-            .store(sent.saturating_add(bytes), Ordering::SeqCst);
+            .send_replace(sent.saturating_add(bytes));
+    }
+
+    /// Lets every answer through again, the held ones first.
+    pub fn release(&self) {
+        self.downstream.limit.send_replace(u64::MAX);
     }
 
     /// Bytes the server has sent back through the proxy so far.
@@ -144,20 +159,15 @@ async fn relay(
         let _ = server_write.shutdown().await;
     };
     let to_client = async {
-        let mut buffer = vec![0; 64 * 1024];
-        while let Ok(n @ 1..) = server_read.read(&mut buffer).await {
-            let before = downstream.sent.fetch_add(n as u64, Ordering::SeqCst);
-            let allowed = downstream
-                .limit
-                .load(Ordering::SeqCst)
-                .saturating_sub(before);
-            let forward = n.min(usize::try_from(allowed).unwrap_or(usize::MAX));
-            if client_write.write_all(&buffer[..forward]).await.is_err() {
+        let mut buffer = vec![0; 16 * 1024];
+        loop {
+            downstream.wait_open().await;
+            let Ok(n @ 1..) = server_read.read(&mut buffer).await else {
                 break;
-            }
-            if forward < n {
-                // Held until the test cuts the proxy, which aborts this task.
-                std::future::pending::<()>().await;
+            };
+            downstream.sent.fetch_add(n as u64, Ordering::SeqCst);
+            if client_write.write_all(&buffer[..n]).await.is_err() {
+                break;
             }
         }
         let _ = client_write.shutdown().await;

@@ -193,7 +193,7 @@ impl Drop for Sidecar {
 
 /// The addresses from the sidecar's `serving listen=… admin=…` log line.
 fn wait_until_listening(child: &mut Child, log_path: &Path) -> (SocketAddr, SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let field = |log: &str, name: &str| -> Option<SocketAddr> {
         let start = log.find(&format!(" {name}="))? + name.len() + 2;
         log[start..].split_whitespace().next()?.parse().ok()
@@ -210,7 +210,7 @@ fn wait_until_listening(child: &mut Child, log_path: &Path) -> (SocketAddr, Sock
     }
     let _ = child.kill();
     panic!(
-        "sidecar did not report listening within 20s:\n{}",
+        "sidecar did not report listening within 60s:\n{}",
         std::fs::read_to_string(log_path).unwrap_or_default()
     );
 }

@@ -426,6 +426,44 @@ fn start_prometheus(dir: &Path, targets: &[(&str, &str)]) -> (Process, String) {
     (Process(child), format!("http://{listen}"))
 }
 
+/// The value of each series an instant query answers, by its `job` label.
+async fn instant_query(
+    http: &reqwest::Client,
+    prometheus: &str,
+    query: &str,
+) -> std::collections::HashMap<String, f64> {
+    let url =
+        reqwest::Url::parse_with_params(&format!("{prometheus}/api/v1/query"), [("query", query)])
+            .expect("query url");
+    let Ok(response) = http.get(url).send().await else {
+        return Default::default();
+    };
+    let text = response.text().await.unwrap_or_default();
+    let answer: Value = serde_json::from_str(&text).unwrap_or_default();
+    answer["data"]["result"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|series| {
+            let job = series["metric"]["job"].as_str()?.to_owned();
+            let value = series["value"][1].as_str()?.parse().ok()?;
+            Some((job, value))
+        })
+        .collect()
+}
+
+/// Polls `check` until it succeeds; the 60 s deadline only bounds a hang.
+async fn wait_for_prometheus(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(err) if std::time::Instant::now() > deadline => panic!("{what}: {err}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 /// Every `expr` in the dashboard JSON.
 fn dashboard_queries() -> Vec<String> {
     fn collect(value: &Value, out: &mut Vec<String>) {
@@ -533,7 +571,37 @@ async fn prometheus_scrapes_a_sidecar_and_every_dashboard_query_has_data() {
                 .expect("stale pin");
             assert_eq!(stale.status(), 412);
         }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Spread over scrapes by what Prometheus did, not by a pause: the next round
+        // starts once both targets were scraped, up, after this round's traffic.
+        let sent = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64();
+        let jobs = ["snapcache-sidecar", "snapcache-operator"];
+        wait_for_prometheus(&format!("round {round} scraped"), async || {
+            let scraped = instant_query(&http, &prometheus, "timestamp(up)").await;
+            let up = instant_query(&http, &prometheus, "up").await;
+            let pending: Vec<String> = jobs
+                .iter()
+                .filter(|job| {
+                    !(scraped.get(**job).is_some_and(|at| *at > sent)
+                        && up.get(**job) == Some(&1.0))
+                })
+                .map(|job| {
+                    format!(
+                        "{job}: scraped at {:?}, up {:?}",
+                        scraped.get(*job),
+                        up.get(*job)
+                    )
+                })
+                .collect();
+            if pending.is_empty() {
+                Ok(())
+            } else {
+                Err(pending.join("; "))
+            }
+        })
+        .await;
     }
 
     let queries = dashboard_queries();

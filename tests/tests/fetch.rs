@@ -177,8 +177,14 @@ async fn fetch_falls_back_to_one_stream_on_a_plain_http_server() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("python http.server");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() && std::time::Instant::now() < deadline {
+    // Up once it accepts a connection; the deadline only bounds a hang.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if std::time::Instant::now() > deadline || matches!(server.try_wait(), Ok(Some(_))) {
+            let _ = server.kill();
+            let _ = server.wait();
+            panic!("python http.server did not come up on {addr}");
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -252,7 +258,8 @@ async fn a_missing_snapshot_exits_with_the_not_found_code() {
             chunk_size: 1024,
             max_restarts: 0,
             chunk_attempts: 1,
-            chunk_timeout: std::time::Duration::from_secs(5),
+            // Only bounds a hang: the 404 must decide, not a slow answer.
+            chunk_timeout: std::time::Duration::from_secs(60),
             extract: None,
         },
         &snapcache_sidecar::fetch::Quiet,

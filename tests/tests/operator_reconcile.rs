@@ -2,14 +2,20 @@
 //! the Deployments they select, follow spec and label changes, and go away on delete.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::jiff::SignedDuration;
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::sidecar::binary;
@@ -17,8 +23,8 @@ use snapcache_tests::{TestEnv, eventually, install_snapshot_cache_crd, unique_na
 
 const SIDECAR: &str = "snapcache-sidecar";
 
-/// A running `snapcache-operator run`, killed when dropped.
-struct Operator(Child, std::net::SocketAddr);
+/// A running `snapcache-operator run`, killed when dropped; its log goes to a file.
+struct Operator(Child, std::net::SocketAddr, tempfile::NamedTempFile);
 
 impl Operator {
     fn start() -> Operator {
@@ -30,19 +36,31 @@ impl Operator {
     }
 
     fn start_as(kubeconfig: &str, extra: &[&str]) -> Operator {
+        Operator::start_logging(kubeconfig, extra, "info")
+    }
+
+    /// Starts the operator with `RUST_LOG=filter`.
+    fn start_logging(kubeconfig: &str, extra: &[&str], filter: &str) -> Operator {
         let admin = snapcache_tests::sidecar::free_addr();
+        let log = tempfile::NamedTempFile::new().expect("operator log file");
         let child = Command::new(binary("snapcache-operator"))
             .args(["run", "--sidecar-image", "snapcache/sidecar:test"])
             .args(["--admin-listen", &admin.to_string()])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen().expect("operator log handle"))
             .spawn()
             .expect("start snapcache-operator");
-        Operator(child, admin)
+        Operator(child, admin, log)
+    }
+
+    /// What the operator logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.2.path()).unwrap_or_default()
     }
 
     /// The `snapcache_operator_leader` gauge, `None` while the admin port is not up.
@@ -66,6 +84,22 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// Polls `check` every 200 ms until it gives a value, for waits that may legitimately
+/// take longer than `eventually` allows; `limit` only bounds a hang.
+async fn within<T>(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -255,6 +289,41 @@ async fn snapshot_caches_become_sidecars_and_go_away_again() {
     );
 }
 
+const LEASE: &str = "snapcache-operator";
+
+fn holder(lease: &Lease) -> Option<&str> {
+    lease.spec.as_ref()?.holder_identity.as_deref()
+}
+
+fn spec(lease: &Lease) -> k8s_openapi::api::coordination::v1::LeaseSpec {
+    lease.spec.clone().expect("lease spec")
+}
+
+/// Appends every later version of `lease` to `history`, until aborted.
+async fn record(
+    leases: &Api<Lease>,
+    lease: &Lease,
+    history: Arc<Mutex<Vec<Lease>>>,
+) -> tokio::task::JoinHandle<()> {
+    let version = lease.metadata.resource_version.clone().unwrap_or_default();
+    let params = WatchParams::default().fields(&format!("metadata.name={LEASE}"));
+    let events = leases
+        .watch(&params, &version)
+        .await
+        .expect("watch the Lease");
+    tokio::spawn(async move {
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            if let Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) = event {
+                history
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(lease);
+            }
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_leader_election_one_replica_writes_and_another_takes_over() {
     let (client, namespace) = setup().await;
@@ -278,15 +347,13 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
         (a != b).then_some(if a { 0 } else { 1 })
     })
     .await;
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client.clone(), &namespace);
-    let holder = leases
-        .get("snapcache-operator")
-        .await
-        .expect("the lease")
-        .spec
-        .and_then(|s| s.holder_identity);
-    assert_eq!(holder.as_deref(), Some(replicas[leader].1));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let lease = leases.get(LEASE).await.expect("the lease");
+    assert_eq!(holder(&lease), Some(replicas[leader].1));
+    // Every version of the Lease from here on: the takeover is judged by the timestamps
+    // the replicas wrote into it, not by how soon this test happened to look.
+    let history = Arc::new(Mutex::new(vec![lease.clone()]));
+    let recorder = record(&leases, &lease, history.clone()).await;
 
     create_builder(&deployments).await;
     create_cache(&caches).await;
@@ -295,18 +362,47 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
     })
     .await;
 
-    // The leader goes away; the follower takes the lease within its duration.
-    let (old_leader, _) = replicas.remove(leader);
+    // The leader goes away; the follower takes the lease once it expires.
+    let (old_leader, old_identity) = replicas.remove(leader);
     drop(old_leader);
-    let stopped = Instant::now();
+    let follower = replicas[0].1;
     eventually("the follower leading", async || {
         replicas[0].0.leading().await?.then_some(())
     })
     .await;
+    let (last_renewal, takeover) = eventually("the takeover in the Lease", async || {
+        let history = history.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // The old leader's last write, and the follower's first write after it.
+        let last = history
+            .iter()
+            .rposition(|l| holder(l) == Some(old_identity))?;
+        let takeover = history[last..]
+            .iter()
+            .find(|l| holder(l) == Some(follower))?;
+        Some((history[last].clone(), takeover.clone()))
+    })
+    .await;
+    recorder.abort();
+    let (old, new) = (spec(&last_renewal), spec(&takeover));
+    let duration =
+        SignedDuration::from_secs(i64::from(old.lease_duration_seconds.expect("duration")));
+    let renewed = old.renew_time.expect("renewTime").0;
+    let acquired = new.acquire_time.expect("acquireTime").0;
+    let after_expiry = acquired.duration_since(renewed) - duration;
     assert!(
-        stopped.elapsed() < Duration::from_secs(3 + 3),
-        "took over in {:?}",
-        stopped.elapsed()
+        after_expiry > SignedDuration::ZERO,
+        "the follower took the lease {:?} before it expired",
+        -after_expiry
+    );
+    assert!(
+        after_expiry < duration,
+        "the follower took the lease {after_expiry:?} after it expired, more than the \
+         lease duration ({duration:?})"
+    );
+    assert_eq!(
+        new.lease_transitions,
+        Some(old.lease_transitions.unwrap_or(0) + 1),
+        "one transition"
     );
     let patch = json!({"spec": {"sidecar": {"parallelGetWorkers": 16}}});
     caches
@@ -327,7 +423,7 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
 struct OwnApiServer {
     state: tempfile::TempDir,
     /// API servers started by `restart_apiserver`, reaped on drop.
-    restarted: std::sync::Mutex<Vec<Child>>,
+    restarted: Mutex<Vec<Child>>,
 }
 
 impl OwnApiServer {
@@ -345,7 +441,7 @@ impl OwnApiServer {
             .expect("run kube.sh start");
         let server = OwnApiServer {
             state,
-            restarted: std::sync::Mutex::default(),
+            restarted: Mutex::default(),
         };
         assert!(status.success(), "kube.sh start failed");
         server
@@ -368,13 +464,15 @@ impl OwnApiServer {
         Client::try_from(config).expect("client")
     }
 
-    /// Stops the API server's process group and waits until it is gone.
+    /// Kills the API server's process group and waits until it is gone. SIGKILL, not
+    /// SIGTERM: a terminating kube-apiserver closes its port at once but keeps serving the
+    /// watches it has for up to a minute, so clients would not see it go away.
     fn stop_apiserver(&self) {
         let pids = std::fs::read_to_string(self.state.path().join("pids")).expect("pids");
         for line in pids.lines().filter(|l| l.ends_with(" kube-apiserver")) {
             let pid = line.split_whitespace().next().unwrap_or_default();
             let _ = Command::new("kill")
-                .args(["-TERM", "--", &format!("-{pid}")])
+                .args(["-KILL", "--", &format!("-{pid}")])
                 .status();
         }
         // Wait for the port rather than the process: an exited server may linger as a zombie.
@@ -382,7 +480,7 @@ impl OwnApiServer {
             .value("KUBE_APISERVER")
             .trim_start_matches("https://")
             .to_owned();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(&address).is_ok() {
             assert!(Instant::now() < deadline, "the API server did not stop");
             std::thread::sleep(Duration::from_millis(100));
@@ -437,7 +535,12 @@ async fn the_operator_recovers_from_an_api_server_restart() {
     let server = OwnApiServer::start();
     let client = server.client().await;
     install_snapshot_cache_crd(&client).await;
-    let operator = Operator::start_as(&server.value("KUBECONFIG"), &[]);
+    // kube_runtime's debug lines show the watches failing while the API server is away.
+    let operator = Operator::start_logging(
+        &server.value("KUBECONFIG"),
+        &[],
+        "info,kube_runtime::watcher=debug",
+    );
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), "default");
     create_builder(&deployments).await;
@@ -447,11 +550,25 @@ async fn the_operator_recovers_from_an_api_server_restart() {
     })
     .await;
 
+    let logged = operator.log().len();
     server.stop_apiserver();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Restarted only once the operator has found its watches broken and failed to reach
+    // the API server again, so what follows is a recovery from that.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !operator.log().get(logged..).is_some_and(|log| {
+        log.lines()
+            .any(|line| line.contains("kube_runtime::watcher") && line.contains(" error"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the operator's watches never failed while the API server was stopped:\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     server.restart_apiserver();
     let patch = json!({"spec": {"sidecar": {"parallelGetWorkers": 16}}});
-    eventually("the API server back", async || {
+    within(Duration::from_secs(60), "the API server back", async || {
         caches
             .patch("monorepo", &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -459,7 +576,11 @@ async fn the_operator_recovers_from_an_api_server_restart() {
             .map(|_| ())
     })
     .await;
-    eventually(
+    // The broken watches come back through kube_runtime's backoff (up to 30 s a step), and
+    // the new API server answers their old resource versions with 410 Gone, which costs
+    // another re-list: a recovery can take a minute. The deadline only bounds a hang.
+    within(
+        Duration::from_secs(180),
         "the change applied by the same operator process",
         async || {
             let d = deployments.get("builder").await.ok()?;
@@ -530,7 +651,7 @@ async fn a_selector_the_schema_cannot_check_becomes_a_condition_and_others_go_on
 /// workloads keeps the operator unready until the workload watches can list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_waits_for_the_workload_watches() {
-    let (client, _namespace) = setup().await;
+    let (client, namespace) = setup().await;
     let user = unique_name("readiness");
     let rule = |group: &str, resources: &[&str]| json!({"apiGroups": [group], "resources": resources, "verbs": ["get", "list", "watch"]});
     let grant = async |name: &str, rules: serde_json::Value| {
@@ -557,6 +678,19 @@ async fn readyz_waits_for_the_workload_watches() {
         json!([rule("snapcache.io", &["snapshotcaches"])]),
     )
     .await;
+    // A SnapshotCache for the operator's SnapshotCache watch to list. This user may not
+    // write it, so its reconcile fails and says so in the log: proof the watch has listed.
+    let listed = unique_name("listed");
+    let cache: SnapshotCache = serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": listed},
+        "spec": {"selector": {"matchLabels": {"app": "none"}}, "s3": {"bucket": "snapshots"}}
+    }))
+    .expect("snapshot cache");
+    Api::<SnapshotCache>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &cache)
+        .await
+        .expect("create snapshot cache");
     let kubeconfig = TestEnv::get()
         .kubeconfig_as(&user, &["system:authenticated"])
         .expect("kubeconfig");
@@ -565,19 +699,54 @@ async fn readyz_waits_for_the_workload_watches() {
         (operator.get("/healthz").await?.0 == 200).then_some(())
     })
     .await;
-    // The SnapshotCache watch lists at once; the workload watches are refused.
-    for _ in 0..10 {
-        let (status, _) = operator.get("/readyz").await.expect("/readyz");
-        assert_eq!(status, 503, "ready while the workload watches cannot list");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // How often each workload watch was refused so far.
+    let refusals = |log: &str| {
+        let count = |resource: &str| {
+            let refused = format!("{resource}.apps is forbidden");
+            log.lines().filter(|line| line.contains(&refused)).count()
+        };
+        (count("deployments"), count("statefulsets"))
+    };
+    // The situation under test, read from the operator's log rather than assumed after
+    // a pause: the SnapshotCache watch has listed, the workload watches were refused.
+    let first = eventually(
+        "the SnapshotCache watch listed and the workload watches refused",
+        async || {
+            let log = operator.log();
+            let reconciled = log
+                .lines()
+                .any(|line| line.contains("reconcile failed") && line.contains(&listed));
+            let (deployments, stateful_sets) = refusals(&log);
+            (reconciled && deployments > 0 && stateful_sets > 0)
+                .then_some((deployments, stateful_sets))
+        },
+    )
+    .await;
+    let (status, _) = operator.get("/readyz").await.expect("/readyz");
+    assert_eq!(status, 503, "ready while the workload watches cannot list");
+    // And still after both workload watches retried and were refused again (their
+    // retries back off, up to 30 s a step; the deadline only bounds a hang).
+    within(
+        Duration::from_secs(90),
+        "the workload watches refused again",
+        async || {
+            let (deployments, stateful_sets) = refusals(&operator.log());
+            (deployments > first.0 && stateful_sets > first.1).then_some(())
+        },
+    )
+    .await;
+    let (status, _) = operator.get("/readyz").await.expect("/readyz");
+    assert_eq!(status, 503, "ready while the workload watches cannot list");
     grant(
         &format!("{user}-workloads"),
         json!([rule("apps", &["deployments", "statefulsets"])]),
     )
     .await;
-    eventually("/readyz once the workload watches listed", async || {
-        (operator.get("/readyz").await?.0 == 200).then_some(())
-    })
+    // Once their next retry lists; the refusals above grew the retry delay.
+    within(
+        Duration::from_secs(90),
+        "/readyz once the workload watches listed",
+        async || (operator.get("/readyz").await?.0 == 200).then_some(()),
+    )
     .await;
 }

@@ -655,7 +655,8 @@ async fn publish_interval_keeps_going_after_a_failure_and_exports_metrics() {
             Err(_) => String::new(),
         }
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Each wait has its own deadline, which only bounds a hang.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while Sidecar::metric(
         &scrape().await,
         "snapcache_publish_runs_total{result=\"failed\"}",
@@ -672,6 +673,7 @@ async fn publish_interval_keeps_going_after_a_failure_and_exports_metrics() {
     std::fs::create_dir_all(&staging).expect("mkdir");
     let commit = make_repository(&staging);
     std::fs::rename(&staging, &repo).expect("move the repository into place");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let metrics = loop {
         let metrics = scrape().await;
         if Sidecar::metric(

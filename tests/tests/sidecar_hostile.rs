@@ -22,7 +22,7 @@ const PIN: &str = "x-cachew-snapshot-pin";
 /// Size of the object the table of cases reads.
 const SMALL: usize = 1000;
 /// How long one answer may take before its case fails as a hang.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One row of the table: the raw bytes sent on a new connection and the statuses of the
 /// answers expected, in order: two for pipelined requests, none when the server must

@@ -2,6 +2,8 @@
 //! revisions never mixed, disconnects, S3 outages, SIGTERM and the metrics format.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -11,6 +13,7 @@ use snapcache_tests::sidecar::{Sidecar, SidecarOptions};
 use snapcache_tests::{
     S3Server, TestEnv, create_bucket, put_snapshot, snapshot_bytes, unique_name,
 };
+use tokio::net::TcpStream;
 
 const REPO: &str = "example.com/org/repo";
 const PATH: &str = "/git/example.com/org/repo/snapshot.tar.zst";
@@ -94,17 +97,36 @@ async fn replaced_object_is_served_after_revalidation() {
         let first = snapshot_bytes(300_000, 1);
         let second = snapshot_bytes(300_000, 2);
         let bucket = bucket_with(&server, &first).await;
-        let options = SidecarOptions {
-            revalidate_after: "1s".into(),
+        let with_interval = |interval: &str| SidecarOptions {
+            revalidate_after: interval.into(),
             ..SidecarOptions::default()
         };
-        let sidecar = Sidecar::start(&server, &bucket, &options);
-        assert_eq!(get_all(&sidecar).await.1, first, "{}", server.name);
+        // Two sidecars over the same object: one whose interval cannot run out during the
+        // test, one whose interval the test waits out. Neither outcome depends on how fast
+        // the steps in between happen to run.
+        let within = Sidecar::start(&server, &bucket, &with_interval("1h"));
+        let after = Sidecar::start(&server, &bucket, &with_interval("1s"));
+        for sidecar in [&within, &after] {
+            assert_eq!(get_all(sidecar).await.1, first, "{}", server.name);
+            wait_until_committed(sidecar, first.len()).await;
+        }
+        // Both disk entries were validated (at their commit) before this instant.
+        let committed = Instant::now();
         put_snapshot(&server.client(), &bucket, REPO, &second, COMMIT).await;
-        // Within the revalidation interval the disk copy is served as it is.
-        assert_eq!(get_all(&sidecar).await.1, first, "{}", server.name);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let (status, body) = get_all(&sidecar).await;
+
+        // Within the revalidation interval the disk copy is served as it is, S3 unasked.
+        let heads = head_requests(&within).await;
+        assert_eq!(get_all(&within).await.1, first, "{}", server.name);
+        assert_eq!(
+            head_requests(&within).await,
+            heads,
+            "{}: no HeadObject within the interval",
+            server.name
+        );
+
+        // Once the interval has run out, the next read revalidates and gets the new revision.
+        tokio::time::sleep_until((committed + Duration::from_millis(1500)).into()).await;
+        let (status, body) = get_all(&after).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
             body, second,
@@ -112,7 +134,7 @@ async fn replaced_object_is_served_after_revalidation() {
             server.name
         );
         assert_eq!(
-            get_all(&sidecar).await.1,
+            get_all(&after).await.1,
             second,
             "{}: and from disk after",
             server.name
@@ -120,75 +142,181 @@ async fn replaced_object_is_served_after_revalidation() {
     }
 }
 
-/// Reads a whole body slowly; `Ok` only when every byte of Content-Length arrived.
-async fn slow_read(url: String, pause_after: usize, pause: Duration) -> Result<Vec<u8>, String> {
-    let response = reqwest::get(url).await.map_err(|e| e.to_string())?;
-    if response.status() != StatusCode::OK {
-        return Err(format!("status {}", response.status()));
+async fn head_requests(sidecar: &Sidecar) -> f64 {
+    Sidecar::metric(
+        &sidecar.metrics().await,
+        "snapcache_s3_request_duration_seconds_count{operation=\"head\"}",
+    )
+}
+
+/// Waits until the disk tier holds `len` committed bytes: a fill commits (fsync,
+/// rename) just after the last byte reached the client.
+async fn wait_until_committed(sidecar: &Sidecar, len: usize) {
+    wait_until("the fill is committed", async || {
+        let tier = Sidecar::metric(&sidecar.metrics().await, "snapcache_disk_tier_bytes");
+        (tier == len as f64)
+            .then_some(())
+            .ok_or(format!("{tier} bytes on disk"))
+    })
+    .await;
+}
+
+/// Reads a whole body; `Ok` only when every byte of Content-Length arrived.
+async fn read_all(url: String) -> Result<Vec<u8>, String> {
+    let download = Download::start(url);
+    download.finish().await.map_err(|(err, _)| err)
+}
+
+/// A whole body, or why it ended early with the bytes received before that.
+type Body = Result<Vec<u8>, (String, Vec<u8>)>;
+
+/// A GET of the whole snapshot read in the background, counting the bytes received.
+struct Download {
+    received: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<Body>,
+}
+
+impl Download {
+    fn start(url: String) -> Download {
+        Download::spawn(url, None)
     }
-    let mut stream = response.bytes_stream();
-    let mut body = Vec::new();
-    let mut paused = false;
-    while let Some(chunk) = stream.next().await {
-        body.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
-        if !paused && body.len() >= pause_after {
-            paused = true;
-            tokio::time::sleep(pause).await;
-        }
+
+    /// A download that stops reading once `hold_after` bytes arrived, until the sender
+    /// it returns is used (or dropped).
+    fn holding(url: String, hold_after: usize) -> (Download, tokio::sync::oneshot::Sender<()>) {
+        let (release, released) = tokio::sync::oneshot::channel();
+        (Download::spawn(url, Some((hold_after, released))), release)
     }
-    Ok(body)
+
+    fn spawn(url: String, hold: Option<(usize, tokio::sync::oneshot::Receiver<()>)>) -> Download {
+        let received = Arc::new(AtomicUsize::new(0));
+        let counter = received.clone();
+        let mut hold = hold;
+        let task = tokio::spawn(async move {
+            let response = reqwest::get(url)
+                .await
+                .map_err(|e| (e.to_string(), Vec::new()))?;
+            if response.status() != StatusCode::OK {
+                return Err((format!("status {}", response.status()), Vec::new()));
+            }
+            let mut stream = response.bytes_stream();
+            let mut body = Vec::new();
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(chunk) => body.extend_from_slice(&chunk),
+                    Err(err) => return Err((err.to_string(), body)),
+                }
+                counter.store(body.len(), Ordering::SeqCst);
+                if hold.as_ref().is_some_and(|(after, _)| body.len() >= *after)
+                    && let Some((_, released)) = hold.take()
+                {
+                    let _ = released.await;
+                }
+            }
+            Ok(body)
+        });
+        Download { received, task }
+    }
+
+    /// Waits until at least `len` body bytes have arrived.
+    async fn wait_for_bytes(&self, len: usize) {
+        wait_until("the download's first bytes", async || {
+            let received = self.received.load(Ordering::SeqCst);
+            (received >= len)
+                .then_some(())
+                .ok_or(format!("{received} bytes received"))
+        })
+        .await;
+    }
+
+    /// The whole body, or the error with the bytes received before it.
+    async fn finish(self) -> Body {
+        self.task.await.expect("download task")
+    }
+}
+
+/// The S3 errors a sidecar counted for one reason.
+async fn s3_errors(sidecar: &Sidecar, reason: &str) -> f64 {
+    Sidecar::metric(
+        &sidecar.metrics().await,
+        &format!("snapcache_s3_errors_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// A read of `old` through a sidecar whose S3 answers are held after `budget` bytes; the
+/// object is replaced by `new` once `first_bytes` of `old` reached the client, and only
+/// then are S3's answers released. Everything the parallel GET asks for after that
+/// meets If-Match, so the read must be cut short, with only bytes of `old` before the cut.
+/// The sidecar goes on reading S3 through the proxy, released.
+async fn replace_mid_read(
+    server: &S3Server,
+    options: &SidecarOptions,
+    old: &[u8],
+    new: &[u8],
+    budget: u64,
+    first_bytes: usize,
+) -> (Sidecar, CutProxy) {
+    let bucket = bucket_with(server, old).await;
+    let upstream = server
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .expect("endpoint address");
+    let proxy = CutProxy::start(upstream).await;
+    proxy.stall_after(budget);
+    let sidecar = Sidecar::start_at(&proxy.url(), server, &bucket, options);
+    let label = format!("{} disk={}", server.name, options.disk_tier);
+    let download = Download::start(sidecar.url(PATH));
+    download.wait_for_bytes(first_bytes).await;
+    put_snapshot(&server.client(), &bucket, REPO, new, COMMIT).await;
+    proxy.release();
+    match download.finish().await {
+        Ok(_) => panic!("{label}: a read cut by a replacement completed"),
+        Err((_, received)) => assert!(
+            received.len() >= first_bytes && received[..] == old[..received.len()],
+            "{label}: the {} bytes before the cut are not the old revision's",
+            received.len()
+        ),
+    }
+    assert!(
+        s3_errors(&sidecar, "precondition_failed").await >= 1.0,
+        "{label}: the parts after the replacement must meet If-Match"
+    );
+    (sidecar, proxy)
 }
 
 #[tokio::test]
 async fn replacement_during_a_cold_parallel_get_never_mixes_revisions() {
     for server in TestEnv::get().s3_servers() {
-        // Larger than loopback socket buffers can hold, so the slow reader really holds parts back.
-        let old = snapshot_bytes(32 << 20, 3);
-        let new = snapshot_bytes(32 << 20, 4);
+        let old = snapshot_bytes(8 << 20, 3);
+        let new = snapshot_bytes(8 << 20, 4);
         for disk_tier in [false, true] {
-            let bucket = bucket_with(&server, &old).await;
             let options = SidecarOptions {
                 disk_tier,
                 workers: 2,
                 chunk_size: "256KiB".into(),
+                // Parts wait at the proxy while the object is replaced; only a hang may fail them.
+                part_timeout: "60s".into(),
                 ..SidecarOptions::default()
             };
-            let sidecar = Sidecar::start(&server, &bucket, &options);
             let label = format!("{} disk={disk_tier}", server.name);
-            let reader = tokio::spawn(slow_read(
-                sidecar.url(PATH),
-                1 << 20,
-                Duration::from_secs(2),
-            ));
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            put_snapshot(&server.client(), &bucket, REPO, &new, COMMIT).await;
-            match reader.await.expect("reader task") {
-                Ok(body) => assert!(
-                    body == old,
-                    "{label}: a complete body that is not the old revision"
-                ),
-                // Without a disk tier the slow reader holds the parts back, so the
-                // replacement must cut the download off.
-                Err(_) if !disk_tier => {}
-                Err(err) => assert!(!err.is_empty(), "{label}"),
+            // At most about 2 MiB and the two parts in flight are read before the
+            // replacement; the other 5.5 MiB or more are asked for after it.
+            let (sidecar, _proxy) =
+                replace_mid_read(&server, &options, &old, &new, 2 << 20, 1 << 20).await;
+            if disk_tier {
+                wait_until("the failed fill is cleaned up", async || {
+                    let files = disk_files(&sidecar);
+                    files.is_empty().then_some(()).ok_or(format!("{files:?}"))
+                })
+                .await;
             }
-            if !disk_tier {
-                let metrics = sidecar.metrics().await;
-                assert!(
-                    Sidecar::metric(
-                        &metrics,
-                        "snapcache_s3_errors_total{reason=\"precondition_failed\"}"
-                    ) >= 1.0,
-                    "{label}: the parts after the replacement must meet If-Match"
-                );
-            }
-            // Whatever happened, the next read is one whole revision: the new one.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The next read is one whole revision: the new one.
             let (status, body) = get_all(&sidecar).await;
             assert_eq!(status, StatusCode::OK, "{label}");
             assert!(
-                body == new || body == old,
-                "{label}: mixed bytes after the replacement"
+                body == new,
+                "{label}: not the new revision after the replacement"
             );
         }
     }
@@ -197,24 +325,18 @@ async fn replacement_during_a_cold_parallel_get_never_mixes_revisions() {
 #[tokio::test]
 async fn fill_cut_by_a_replacement_keeps_nothing_on_disk() {
     let server = &TestEnv::get().s3_servers()[0];
-    let old = snapshot_bytes(24 << 20, 5);
+    let old = snapshot_bytes(8 << 20, 5);
     let new = snapshot_bytes(1 << 20, 6);
-    let bucket = bucket_with(server, &old).await;
-    // One 64 KiB part at a time makes the fill slow enough to replace the object mid-way.
+    // One 64 KiB part at a time, held after 512 KiB: the fill is mid-way when the object
+    // is replaced.
     let options = SidecarOptions {
         workers: 1,
         chunk_size: "64KiB".into(),
+        part_timeout: "60s".into(),
         ..SidecarOptions::default()
     };
-    let sidecar = Sidecar::start(server, &bucket, &options);
-    let reader = tokio::spawn(slow_read(sidecar.url(PATH), usize::MAX, Duration::ZERO));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    put_snapshot(&server.client(), &bucket, REPO, &new, COMMIT).await;
-    let result = reader.await.expect("reader task");
-    assert!(
-        result.is_err(),
-        "a fill cut by a replacement must not complete"
-    );
+    let (sidecar, _proxy) =
+        replace_mid_read(server, &options, &old, &new, 512 << 10, 256 << 10).await;
     wait_until("the failed fill is cleaned up", async || {
         let files = disk_files(&sidecar);
         files.is_empty().then_some(()).ok_or(format!("{files:?}"))
@@ -232,7 +354,7 @@ async fn eight_cold_clients_share_one_s3_download() {
         let bucket = bucket_with(&server, &body).await;
         let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
         let clients: Vec<_> = (0..8)
-            .map(|_| tokio::spawn(slow_read(sidecar.url(PATH), usize::MAX, Duration::ZERO)))
+            .map(|_| tokio::spawn(read_all(sidecar.url(PATH))))
             .collect();
         for client in clients {
             assert_eq!(
@@ -376,31 +498,42 @@ async fn sigterm_finishes_the_response_in_flight_and_exits_zero() {
     let server = &TestEnv::get().s3_servers()[0];
     let body = snapshot_bytes(4 << 20, 12);
     let bucket = bucket_with(server, &body).await;
-    let mut sidecar = Sidecar::start(server, &bucket, &SidecarOptions::default());
+    // A grace that only bounds a hang: the response below is held until the test lets it go.
+    let options = SidecarOptions {
+        shutdown_grace: "60s".into(),
+        ..SidecarOptions::default()
+    };
+    let mut sidecar = Sidecar::start(server, &bucket, &options);
     assert_eq!(get_all(&sidecar).await.1, body, "warm the disk tier");
-    let reader = tokio::spawn(slow_read(
-        sidecar.url(PATH),
-        256 * 1024,
-        Duration::from_secs(1),
-    ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A response surely in flight: its first bytes arrived, the rest waits for the client.
+    let (reader, release) = Download::holding(sidecar.url(PATH), 256 * 1024);
+    reader.wait_for_bytes(256 * 1024).await;
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &sidecar.pid().to_string()])
         .status()
         .expect("kill");
     assert!(killed.success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The listener closes while that response is still in flight.
+    wait_until(
+        "the listener closed after SIGTERM",
+        async || match TcpStream::connect(sidecar.api).await {
+            Ok(_) => Err("a connection was accepted".to_owned()),
+            Err(_) => Ok(()),
+        },
+    )
+    .await;
     assert!(
         reqwest::get(sidecar.url(PATH)).await.is_err(),
         "no new connection is accepted after SIGTERM"
     );
+    let _ = release.send(());
     assert_eq!(
-        reader.await.expect("reader").as_deref(),
+        reader.finish().await.map_err(|(err, _)| err).as_deref(),
         Ok(body.as_slice()),
         "in-flight response completes"
     );
     assert_eq!(
-        sidecar.wait_exit(Duration::from_secs(10)),
+        sidecar.wait_exit(Duration::from_secs(60)),
         Some(0),
         "{}",
         sidecar.log()
@@ -434,14 +567,7 @@ async fn promtool_accepts_the_metrics() {
         );
     }
     assert!(Sidecar::metric(&metrics, "snapcache_heap_allocated_bytes") > 0.0);
-    // The fill commits (fsync, rename) just after the last byte reached the client.
-    wait_until("the fill is committed", async || {
-        let tier = Sidecar::metric(&sidecar.metrics().await, "snapcache_disk_tier_bytes");
-        (tier == body.len() as f64)
-            .then_some(())
-            .ok_or(format!("{tier} bytes on disk"))
-    })
-    .await;
+    wait_until_committed(&sidecar, body.len()).await;
     let mut promtool = std::process::Command::new(env.require("PROMTOOL"))
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -474,9 +600,9 @@ fn disk_files(sidecar: &Sidecar) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Polls `check` for up to 20 s.
+/// Polls `check` until it succeeds; the 60 s deadline only bounds a hang.
 async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match check().await {
             Ok(()) => return,
