@@ -20,56 +20,102 @@ use crate::metrics::{Buffers, Metrics};
 const UNIT: u64 = 1024;
 
 /// Bytes that every transfer sharing it may hold in buffers at once, process-wide.
-/// Waiters are served first come, first served, so no transfer starves.
+/// Waiters are served first come, first served, so no transfer starves. Buffers of
+/// finished transfers are kept for the next ones (up to 1/16 of the budget, still
+/// counted), so short requests do not allocate, fault in and free a block each.
 #[derive(Debug, Clone)]
-pub struct Budget {
+pub struct Budget(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
     permits: Arc<Semaphore>,
     units: u32,
     /// Windows drawing on the budget now, for each one's fair share.
-    windows: Arc<AtomicUsize>,
+    windows: AtomicUsize,
+    spares: std::sync::Mutex<Spares>,
     buffers: Buffers,
     metrics: Metrics,
+}
+
+/// Buffers of finished transfers, with their budget shares.
+#[derive(Debug, Default)]
+struct Spares {
+    buffers: Vec<Buffer>,
+    bytes: i64,
 }
 
 impl Budget {
     pub fn new(bytes: u64, buffers: Buffers, metrics: Metrics) -> Budget {
         let units = u32::try_from(bytes.div_ceil(UNIT).max(1)).unwrap_or(u32::MAX);
-        Budget {
+        Budget(Arc::new(Shared {
             permits: Arc::new(Semaphore::new(units as usize)),
             units,
-            windows: Arc::default(),
+            windows: AtomicUsize::new(0),
+            spares: Default::default(),
             buffers,
             metrics,
-        }
+        }))
     }
 
     /// Bytes free now: a hint for sizing the next request, not a promise.
     pub fn available(&self) -> u64 {
-        self.permits.available_permits() as u64 * UNIT
+        self.0.permits.available_permits() as u64 * UNIT
     }
 
     /// The chunk size at which every window drawing on the budget now could hold `slots`
     /// chunks at once without waiting for another.
     pub fn fair_share(&self, slots: usize) -> u64 {
-        let windows = self.windows.load(Ordering::SeqCst).max(1);
-        u64::from(self.units) * UNIT / (windows * slots.max(1)) as u64
+        let windows = self.0.windows.load(Ordering::SeqCst).max(1);
+        u64::from(self.0.units) * UNIT / (windows * slots.max(1)) as u64
     }
 
     /// Waits until `len` bytes are free (a request larger than the budget waits for all of it).
     async fn reserve(&self, len: u64) -> Reservation {
         let units = u32::try_from(len.div_ceil(UNIT))
             .unwrap_or(u32::MAX)
-            .min(self.units);
+            .min(self.0.units);
         // The semaphore is never closed, so acquiring cannot fail.
-        let permit = self.permits.clone().acquire_many_owned(units).await.ok();
+        let permit = self.0.permits.clone().acquire_many_owned(units).await.ok();
         let bytes = i64::try_from(len).unwrap_or(i64::MAX);
-        self.metrics.add_buffered(self.buffers, bytes);
+        self.0.metrics.add_buffered(self.0.buffers, bytes);
         Reservation {
             _permit: permit,
             bytes,
-            buffers: self.buffers,
-            metrics: self.metrics.clone(),
+            budget: self.clone(),
         }
+    }
+
+    /// A kept buffer that fits a `len`-byte chunk, with its share.
+    fn spare(&self, len: usize) -> Option<Buffer> {
+        let mut spares = self.lock_spares();
+        let wanted = i64::try_from(len).unwrap_or(i64::MAX);
+        let index = spares.buffers.iter().position(|(data, reservation)| {
+            reservation.as_ref().is_some_and(|r| r.bytes >= wanted)
+                && data.capacity() <= len.saturating_mul(2)
+        })?;
+        let buffer = spares.buffers.swap_remove(index);
+        spares.bytes -= buffer.1.as_ref().map_or(0, |r| r.bytes);
+        Some(buffer)
+    }
+
+    /// Keeps a finished transfer's buffer for the next one, while the spares stay small.
+    fn keep(&self, buffer: Buffer) {
+        let Some(bytes) = buffer.1.as_ref().map(|r| r.bytes) else {
+            return;
+        };
+        let limit = i64::from(self.0.units) * UNIT as i64 / 16;
+        let mut spares = self.lock_spares();
+        if buffer.0.capacity() > 0 && spares.bytes + bytes <= limit {
+            spares.bytes += bytes;
+            spares.buffers.push(buffer);
+        }
+    }
+
+    fn lock_spares(&self) -> std::sync::MutexGuard<'_, Spares> {
+        self.0
+            .spares
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -78,13 +124,13 @@ impl Budget {
 struct Reservation {
     _permit: Option<OwnedSemaphorePermit>,
     bytes: i64,
-    buffers: Buffers,
-    metrics: Metrics,
+    budget: Budget,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.metrics.add_buffered(self.buffers, -self.bytes);
+        let shared = &self.budget.0;
+        shared.metrics.add_buffered(shared.buffers, -self.bytes);
     }
 }
 
@@ -106,7 +152,7 @@ impl Window {
 
     /// A window whose slots also take their bytes from `budget`.
     pub fn with_budget(slots: usize, budget: Budget) -> Window {
-        budget.windows.fetch_add(1, Ordering::SeqCst);
+        budget.0.windows.fetch_add(1, Ordering::SeqCst);
         Window::build(slots, Some(budget))
     }
 
@@ -130,6 +176,11 @@ impl Window {
         // The window keeps a sender, so the channel never closes while waiting here.
         let (mut data, mut reservation) = self.free.lock().await.recv().await.unwrap_or_default();
         let wanted = usize::try_from(len).unwrap_or(usize::MAX);
+        if data.capacity() == 0
+            && let Some(spare) = self.budget.as_ref().and_then(|b| b.spare(wanted))
+        {
+            (data, reservation) = spare;
+        }
         if data.capacity() > wanted.saturating_mul(2) {
             // Far too big for this chunk: holding it would keep budget from others.
             (data, reservation) = (Vec::new(), None);
@@ -148,6 +199,7 @@ impl Window {
             data,
             reservation,
             returns: self.returns.clone(),
+            budget: self.budget.clone(),
         }
     }
 }
@@ -155,7 +207,10 @@ impl Window {
 impl Drop for Window {
     fn drop(&mut self) {
         if let Some(budget) = &self.budget {
-            budget.windows.fetch_sub(1, Ordering::SeqCst);
+            budget.0.windows.fetch_sub(1, Ordering::SeqCst);
+            while let Ok(buffer) = self.free.get_mut().try_recv() {
+                budget.keep(buffer);
+            }
         }
     }
 }
@@ -166,6 +221,7 @@ pub struct Slot {
     data: Vec<u8>,
     reservation: Option<Reservation>,
     returns: mpsc::Sender<Buffer>,
+    budget: Option<Budget>,
 }
 
 impl Slot {
@@ -195,10 +251,14 @@ impl AsRef<[u8]> for Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        // Fails only when the transfer is over and its window gone: then the buffer and
-        // its budget share are freed.
+        // Fails only when the transfer is over and its window gone: then the budget
+        // keeps the buffer for another transfer, or it is freed with its share.
         let buffer = (std::mem::take(&mut self.data), self.reservation.take());
-        let _ = self.returns.try_send(buffer);
+        if let Err(returned) = self.returns.try_send(buffer)
+            && let Some(budget) = &self.budget
+        {
+            budget.keep(returned.into_inner());
+        }
     }
 }
 
@@ -237,9 +297,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_gauge_counts_buffers_until_their_window_goes() {
+    async fn the_gauge_counts_buffers_until_they_are_freed() {
         let metrics = Metrics::new();
-        let budget = Budget::new(1 << 20, Buffers::ParallelGet, metrics.clone());
+        // 1 KiB: a 100-byte buffer is over 1/16 of it, so it is freed, not kept.
+        let budget = Budget::new(1024, Buffers::ParallelGet, metrics.clone());
         let window = Window::with_budget(1, budget);
         let slot = window.take(100).await;
         let bytes = slot.into_bytes();
@@ -311,6 +372,35 @@ mod tests {
         assert_eq!(budget.fair_share(4), 2 << 20);
         drop(windows);
         assert_eq!(budget.fair_share(4), 16 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_finished_transfers_buffer_serves_the_next_without_a_new_allocation() {
+        let metrics = Metrics::new();
+        let budget = Budget::new(1 << 20, Buffers::DiskRead, metrics.clone());
+        let first = Window::with_budget(1, budget.clone());
+        let mut slot = first.take(4096).await;
+        let pointer = slot.buffer().as_ptr();
+        drop(first);
+        drop(slot);
+        assert_eq!(
+            metrics.disk_read_buffered.get(),
+            4096,
+            "kept, and still counted"
+        );
+        let second = Window::with_budget(1, budget.clone());
+        let mut again = second.take(4096).await;
+        assert_eq!(again.buffer().as_ptr(), pointer, "the kept allocation");
+        assert_eq!(metrics.disk_read_buffered.get(), 4096);
+        drop((again, second));
+        let big = Window::with_budget(1, budget.clone());
+        drop(big.take(512 * 1024).await);
+        drop(big);
+        assert_eq!(
+            metrics.disk_read_buffered.get(),
+            4096,
+            "spares stay under 1/16 of the budget: the big one was freed"
+        );
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 source "$(dirname "$0")/lib.sh"
 cd "$ENV_DIR/../.."
 
-apt_install curl openssl aria2
+apt_install curl openssl aria2 wrk apache2-utils
 bash "$ENV_DIR/garage.sh" install
 bash "$ENV_DIR/nginx.sh" install
 cargo build --release --locked -p snapcache-sidecar -p snapcache-tests --bin snapcache-sidecar --bin snapcache-bench

@@ -43,6 +43,9 @@ pub fn read_range<L: Send + 'static>(
     budget: &Budget,
     lease: L,
 ) -> ByteStream {
+    if progress.is_none() && range.len() <= SMALL_BLOCK {
+        return read_small(file, range, budget, lease);
+    }
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     let budget = budget.clone();
     tokio::spawn(async move {
@@ -98,6 +101,25 @@ pub fn read_range<L: Send + 'static>(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+}
+
+/// One small block of a complete file, read in the client's own task when first polled:
+/// a pread of at most 64 KiB from the page cache costs less than the hops to a reader
+/// task and a blocking thread, which dominated many small ranges (`make bench`, load).
+fn read_small<L: Send + 'static>(
+    file: Arc<File>,
+    range: ByteRange,
+    budget: &Budget,
+    lease: L,
+) -> ByteStream {
+    let budget = budget.clone();
+    futures::stream::once(async move {
+        let _lease = lease;
+        let slot = Window::with_budget(1, budget).take(range.len()).await;
+        read_block(&file, range.start, range.len(), slot)
+            .map_err(|err| StoreError::Disk(err.to_string()))
+    })
+    .boxed()
 }
 
 /// The end of the bytes readable at `offset`: the file's end, or what the fill wrote.

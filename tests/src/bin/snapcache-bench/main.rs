@@ -4,6 +4,11 @@
 //! 2. Parallel-GET memory with a consumer throttled to 50 MB/s.
 //! 3. A cold S3-backed GET through the sidecar vs one direct single-stream GetObject.
 //! 4. `snapcache-sidecar fetch` vs curl (one stream) vs aria2c (8 connections).
+//! 5. Load (`load.rs`): wrk on small ranges, HEADs and pin probes vs nginx.
+//! 6. Slow clients (`load.rs`): a GET beside 1000 slow connections; peak RSS under 200
+//!    slow readers.
+
+mod load;
 
 use std::path::Path;
 use std::process::Command;
@@ -41,7 +46,7 @@ async fn main() -> Result<()> {
         .context("uploading the bench object")?;
 
     let mut report = Vec::new();
-    // BENCH=throughput, BENCH=memory or BENCH=fetch runs one part.
+    // BENCH=throughput, memory, fetch, load or slow (comma-separated) runs those parts.
     let only = std::env::var("BENCH").unwrap_or_default();
     let selected = |name: &str| only.is_empty() || only.split(',').any(|n| n == name);
 
@@ -60,6 +65,17 @@ async fn main() -> Result<()> {
     {
         memory.push(throttled_memory(&server, &bucket, workers, chunk_mib).await?);
     }
+
+    let load_report = if selected("load") {
+        Some(load::load(&server, &bucket, &nginx_url).await?)
+    } else {
+        None
+    };
+    let slow_clients = if selected("slow") {
+        Some(load::slow_clients(&server, &bucket).await?)
+    } else {
+        None
+    };
 
     println!();
     println!(
@@ -107,6 +123,12 @@ async fn main() -> Result<()> {
                 "MISSED (targets <=1.00, <=1.10)"
             }
         );
+    }
+    if let Some(report) = &load_report {
+        failed |= load::print(report);
+    }
+    if let Some(slow) = &slow_clients {
+        failed |= load::print_slow(slow);
     }
     if failed {
         bail!("a benchmark missed its target");
