@@ -32,6 +32,8 @@ struct Shared {
     units: u32,
     /// Windows drawing on the budget now, for each one's fair share.
     windows: AtomicUsize,
+    /// Reservations waiting for permits: while any waits, no buffer is kept as a spare.
+    waiting: AtomicUsize,
     spares: std::sync::Mutex<Spares>,
     buffers: Buffers,
     metrics: Metrics,
@@ -41,7 +43,7 @@ struct Shared {
 #[derive(Debug, Default)]
 struct Spares {
     buffers: Vec<Buffer>,
-    bytes: i64,
+    units: u32,
 }
 
 impl Budget {
@@ -51,6 +53,7 @@ impl Budget {
             permits: Arc::new(Semaphore::new(units as usize)),
             units,
             windows: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             spares: Default::default(),
             buffers,
             metrics,
@@ -74,13 +77,26 @@ impl Budget {
         let units = u32::try_from(len.div_ceil(UNIT))
             .unwrap_or(u32::MAX)
             .min(self.0.units);
-        // The semaphore is never closed, so acquiring cannot fail.
-        let permit = self.0.permits.clone().acquire_many_owned(units).await.ok();
+        let permits = &self.0.permits;
+        let permit = match permits.clone().try_acquire_many_owned(units) {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                // Spares never make anyone wait: give them back first, and keep no new
+                // ones until this reservation is served.
+                self.0.waiting.fetch_add(1, Ordering::SeqCst);
+                drop(std::mem::take(&mut *self.lock_spares()));
+                // The semaphore is never closed, so acquiring cannot fail.
+                let permit = permits.clone().acquire_many_owned(units).await.ok();
+                self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+                permit
+            }
+        };
         let bytes = i64::try_from(len).unwrap_or(i64::MAX);
         self.0.metrics.add_buffered(self.0.buffers, bytes);
         Reservation {
             _permit: permit,
             bytes,
+            units,
             budget: self.clone(),
         }
     }
@@ -94,19 +110,22 @@ impl Budget {
                 && data.capacity() <= len.saturating_mul(2)
         })?;
         let buffer = spares.buffers.swap_remove(index);
-        spares.bytes -= buffer.1.as_ref().map_or(0, |r| r.bytes);
+        spares.units -= buffer.1.as_ref().map_or(0, |r| r.units);
         Some(buffer)
     }
 
-    /// Keeps a finished transfer's buffer for the next one, while the spares stay small.
+    /// Keeps a finished transfer's buffer for the next one, while the spares stay small
+    /// and nobody waits for budget; otherwise it is freed with its share.
     fn keep(&self, buffer: Buffer) {
-        let Some(bytes) = buffer.1.as_ref().map(|r| r.bytes) else {
+        let Some(units) = buffer.1.as_ref().map(|r| r.units) else {
             return;
         };
-        let limit = i64::from(self.0.units) * UNIT as i64 / 16;
+        if buffer.0.capacity() == 0 || self.0.waiting.load(Ordering::SeqCst) > 0 {
+            return;
+        }
         let mut spares = self.lock_spares();
-        if buffer.0.capacity() > 0 && spares.bytes + bytes <= limit {
-            spares.bytes += bytes;
+        if spares.units + units <= self.0.units / 16 {
+            spares.units += units;
             spares.buffers.push(buffer);
         }
     }
@@ -124,6 +143,7 @@ impl Budget {
 struct Reservation {
     _permit: Option<OwnedSemaphorePermit>,
     bytes: i64,
+    units: u32,
     budget: Budget,
 }
 
@@ -401,6 +421,25 @@ mod tests {
             4096,
             "spares stay under 1/16 of the budget: the big one was freed"
         );
+    }
+
+    #[tokio::test]
+    async fn spares_are_given_back_to_a_reservation_that_would_wait() {
+        let metrics = Metrics::new();
+        let budget = Budget::new(64 * 1024, Buffers::ParallelGet, metrics.clone());
+        for len in [1, 10, 100] {
+            let window = Window::with_budget(1, budget.clone());
+            drop(window.take(len).await);
+        }
+        assert!(
+            budget.available() < 64 * 1024,
+            "small buffers kept as spares"
+        );
+        let whole = Window::with_budget(1, budget.clone());
+        let all = whole.take(64 * 1024).await;
+        assert_eq!(budget.available(), 0, "the whole budget, spares given back");
+        assert_eq!(metrics.parallel_get_buffered.get(), 64 * 1024);
+        drop((all, whole));
     }
 
     #[tokio::test]

@@ -65,6 +65,16 @@ impl CutProxy {
         proxy
     }
 
+    /// A proxy in front of one of the test S3 servers.
+    pub async fn in_front_of(server: &crate::S3Server) -> CutProxy {
+        let upstream = server
+            .endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap_or_else(|e| panic!("S3 endpoint {}: {e}", server.endpoint));
+        CutProxy::start(upstream).await
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -43,20 +43,12 @@ async fn wait_for_bucket_check(sidecar: &Sidecar) {
     .await;
 }
 
-fn proxy_target(server: &S3Server) -> std::net::SocketAddr {
-    server
-        .endpoint
-        .trim_start_matches("http://")
-        .parse()
-        .expect("endpoint address")
-}
-
 #[tokio::test]
 async fn probes_and_scrapes_never_send_a_byte_to_s3() {
     let server = TestEnv::get().s3_server("moto");
     let body = snapshot_bytes(300_000, 1);
     let bucket = bucket_with(&server, &body).await;
-    let proxy = CutProxy::start(proxy_target(&server)).await;
+    let proxy = CutProxy::in_front_of(&server).await;
     let sidecar = Sidecar::start_at(&proxy.url(), &server, &bucket, &SidecarOptions::default());
     wait_for_bucket_check(&sidecar).await;
     let got = reqwest::get(sidecar.url(PATH)).await.expect("GET");
@@ -81,7 +73,7 @@ async fn an_s3_outage_leaves_the_injected_probes_passing_and_shows_in_metrics() 
     let server = TestEnv::get().s3_server("moto");
     let body = snapshot_bytes(100_000, 2);
     let bucket = bucket_with(&server, &body).await;
-    let proxy = CutProxy::start(proxy_target(&server)).await;
+    let proxy = CutProxy::in_front_of(&server).await;
     let sidecar = Sidecar::start_at(&proxy.url(), &server, &bucket, &SidecarOptions::default());
     wait_for_bucket_check(&sidecar).await;
     // The probes exactly as the operator injects them into a workload's pods.

@@ -22,15 +22,6 @@ async fn bucket_with(server: &S3Server, repo: &str, body: &[u8]) -> String {
     bucket
 }
 
-async fn proxy_for(server: &S3Server) -> CutProxy {
-    let upstream = server
-        .endpoint
-        .trim_start_matches("http://")
-        .parse()
-        .expect("endpoint address");
-    CutProxy::start(upstream).await
-}
-
 /// Names in the disk tier directory (the fill's `*.tmp` among them while it runs).
 fn disk_files(sidecar: &Sidecar) -> Vec<String> {
     std::fs::read_dir(sidecar.disk_dir())
@@ -81,7 +72,7 @@ async fn s3_cut_mid_stream_gives_a_short_body_keeps_nothing_and_recovers() {
     let server = TestEnv::get().s3_server("garage");
     let body = snapshot_bytes(48 * MIB, 21);
     let bucket = bucket_with(&server, REPO, &body).await;
-    let proxy = proxy_for(&server).await;
+    let proxy = CutProxy::in_front_of(&server).await;
     let sidecar = Sidecar::start_at(&proxy.url(), &server, &bucket, &SidecarOptions::default());
 
     let download = stalled_cold_get(&sidecar, &proxy, 8 * MIB as u64).await;
@@ -118,7 +109,7 @@ async fn sigkill_mid_fill_leaves_no_partial_file_after_restart() {
     let server = TestEnv::get().s3_server("garage");
     let body = snapshot_bytes(24 * MIB, 22);
     let bucket = bucket_with(&server, REPO, &body).await;
-    let proxy = proxy_for(&server).await;
+    let proxy = CutProxy::in_front_of(&server).await;
     let disk = tempfile::tempdir().expect("disk dir");
     let options = SidecarOptions {
         disk_dir: Some(disk.path().to_owned()),

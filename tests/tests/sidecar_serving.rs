@@ -257,12 +257,7 @@ async fn replace_mid_read(
     first_bytes: usize,
 ) -> (Sidecar, CutProxy) {
     let bucket = bucket_with(server, old).await;
-    let upstream = server
-        .endpoint
-        .trim_start_matches("http://")
-        .parse()
-        .expect("endpoint address");
-    let proxy = CutProxy::start(upstream).await;
+    let proxy = CutProxy::in_front_of(server).await;
     proxy.stall_after(budget);
     let sidecar = Sidecar::start_at(&proxy.url(), server, &bucket, options);
     let label = format!("{} disk={}", server.name, options.disk_tier);
@@ -442,12 +437,7 @@ async fn s3_outage_serves_disk_hits_and_503s_misses_then_recovers() {
         COMMIT,
     )
     .await;
-    let upstream = server
-        .endpoint
-        .trim_start_matches("http://")
-        .parse()
-        .expect("endpoint address");
-    let proxy = CutProxy::start(upstream).await;
+    let proxy = CutProxy::in_front_of(server).await;
     let options = SidecarOptions {
         revalidate_after: "0s".into(),
         ..SidecarOptions::default()
