@@ -5,8 +5,9 @@
 //! consumer drops the chunk's bytes, so at most `slots` chunks are in memory however
 //! slow the consumer is. Each buffer is allocated once and reused: a 1 GiB transfer
 //! does not fault in 1 GiB of fresh pages. With a `Budget`, a slot also waits until
-//! the bytes it needs are free across every transfer sharing that budget, and a buffer
-//! keeps its share while the window keeps the buffer: every byte allocated is counted.
+//! the bytes it needs are free across every transfer sharing that budget; its buffer
+//! is then reused through the budget's spares, which keep their share (every byte
+//! allocated is counted) and give it up as soon as anyone waits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -196,24 +197,17 @@ impl Window {
         // The window keeps a sender, so the channel never closes while waiting here.
         let (mut data, mut reservation) = self.free.lock().await.recv().await.unwrap_or_default();
         let wanted = usize::try_from(len).unwrap_or(usize::MAX);
-        if data.capacity() == 0
-            && let Some(spare) = self.budget.as_ref().and_then(|b| b.spare(wanted))
-        {
-            (data, reservation) = spare;
-        }
-        if data.capacity() > wanted.saturating_mul(2) {
-            // Far too big for this chunk: holding it would keep budget from others.
-            (data, reservation) = (Vec::new(), None);
+        if let Some(budget) = &self.budget {
+            // Budgeted buffers live in the budget's spares between uses, never idle in a
+            // window: a share nobody uses can then always be given to whoever waits.
+            (data, reservation) = match budget.spare(wanted) {
+                Some(spare) => spare,
+                None => (Vec::new(), Some(budget.reserve(len).await)),
+            };
+        } else if data.capacity() > wanted.saturating_mul(2) {
+            data = Vec::new();
         }
         data.clear();
-        if let Some(budget) = &self.budget {
-            let held = reservation.as_ref().map_or(0, |r| r.bytes);
-            if held < i64::try_from(len).unwrap_or(i64::MAX) {
-                // Give back the old share before waiting, so a window never waits on itself.
-                drop(reservation.take());
-                reservation = Some(budget.reserve(len).await);
-            }
-        }
         data.reserve_exact(wanted);
         Slot {
             data,
@@ -228,9 +222,6 @@ impl Drop for Window {
     fn drop(&mut self) {
         if let Some(budget) = &self.budget {
             budget.0.windows.fetch_sub(1, Ordering::SeqCst);
-            while let Ok(buffer) = self.free.get_mut().try_recv() {
-                budget.keep(buffer);
-            }
         }
     }
 }
@@ -271,14 +262,16 @@ impl AsRef<[u8]> for Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        // Fails only when the transfer is over and its window gone: then the budget
-        // keeps the buffer for another transfer, or it is freed with its share.
         let buffer = (std::mem::take(&mut self.data), self.reservation.take());
-        if let Err(returned) = self.returns.try_send(buffer)
-            && let Some(budget) = &self.budget
-        {
-            budget.keep(returned.into_inner());
-        }
+        let buffer = match &self.budget {
+            Some(budget) => {
+                budget.keep(buffer);
+                (Vec::new(), None)
+            }
+            None => buffer,
+        };
+        // Fails only when the transfer is over and its window gone.
+        let _ = self.returns.try_send(buffer);
     }
 }
 
@@ -317,21 +310,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_gauge_counts_buffers_until_they_are_freed() {
+    async fn the_gauge_counts_buffers_in_use_and_kept_until_they_are_freed() {
         let metrics = Metrics::new();
-        // 1 KiB: a 100-byte buffer is over 1/16 of it, so it is freed, not kept.
-        let budget = Budget::new(1024, Buffers::ParallelGet, metrics.clone());
+        let budget = Budget::new(1 << 20, Buffers::ParallelGet, metrics.clone());
         let window = Window::with_budget(1, budget);
-        let slot = window.take(100).await;
-        let bytes = slot.into_bytes();
+        let bytes = window.take(100).await.into_bytes();
         assert_eq!(metrics.parallel_get_buffered.get(), 100);
         let clone = bytes.clone();
         drop(bytes);
+        assert_eq!(metrics.parallel_get_buffered.get(), 100, "a clone holds it");
         drop(clone);
         assert_eq!(
             metrics.parallel_get_buffered.get(),
             100,
-            "a buffer kept for reuse still counts"
+            "kept for reuse, still counted"
         );
         let again = window.take(80).await;
         assert_eq!(
@@ -339,22 +331,26 @@ mod tests {
             100,
             "reused, not counted twice"
         );
-        drop(again);
-        drop(window);
-        assert_eq!(metrics.parallel_get_buffered.get(), 0);
+        drop((again, window));
         assert_eq!(metrics.buffered_high_water(Buffers::ParallelGet), 100);
+
+        // 1 KiB: a 100-byte buffer is over 1/16 of it, so it is freed, not kept.
+        let tiny = Budget::new(1024, Buffers::DiskRead, metrics.clone());
+        let window = Window::with_budget(1, tiny);
+        drop(window.take(100).await);
+        assert_eq!(metrics.disk_read_buffered.get(), 0);
     }
 
     #[tokio::test]
-    async fn a_buffer_far_larger_than_its_chunk_is_given_back() {
+    async fn a_buffer_too_big_to_keep_is_freed_with_its_share() {
         let metrics = Metrics::new();
         let budget = Budget::new(1 << 20, Buffers::DiskRead, metrics.clone());
         let window = Window::with_budget(1, budget.clone());
         drop(window.take(512 * 1024).await);
-        assert_eq!(budget.available(), 512 * 1024);
+        assert_eq!(budget.available(), 1 << 20, "over 1/16 of the budget");
         let small = window.take(64 * 1024).await;
-        assert!(small.data.capacity() < 128 * 1024, "a fresh, small buffer");
         assert_eq!(budget.available(), (1 << 20) - 64 * 1024);
+        drop(small);
     }
 
     #[tokio::test]
