@@ -183,10 +183,6 @@ impl S3Health {
                 .set(failing);
         }
     }
-
-    pub fn is_up(&self) -> bool {
-        self.up.get() == 1
-    }
 }
 
 fn unix_now() -> f64 {
@@ -497,7 +493,11 @@ mod tests {
     #[test]
     fn s3_is_up_until_a_request_fails() {
         let metrics = Metrics::new();
-        assert!(metrics.s3_health.is_up(), "no evidence of a failure yet");
+        assert_eq!(
+            sample(&metrics, "snapcache_s3_up"),
+            1.0,
+            "no evidence of a failure yet"
+        );
         assert_eq!(
             sample(&metrics, "snapcache_s3_last_success_timestamp_seconds"),
             0.0
@@ -513,7 +513,6 @@ mod tests {
         metrics
             .s3_health
             .record(Health::Failed(S3Failure::AccessDenied));
-        assert!(!metrics.s3_health.is_up());
         assert_eq!(sample(&metrics, "snapcache_s3_up"), 0.0);
         assert_eq!(sample(&metrics, "snapcache_s3_consecutive_failures"), 2.0);
         assert_eq!(
@@ -528,9 +527,13 @@ mod tests {
         assert!(sample(&metrics, "snapcache_s3_last_failure_timestamp_seconds") > 0.0);
 
         metrics.s3_health.record(Health::Inconclusive);
-        assert!(!metrics.s3_health.is_up(), "a 404 clears no failure");
+        assert_eq!(
+            sample(&metrics, "snapcache_s3_up"),
+            0.0,
+            "a 404 clears no failure"
+        );
         metrics.s3_health.record(Health::Answered);
-        assert!(metrics.s3_health.is_up());
+        assert_eq!(sample(&metrics, "snapcache_s3_up"), 1.0);
         assert_eq!(sample(&metrics, "snapcache_s3_consecutive_failures"), 0.0);
         assert_eq!(
             sample(&metrics, "snapcache_s3_failing{reason=\"access_denied\"}"),

@@ -3,11 +3,11 @@
 //!
 //! A request takes a slot before it is sent and the slot comes back only when the
 //! consumer drops the chunk's bytes, so at most `slots` chunks are in memory however
-//! slow the consumer is. Each buffer is allocated once and reused: a 1 GiB transfer
-//! does not fault in 1 GiB of fresh pages. With a `Budget`, a slot also waits until
-//! the bytes it needs are free across every transfer sharing that budget; its buffer
-//! is then reused through the budget's spares, which keep their share (every byte
-//! allocated is counted) and give it up as soon as anyone waits.
+//! slow the consumer is. Without a budget, each buffer is allocated once and reused: a
+//! 1 GiB transfer does not fault in 1 GiB of fresh pages. With a `Budget`, a slot also
+//! waits until the bytes it needs are free across every transfer sharing that budget;
+//! its buffer is then reused through the budget's spares, which keep their share
+//! (every byte allocated is counted) and give it up as soon as anyone waits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,11 +59,6 @@ impl Budget {
             buffers,
             metrics,
         }))
-    }
-
-    /// Bytes free now: a hint for sizing the next request, not a promise.
-    pub fn available(&self) -> u64 {
-        self.0.permits.available_permits() as u64 * UNIT
     }
 
     /// The chunk size at which every window drawing on the budget now could hold `slots`
@@ -272,6 +267,14 @@ impl Drop for Slot {
         };
         // Fails only when the transfer is over and its window gone.
         let _ = self.returns.try_send(buffer);
+    }
+}
+
+#[cfg(test)]
+impl Budget {
+    /// Bytes free now.
+    fn available(&self) -> u64 {
+        self.0.permits.available_permits() as u64 * UNIT
     }
 }
 

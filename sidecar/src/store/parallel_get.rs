@@ -1,12 +1,11 @@
 //! Bounded parallel GET: one large S3 read split into chunk-size ranged GETs.
 //!
-//! A part takes a window slot (a reusable chunk buffer) before its request is sent and
-//! the slot returns only when the consumer drops that chunk's bytes, so buffered bytes
-//! never exceed workers x chunk size however slow the consumer is, and the buffers are
-//! allocated once per read rather than once per part. Every slot also waits for its
-//! bytes in one process-wide budget shared by all reads, so many slow clients cannot
-//! multiply that bound. Every part carries If-Match on one ETag, so a replacement
-//! mid-read fails the read instead of mixing revisions.
+//! A part takes a window slot before its request is sent and the slot returns only when
+//! the consumer drops that chunk's bytes, so one read never buffers more than workers x
+//! chunk size however slow its consumer is. Every slot also waits for its bytes in one
+//! process-wide budget shared by all reads, so many slow clients cannot multiply that
+//! bound. Every part carries If-Match on one ETag, so a replacement mid-read fails the
+//! read instead of mixing revisions.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -51,6 +51,13 @@ struct Fill {
     progress: watch::Receiver<FillProgress>,
 }
 
+impl Fill {
+    /// Failed, though its job may not have removed it from the running fills yet.
+    fn failed(&self) -> bool {
+        self.progress.borrow().failed.is_some()
+    }
+}
+
 /// The disk tier (optional) in front of S3.
 #[derive(Debug)]
 pub struct Tiered {
@@ -195,7 +202,7 @@ impl Tiered {
     fn fill_in_progress(&self, key: &str) -> Option<Arc<Fill>> {
         lock(&self.fills)
             .get(key)
-            .filter(|fill| fill.progress.borrow().failed.is_none())
+            .filter(|fill| !fill.failed())
             .cloned()
     }
 
@@ -205,9 +212,7 @@ impl Tiered {
         let disk = self.disk.as_ref()?;
         let whole = ByteRange::whole(info.size)?;
         let mut fills = lock(&self.fills);
-        let running = fills
-            .get(key)
-            .filter(|fill| fill.progress.borrow().failed.is_none());
+        let running = fills.get(key).filter(|fill| !fill.failed());
         if let Some(fill) = running {
             return (fill.info.etag == info.etag).then(|| fill.clone());
         }
