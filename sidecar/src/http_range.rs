@@ -45,7 +45,7 @@ pub enum Outcome {
 }
 
 /// An inclusive byte range `start..=end` of a representation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ByteRange {
     /// First byte offset.
     pub start: u64,

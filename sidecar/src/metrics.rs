@@ -215,6 +215,8 @@ pub struct Metrics {
     pub disk_capacity: IntGauge,
     /// Fills not started because the filesystem had no room; those reads stream from S3.
     pub disk_fills_skipped: IntCounter,
+    /// Reads from S3 that joined an identical read in flight rather than asking S3 again.
+    pub s3_reads_shared: IntCounter,
     /// Revisions remembered as not fitting the filesystem, served uncached for now.
     pub disk_unfit: IntGauge,
     /// The container's memory limit, 0 when unlimited.
@@ -313,6 +315,11 @@ impl Metrics {
                 "snapcache_disk_tier_fills_skipped_total",
                 "Disk tier fills not started because the filesystem had no room for the \
                  snapshot; those reads stream from S3 uncached.",
+            ),
+            s3_reads_shared: counter(
+                "snapcache_s3_reads_shared_total",
+                "Reads that joined an identical S3 read already in flight instead of \
+                 reading the same bytes from S3 again.",
             ),
             disk_unfit: gauge(
                 "snapcache_disk_tier_unfit_snapshots",

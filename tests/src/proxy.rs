@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -23,11 +23,13 @@ pub struct CutProxy {
     downstream: Arc<Downstream>,
 }
 
-/// What the server sends back: counted, and held once a test's limit is reached.
+/// What the server sends back: counted, and held once a test's limit is reached or,
+/// while GETs are held, on every connection that has carried a GET.
 #[derive(Debug)]
 struct Downstream {
     sent: AtomicU64,
     limit: watch::Sender<u64>,
+    gets_held: watch::Sender<bool>,
 }
 
 impl Default for Downstream {
@@ -35,6 +37,7 @@ impl Default for Downstream {
         Downstream {
             sent: AtomicU64::new(0),
             limit: watch::channel(u64::MAX).0,
+            gets_held: watch::channel(false).0,
         }
     }
 }
@@ -46,6 +49,13 @@ impl Downstream {
         let _ = limit
             .wait_for(|limit| self.sent.load(Ordering::SeqCst) < *limit)
             .await;
+    }
+
+    /// Waits while GETs are held, if this connection has carried one.
+    async fn wait_gets_released(&self, carried_get: &AtomicBool) {
+        if carried_get.load(Ordering::SeqCst) {
+            let _ = self.gets_held.subscribe().wait_for(|held| !held).await;
+        }
     }
 }
 
@@ -93,9 +103,16 @@ impl CutProxy {
             .send_replace(sent.saturating_add(bytes));
     }
 
+    /// Holds the answer to every GET from now on while HEADs pass: reads that start
+    /// meanwhile learn their revision, then wait for their bytes.
+    pub fn hold_gets(&self) {
+        self.downstream.gets_held.send_replace(true);
+    }
+
     /// Lets every answer through again, the held ones first.
     pub fn release(&self) {
         self.downstream.limit.send_replace(u64::MAX);
+        self.downstream.gets_held.send_replace(false);
     }
 
     /// Bytes the server has sent back through the proxy so far.
@@ -158,10 +175,15 @@ async fn relay(
     };
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
+    // Set before a GET is forwarded; the client reads one answer before the next request.
+    let carried_get = AtomicBool::new(false);
     let to_server = async {
         let mut buffer = vec![0; 64 * 1024];
         while let Ok(n @ 1..) = client_read.read(&mut buffer).await {
             sent.fetch_add(n as u64, Ordering::SeqCst);
+            if buffer[..n].starts_with(b"GET ") {
+                carried_get.store(true, Ordering::SeqCst);
+            }
             if server_write.write_all(&buffer[..n]).await.is_err() {
                 break;
             }
@@ -175,6 +197,7 @@ async fn relay(
             let Ok(n @ 1..) = server_read.read(&mut buffer).await else {
                 break;
             };
+            downstream.wait_gets_released(&carried_get).await;
             downstream.sent.fetch_add(n as u64, Ordering::SeqCst);
             if client_write.write_all(&buffer[..n]).await.is_err() {
                 break;

@@ -1,5 +1,6 @@
-//! The sidecar's behaviour around the ranges: path rules, revalidation, single flight,
-//! revisions never mixed, disconnects, S3 outages, SIGTERM and the metrics format.
+//! The sidecar's behaviour around the ranges: path rules, revalidation, single flight
+//! (a disk tier fill or a shared S3 read), revisions never mixed, disconnects, S3
+//! outages, SIGTERM and the metrics format.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -365,6 +366,56 @@ async fn eight_cold_clients_share_one_s3_download() {
             body.len() as f64,
             "{}: exactly one object's worth of bytes from S3",
             server.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn eight_cold_clients_without_a_disk_tier_share_one_s3_read() {
+    for server in TestEnv::get().s3_servers() {
+        let body = snapshot_bytes(6 << 20, 10);
+        let bucket = bucket_with(&server, &body).await;
+        let proxy = CutProxy::in_front_of(&server).await;
+        let options = SidecarOptions {
+            disk_tier: false,
+            ..SidecarOptions::default()
+        };
+        let sidecar = Sidecar::start_at(&proxy.url(), &server, &bucket, &options);
+        // Every client learns the revision; no read gets a byte before all eight asked.
+        proxy.hold_gets();
+        let clients: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(read_all(sidecar.url(PATH))))
+            .collect();
+        wait_until("seven clients to join the first one's read", async || {
+            let metrics = sidecar.metrics().await;
+            let shared = Sidecar::metric(&metrics, "snapcache_s3_reads_shared_total");
+            (shared == 7.0)
+                .then_some(())
+                .ok_or(format!("{shared} reads shared"))
+        })
+        .await;
+        proxy.release();
+        for client in clients {
+            assert_eq!(
+                client.await.expect("client task").as_deref(),
+                Ok(body.as_slice()),
+                "{}",
+                server.name
+            );
+        }
+        let metrics = sidecar.metrics().await;
+        assert_eq!(
+            Sidecar::metric(&metrics, "snapcache_s3_read_bytes_total"),
+            body.len() as f64,
+            "{}: exactly one object's worth of bytes from S3",
+            server.name
+        );
+        let through_proxy = proxy.sent_downstream();
+        assert!(
+            through_proxy < body.len() as u64 + (1 << 20),
+            "{}: S3 sent {through_proxy} bytes for one {}-byte object",
+            server.name,
+            body.len()
         );
     }
 }

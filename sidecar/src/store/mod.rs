@@ -1,10 +1,12 @@
-//! Where snapshot bytes come from: S3 (`s3`), the per-pod disk tier (`disk`), and the
+//! Where snapshot bytes come from: S3 (`s3`, read in parallel by `parallel_get` and
+//! shared by identical reads in `shared_read`), the per-pod disk tier (`disk`), and the
 //! tiered read path that combines them (`tiered`). Nothing here knows about HTTP.
 
 pub mod disk;
 pub mod file_reader;
 pub mod parallel_get;
 pub mod s3;
+pub mod shared_read;
 pub mod tiered;
 
 use std::collections::HashMap;

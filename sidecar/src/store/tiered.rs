@@ -1,5 +1,6 @@
 //! The tiered read path: the disk tier when it holds the current revision, else S3
-//! through a single shared fill per object that clients stream from as it lands.
+//! through a single shared fill per object that clients stream from as it lands, or,
+//! where no fill can serve, one S3 read shared by identical requests.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,7 @@ use super::disk::{DataFile, DiskTier, FillWriter};
 use super::file_reader::{FillProgress, read_range};
 use super::parallel_get::{ParallelGetConfig, parallel_get};
 use super::s3::S3Store;
+use super::shared_read::SharedReads;
 use super::{Budgets, ByteStream, ObjectInfo, StoreError};
 use crate::http_range::ByteRange;
 use crate::metrics::{Metrics, Source};
@@ -64,6 +66,7 @@ pub struct Tiered {
     s3: Arc<S3Store>,
     disk: Option<Arc<DiskTier>>,
     fills: Arc<Mutex<HashMap<String, Arc<Fill>>>>,
+    shared: SharedReads,
     revalidate_after: Duration,
     parallel: ParallelGetConfig,
     budgets: Budgets,
@@ -83,6 +86,7 @@ impl Tiered {
             s3,
             disk,
             fills: Arc::default(),
+            shared: SharedReads::default(),
             revalidate_after,
             parallel,
             budgets,
@@ -174,9 +178,35 @@ impl Tiered {
             Location::Filling(fill) => self.fill_reader(fill, range),
             Location::S3 => match self.start_fill(key, &resolved.info) {
                 Some(fill) if fill_reaches_soon => self.fill_reader(fill, range),
-                _ => self.s3_stream(key, &resolved.info.etag, range),
+                _ => self.shared_s3_stream(key, &resolved.info.etag, range),
             },
         }
+    }
+
+    /// Streams from S3, sharing one parallel GET with identical reads that start meanwhile.
+    fn shared_s3_stream(&self, key: &str, etag: &str, range: ByteRange) -> ByteStream {
+        let (s3, budget, metrics) = (
+            self.s3.clone(),
+            self.budgets.parallel_get.clone(),
+            self.metrics.clone(),
+        );
+        let (owned_key, owned_etag, config) = (key.to_owned(), etag.to_owned(), self.parallel);
+        let source = Arc::new(move |range: ByteRange| {
+            parallel_get(
+                s3.clone(),
+                &budget,
+                metrics.clone(),
+                owned_key.clone(),
+                owned_etag.clone(),
+                range,
+                config,
+            )
+        });
+        let read = self.shared.read(key, etag, range, source);
+        if read.joined {
+            self.metrics.s3_reads_shared.inc();
+        }
+        read.stream
     }
 
     fn s3_stream(&self, key: &str, etag: &str, range: ByteRange) -> ByteStream {
