@@ -186,6 +186,7 @@ mod tests {
 }
 
 pub mod git;
+pub mod large;
 pub mod proxy;
 pub mod sidecar;
 

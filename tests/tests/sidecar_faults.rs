@@ -1,9 +1,10 @@
-//! Faults keep data whole (issue 14 §5): S3 cut mid-stream, the sidecar killed mid-fill,
-//! a full disk. Each fault is placed by construction (the proxy stalls after a chosen
+//! Faults keep data whole (issue 14 §5): S3 cut mid-stream of a 1 GiB snapshot, the
+//! sidecar killed mid-fill, a 1 GiB snapshot on a full disk. Each fault is placed by construction (the proxy stalls after a chosen
 //! byte count), never by timing.
 
 use futures::StreamExt;
 use reqwest::StatusCode;
+use snapcache_tests::large::{Download, TiledSnapshot};
 use snapcache_tests::proxy::CutProxy;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions};
 use snapcache_tests::{
@@ -14,12 +15,21 @@ const REPO: &str = "example.com/org/faults";
 const PATH: &str = "/git/example.com/org/faults/snapshot.tar.zst";
 const COMMIT: &str = "89abcdef0123456789abcdef0123456789abcdef";
 const MIB: usize = 1024 * 1024;
+const GIB: u64 = 1 << 30;
 
 async fn bucket_with(server: &S3Server, repo: &str, body: &[u8]) -> String {
     let bucket = unique_name("faults");
     create_bucket(&server.client(), &bucket).await;
     put_snapshot(&server.client(), &bucket, repo, body, COMMIT).await;
     bucket
+}
+
+/// Parts of 8 MiB: a 1 GiB read in 128 GETs rather than the default options' 4096.
+fn large_parts() -> SidecarOptions {
+    SidecarOptions {
+        chunk_size: "8MiB".into(),
+        ..SidecarOptions::default()
+    }
 }
 
 /// Names in the disk tier directory (the fill's `*.tmp` among them while it runs).
@@ -48,15 +58,17 @@ async fn get_until_end(url: String) -> (StatusCode, Vec<u8>, bool) {
     (status, body, false)
 }
 
-/// Starts a cold GET and returns once the fill has stalled at the proxy's limit.
-async fn stalled_cold_get(
+/// Holds S3's answers once `after` more bytes have passed, starts `download`, and
+/// returns once the fill it started has stalled there.
+async fn stalled_cold<T: Send + 'static>(
     sidecar: &Sidecar,
     proxy: &CutProxy,
     after: u64,
-) -> tokio::task::JoinHandle<(StatusCode, Vec<u8>, bool)> {
+    download: impl Future<Output = T> + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
     // The revision's HeadObject passes; only body bytes count toward the stall.
     proxy.stall_after(after);
-    let download = tokio::spawn(get_until_end(sidecar.url(PATH)));
+    let download = tokio::spawn(download);
     eventually("the fill to stall at the proxy", async || {
         let tmp = disk_files(sidecar)
             .iter()
@@ -67,40 +79,51 @@ async fn stalled_cold_get(
     download
 }
 
+/// A cold GET of `snapshot`, stalled after `after` bytes of S3's answers.
+async fn stalled_cold_download(
+    sidecar: &Sidecar,
+    proxy: &CutProxy,
+    snapshot: &TiledSnapshot,
+    after: u64,
+) -> tokio::task::JoinHandle<Download> {
+    let (snapshot, url) = (snapshot.clone(), sidecar.url(PATH));
+    stalled_cold(sidecar, proxy, after, async move {
+        snapshot.download(&url).await
+    })
+    .await
+}
+
 #[tokio::test]
 async fn s3_cut_mid_stream_gives_a_short_body_keeps_nothing_and_recovers() {
     let server = TestEnv::get().s3_server("garage");
-    let body = snapshot_bytes(48 * MIB, 21);
-    let bucket = bucket_with(&server, REPO, &body).await;
+    let snapshot = TiledSnapshot::new(GIB, 21);
+    let bucket = unique_name("faults");
+    create_bucket(&server.client(), &bucket).await;
+    snapshot.put(&server.client(), &bucket, REPO).await;
     let proxy = CutProxy::in_front_of(&server).await;
-    let sidecar = Sidecar::start_at(&proxy.url(), &server, &bucket, &SidecarOptions::default());
+    let sidecar = Sidecar::start_at(&proxy.url(), &server, &bucket, &large_parts());
 
-    let download = stalled_cold_get(&sidecar, &proxy, 8 * MIB as u64).await;
+    let download = stalled_cold_download(&sidecar, &proxy, &snapshot, 64 * MIB as u64).await;
     proxy.cut().await;
-    let (status, got, broke) = download.await.expect("download task");
-    assert_eq!(status, StatusCode::OK);
+    let cut = download.await.expect("download task");
+    assert_eq!(cut.status, StatusCode::OK);
     assert!(
-        broke,
+        cut.broke,
         "the client sees the body break, never a complete-looking 200"
     );
-    assert!(got.len() < body.len(), "short: {} bytes", got.len());
-    assert_eq!(
-        got[..],
-        body[..got.len()],
-        "what came is the object's prefix"
-    );
+    assert!(cut.received < snapshot.len, "short: {cut:?}");
+    assert!(cut.intact, "what came is the object's prefix");
     eventually("the failed fill to leave nothing", async || {
         disk_files(&sidecar).is_empty().then_some(())
     })
     .await;
 
     proxy.restore().await;
-    proxy.stall_after(u64::MAX / 2);
-    let (status, again, broke) = get_until_end(sidecar.url(PATH)).await;
-    assert_eq!((status, broke), (StatusCode::OK, false));
+    proxy.release();
+    let again = snapshot.download(&sidecar.url(PATH)).await;
     assert!(
-        again == body,
-        "byte-identical after S3 came back, without a restart"
+        again.is_whole(&snapshot),
+        "byte-identical after S3 came back, without a restart: {again:?}"
     );
 }
 
@@ -116,13 +139,19 @@ async fn sigkill_mid_fill_leaves_no_partial_file_after_restart() {
         ..SidecarOptions::default()
     };
     let mut first = Sidecar::start_at(&proxy.url(), &server, &bucket, &options);
-    let download = stalled_cold_get(&first, &proxy, 4 * MIB as u64).await;
+    let download = stalled_cold(
+        &first,
+        &proxy,
+        4 * MIB as u64,
+        get_until_end(first.url(PATH)),
+    )
+    .await;
     first.kill();
     let (_, _, broke) = download.await.expect("download task");
     assert!(broke, "the client of a killed sidecar sees a broken body");
     proxy.cut().await;
     proxy.restore().await;
-    proxy.stall_after(u64::MAX / 2);
+    proxy.release();
 
     let second = Sidecar::start_at(&proxy.url(), &server, &bucket, &options);
     assert!(
@@ -190,9 +219,11 @@ impl Drop for SmallDisk {
 #[tokio::test]
 async fn a_snapshot_larger_than_the_free_disk_is_served_whole_from_s3_once_per_request() {
     let server = TestEnv::get().s3_server("garage");
-    let big = snapshot_bytes(32 * MIB, 23);
+    let big = TiledSnapshot::new(GIB, 23);
     let small = snapshot_bytes(MIB, 24);
-    let bucket = bucket_with(&server, REPO, &big).await;
+    let bucket = unique_name("faults");
+    create_bucket(&server.client(), &bucket).await;
+    big.put(&server.client(), &bucket, REPO).await;
     put_snapshot(
         &server.client(),
         &bucket,
@@ -201,22 +232,24 @@ async fn a_snapshot_larger_than_the_free_disk_is_served_whole_from_s3_once_per_r
         COMMIT,
     )
     .await;
-    let disk = SmallDisk::mount(16);
+    let disk = SmallDisk::mount(64);
     let options = SidecarOptions {
         disk_dir: Some(disk.dir.path().to_owned()),
         // The index would take it: only the filesystem's free space says no.
-        disk_max_bytes: "1GiB".into(),
-        ..SidecarOptions::default()
+        disk_max_bytes: "2GiB".into(),
+        ..large_parts()
     };
     let sidecar = Sidecar::start(&server, &bucket, &options);
-    for round in 1..=3u32 {
-        let (status, got, broke) = get_until_end(sidecar.url(PATH)).await;
-        assert_eq!((status, broke), (StatusCode::OK, false), "round {round}");
-        assert!(got == big, "round {round}: the whole object, uncorrupted");
+    for round in 1..=2u32 {
+        let got = big.download(&sidecar.url(PATH)).await;
+        assert!(
+            got.is_whole(&big),
+            "round {round}: the whole object, uncorrupted: {got:?}"
+        );
         let metrics = sidecar.metrics().await;
         assert_eq!(
             Sidecar::metric(&metrics, "snapcache_s3_read_bytes_total"),
-            f64::from(round) * big.len() as f64,
+            f64::from(round) * big.len as f64,
             "round {round}: S3 read once per request"
         );
         assert_eq!(
