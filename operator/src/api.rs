@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selected"}"#,
     printcolumn = r#"{"name":"Injected","type":"integer","jsonPath":".status.injected"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Bucket OK","type":"string","jsonPath":".status.conditions[?(@.type==\"BucketReadable\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -144,6 +145,9 @@ pub struct SnapshotCacheStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`: every selected workload has the sidecar of the current spec.
+    /// `BucketReadable`: what the sidecars of up to 3 running injected pods say of the
+    /// bucket, checked every minute: `False` with reason `BucketMissing`, `AccessDenied`,
+    /// `S3Unreachable` or `S3Failing` and what to fix; `Unknown` while no sidecar can tell.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// How many workloads the selector chooses.

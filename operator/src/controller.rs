@@ -12,6 +12,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{Action, Controller};
@@ -26,6 +27,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::api::{SnapshotCache, SnapshotCacheSpec};
+use crate::bucket_health::{self, BucketCondition};
 use crate::inject::{self, Environment};
 use crate::lease::Leadership;
 use crate::metrics::Metrics;
@@ -44,6 +46,8 @@ pub struct Context {
     /// Consecutive failures per SnapshotCache, for the backoff.
     pub failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<SnapshotCache>, u32>>,
     pub recorder: Recorder,
+    /// Asks the injected sidecars whether they can read their bucket.
+    pub http: reqwest::Client,
     pub default_image: String,
     pub native_sidecars: bool,
 }
@@ -94,6 +98,8 @@ trait Workload:
 {
     const KIND: &'static str;
     fn template(&self) -> Option<&PodTemplateSpec>;
+    /// Chooses the workload's pods.
+    fn pod_selector(&self) -> Option<&LabelSelector>;
 }
 
 impl Workload for Deployment {
@@ -101,12 +107,18 @@ impl Workload for Deployment {
     fn template(&self) -> Option<&PodTemplateSpec> {
         self.spec.as_ref().map(|spec| &spec.template)
     }
+    fn pod_selector(&self) -> Option<&LabelSelector> {
+        self.spec.as_ref().map(|spec| &spec.selector)
+    }
 }
 
 impl Workload for StatefulSet {
     const KIND: &'static str = "StatefulSet";
     fn template(&self) -> Option<&PodTemplateSpec> {
         self.spec.as_ref().map(|spec| &spec.template)
+    }
+    fn pod_selector(&self) -> Option<&LabelSelector> {
+        self.spec.as_ref().map(|spec| &spec.selector)
     }
 }
 
@@ -175,7 +187,8 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
             // The schema cannot say every selector is valid: report it, do not crash-loop.
             let message = format!("the selector is invalid: {err}");
             publish(ctx, cache, EventType::Warning, "InvalidSelector", &message).await;
-            set_status(ctx, cache, false, "InvalidSelector", &message, &[], &[]).await?;
+            let ready = Condition::new("Ready", "False", "InvalidSelector", message);
+            set_status(ctx, cache, &[ready], &Report::default()).await?;
             return Ok(Action::await_change());
         }
     };
@@ -221,17 +234,51 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
         report.injected.len(),
         report.selected.len()
     );
-    set_status(
-        ctx,
-        cache,
-        true,
-        "Injected",
-        &message,
-        &report.selected,
-        &report.injected,
+    let ready = Condition::new("Ready", "True", "Injected", message);
+    let bucket = bucket_health::ask_sidecars(
+        &ctx.client,
+        &ctx.http,
+        &namespace,
+        &report.pod_selectors,
+        &cache.spec.s3.bucket,
     )
-    .await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    .await;
+    warn_of_new_bucket_failure(ctx, cache, &bucket).await;
+    let bucket = Condition::new(
+        bucket_health::CONDITION,
+        bucket.status,
+        bucket.reason,
+        bucket.message,
+    );
+    set_status(ctx, cache, &[ready, bucket], &report).await?;
+    // The sidecars' view of the bucket changes without any watched object changing.
+    let recheck = if report.injected.is_empty() { 300 } else { 60 };
+    Ok(Action::requeue(Duration::from_secs(recheck)))
+}
+
+/// A Warning event when the sidecars start failing to read the bucket, or for a new reason.
+async fn warn_of_new_bucket_failure(
+    ctx: &Context,
+    cache: &SnapshotCache,
+    bucket: &BucketCondition,
+) {
+    let previous = cache.status.as_ref().and_then(|status| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == bucket_health::CONDITION)
+    });
+    let known = previous.is_some_and(|c| c.status == bucket.status && c.reason == bucket.reason);
+    if bucket.status == "False" && !known {
+        publish(
+            ctx,
+            cache,
+            EventType::Warning,
+            bucket.reason,
+            &bucket.message,
+        )
+        .await;
+    }
 }
 
 async fn cleanup(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
@@ -253,6 +300,8 @@ struct Report {
     injected: Vec<String>,
     newly_injected: Vec<String>,
     removed: Vec<String>,
+    /// The pod selectors of the injected workloads.
+    pod_selectors: Vec<Selector>,
 }
 
 /// Injects into the workloads of kind `W` that `selector` chooses and releases the
@@ -286,6 +335,10 @@ async fn sync<W: Workload>(
             }
             report.selected.push(label.clone());
             report.injected.push(label);
+            let pods = workload.pod_selector().cloned().map(Selector::try_from);
+            if let Some(Ok(pods)) = pods {
+                report.pod_selectors.push(pods);
+            }
         } else if was_injected && !others.iter().any(|other| other.matches(&labels)) {
             release(&api, &name, W::KIND).await?;
             report.removed.push(label);
@@ -343,39 +396,69 @@ async fn other_selectors(
         .collect())
 }
 
+/// A status condition as the operator writes it; the transition time comes from the
+/// previous condition of the same type.
+#[derive(Debug)]
+struct Condition {
+    type_: &'static str,
+    status: &'static str,
+    reason: &'static str,
+    message: String,
+}
+
+impl Condition {
+    fn new(
+        type_: &'static str,
+        status: &'static str,
+        reason: &'static str,
+        message: String,
+    ) -> Condition {
+        Condition {
+            type_,
+            status,
+            reason,
+            message,
+        }
+    }
+}
+
 async fn set_status(
     ctx: &Context,
     cache: &SnapshotCache,
-    ready: bool,
-    reason: &str,
-    message: &str,
-    selected: &[String],
-    injected: &[String],
+    conditions: &[Condition],
+    report: &Report,
 ) -> Result<(), Error> {
     let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), &namespace);
-    let status = if ready { "True" } else { "False" };
     let previous = cache
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    // The transition time moves only when the status does.
-    let transition = match previous {
-        Some(condition) if condition.status == status => {
-            condition.last_transition_time.0.to_string()
-        }
-        _ => k8s_openapi::jiff::Timestamp::now().to_string(),
-    };
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let conditions: Vec<_> = conditions
+        .iter()
+        .map(|condition| {
+            // The transition time moves only when the status does.
+            let transition = match previous.iter().find(|c| c.type_ == condition.type_) {
+                Some(earlier) if earlier.status == condition.status => {
+                    earlier.last_transition_time.0.to_string()
+                }
+                _ => k8s_openapi::jiff::Timestamp::now().to_string(),
+            };
+            json!({
+                "type": condition.type_, "status": condition.status,
+                "reason": condition.reason, "message": condition.message,
+                "lastTransitionTime": transition, "observedGeneration": cache.metadata.generation,
+            })
+        })
+        .collect();
     let patch = json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
         "status": {
             "observedGeneration": cache.metadata.generation,
-            "conditions": [{
-                "type": "Ready", "status": status, "reason": reason, "message": message,
-                "lastTransitionTime": transition, "observedGeneration": cache.metadata.generation,
-            }],
-            "selected": selected.len(), "injected": injected.len(),
-            "selectedWorkloads": selected, "injectedWorkloads": injected,
+            "conditions": conditions,
+            "selected": report.selected.len(), "injected": report.injected.len(),
+            "selectedWorkloads": report.selected, "injectedWorkloads": report.injected,
         }
     });
     api.patch_status(

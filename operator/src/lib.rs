@@ -2,6 +2,7 @@
 //! injected into the selected workloads.
 
 pub mod api;
+pub mod bucket_health;
 pub mod cli;
 pub mod controller;
 pub mod inject;

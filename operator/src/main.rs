@@ -89,6 +89,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         client,
         metrics,
         failures: Default::default(),
+        http: reqwest::Client::new(),
         default_image: args.sidecar_image,
         native_sidecars,
     });

@@ -369,6 +369,21 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
             .then_some(())
     })
     .await;
+    // No kubelet runs the pods here; that the operator could look for them is the point.
+    let bucket = eventually("the BucketReadable condition", async || {
+        let status = caches.get("monorepo").await.ok()?.status?;
+        status
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "BucketReadable")
+    })
+    .await;
+    assert_eq!(
+        (bucket.status.as_str(), bucket.reason.as_str()),
+        ("Unknown", "NoSidecarRunning"),
+        "the chart's RBAC lets the operator list the injected pods: {}",
+        bucket.message
+    );
     let leases: Api<Lease> = Api::namespaced(client.clone(), &release_namespace);
     let lease = leases.get("snapcache").await.expect("the Lease");
     assert_eq!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::jiff::SignedDuration;
@@ -18,8 +18,10 @@ use kube::api::{
 };
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::sidecar::binary;
-use snapcache_tests::{TestEnv, eventually, install_snapshot_cache_crd, unique_name};
+use snapcache_tests::sidecar::{Sidecar, SidecarOptions, binary};
+use snapcache_tests::{
+    S3Server, TestEnv, create_bucket, eventually, install_snapshot_cache_crd, unique_name,
+};
 
 const SIDECAR: &str = "snapcache-sidecar";
 
@@ -66,9 +68,7 @@ impl Operator {
     /// The `snapcache_operator_leader` gauge, `None` while the admin port is not up.
     async fn leading(&self) -> Option<bool> {
         let (_, metrics) = self.get("/metrics").await?;
-        Some(
-            snapcache_tests::sidecar::Sidecar::metric(&metrics, "snapcache_operator_leader") == 1.0,
-        )
+        Some(Sidecar::metric(&metrics, "snapcache_operator_leader") == 1.0)
     }
 
     async fn get(&self, path: &str) -> Option<(u16, String)> {
@@ -151,6 +151,23 @@ async fn create_cache(caches: &Api<SnapshotCache>) {
         .create(&PostParams::default(), &cache)
         .await
         .expect("create snapshot cache");
+}
+
+/// Waits for a Warning event with `reason` whose note contains `note`.
+async fn warning_event(client: &Client, namespace: &str, reason: &str, note: &str) {
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    eventually(&format!("a {reason} warning event"), async || {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.note.as_deref().is_some_and(|text| text.contains(note))
+            })
+            .then_some(())
+    })
+    .await;
 }
 
 fn sidecar_args(deployment: &Deployment) -> Option<Vec<String>> {
@@ -629,18 +646,7 @@ async fn a_selector_the_schema_cannot_check_becomes_a_condition_and_others_go_on
         "{}",
         condition.message
     );
-    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
-    eventually("a warning event", async || {
-        let list = events.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("InvalidSelector")
-                    && e.type_.as_deref() == Some("Warning")
-            })
-            .then_some(())
-    })
-    .await;
+    warning_event(&client, &namespace, "InvalidSelector", "selector").await;
     eventually("the good SnapshotCache still injecting", async || {
         sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
     })
@@ -749,4 +755,94 @@ async fn readyz_waits_for_the_workload_watches() {
         async || (operator.get("/readyz").await?.0 == 200).then_some(()),
     )
     .await;
+}
+
+/// A pod of Deployment `builder` as it runs once injected: the sidecar's admin port is
+/// `admin_port`, and its status (which a kubelet would write) says it runs on 127.0.0.1.
+async fn create_running_builder_pod(client: &Client, namespace: &str, admin_port: u16) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "builder-0", "labels": {"app": "builder"}},
+        "spec": {"containers": [
+            {"name": "build", "image": "builder:1"},
+            {"name": SIDECAR, "image": "snapcache/sidecar:test",
+             "ports": [{"name": "snapcache-admin", "containerPort": admin_port}]},
+        ]}
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let status = json!({"status": {
+        "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+    }});
+    pods.patch_status("builder-0", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
+}
+
+/// The operator asks the injected pods' sidecars about the bucket: a missing bucket and
+/// refused credentials become a `BucketReadable=False` condition saying what to fix, and
+/// a Warning event; a readable bucket becomes `True`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_sidecars_say_of_the_bucket_becomes_a_condition_and_an_event() {
+    let garage = TestEnv::get().s3_server("garage");
+    let bucket = unique_name("readable");
+    create_bucket(&garage.client(), &bucket).await;
+    let wrong_secret = S3Server {
+        secret_access_key: "not-the-secret".into(),
+        ..garage.clone()
+    };
+    let options = SidecarOptions::default();
+    let reading = Sidecar::start(&garage, &bucket, &options);
+    let missing = Sidecar::start(&garage, &unique_name("missing"), &options);
+    let denied = Sidecar::start(&wrong_secret, &bucket, &options);
+    // A HeadBucket refusal is ambiguous (a policy may deny ListBucket only); a read decides.
+    let refused = reqwest::get(denied.url("/git/example.com/org/repo/snapshot.tar.zst"))
+        .await
+        .expect("GET through the sidecar with the wrong secret");
+    assert_eq!(refused.status(), reqwest::StatusCode::BAD_GATEWAY);
+
+    let _operator = Operator::start();
+    for (sidecar, status, reason, fix) in [
+        (&reading, "True", "SidecarsReadBucket", "read bucket"),
+        (&missing, "False", "BucketMissing", "check spec.s3.bucket"),
+        (
+            &denied,
+            "False",
+            "AccessDenied",
+            "spec.s3.credentialsSecret",
+        ),
+    ] {
+        let (client, namespace) = setup().await;
+        create_builder(&Api::namespaced(client.clone(), &namespace)).await;
+        create_running_builder_pod(&client, &namespace, sidecar.admin.port()).await;
+        let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+        create_cache(&caches).await;
+        let condition = eventually("the BucketReadable condition", async || {
+            let status = caches.get("monorepo").await.ok()?.status?;
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "BucketReadable" && c.status != "Unknown")
+        })
+        .await;
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            (status, reason)
+        );
+        assert!(
+            condition.message.contains(fix),
+            "{reason}: {}",
+            condition.message
+        );
+        if status == "False" {
+            assert!(
+                condition.message.contains("(builder-0)"),
+                "names the pod: {}",
+                condition.message
+            );
+            warning_event(&client, &namespace, reason, fix).await;
+        }
+    }
 }
