@@ -1,5 +1,5 @@
 # Thin wrappers over tests/env; every target does its own set-up on a fresh machine.
-.PHONY: demo cluster-demo test lint bench crds images images-test
+.PHONY: demo cluster-demo test test-busy lint bench crds images images-test
 
 ## demo: publish this repository to local S3, serve it through a sidecar, fetch it with pins, verify, stop
 demo:
@@ -12,6 +12,10 @@ cluster-demo:
 ## test: format and lint checks, install and start the real components, run every test, stop them
 test:
 	bash tests/env/test.sh
+
+## test-busy: make test RUNS times in a row (default 5), each beside a from-scratch release build; stops at the first failure
+test-busy:
+	bash tests/env/busy.sh
 
 ## lint: cargo fmt --check and clippy with warnings as errors
 lint:
