@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# down.sh STATE: stops every process group that the component scripts recorded in STATE/pids.
+# down.sh STATE: runs the stop commands components registered in STATE/stops (the cluster's
+# pods, mounts and network need more than a signal), last registered first, then stops every
+# process group that the component scripts recorded in STATE/pids.
 source "$(dirname "$0")/lib.sh"
 
 state=${1:?usage: down.sh STATE}
+if [[ -f $state/stops ]]; then
+  tac "$state/stops" | while IFS= read -r command; do
+    bash -c "$command" || log "a stop step failed: $command"
+  done
+  : >"$state/stops"
+fi
 [[ -f $state/pids ]] || exit 0
 pids=()
 while read -r pid name; do

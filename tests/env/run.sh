@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # run.sh COMPONENTS -- CMD...
-# Starts the named components (comma-separated: moto,garage,kube, or "all"), runs CMD
+# Starts the named components (comma-separated: moto,garage,kube,cluster, or "all"; cluster
+# after the S3 servers, whose endpoints it forwards to the pods), runs CMD
 # with SNAPCACHE_TEST_ENV naming their env file, and stops every one of them on exit,
 # whether CMD passed, failed or was interrupted.
 source "$(dirname "$0")/lib.sh"
 
-[[ $# -ge 3 && $2 == -- ]] || die "usage: run.sh moto,garage,kube|all -- CMD..."
+[[ $# -ge 3 && $2 == -- ]] || die "usage: run.sh moto,garage,kube,cluster|all -- CMD..."
 components=$1; shift 2
-[[ $components == all ]] && components=moto,garage,kube
+[[ $components == all ]] && components=moto,garage,kube,cluster
 
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/snapcache-env.XXXXXX")
 : >"$STATE/env"; : >"$STATE/pids"

@@ -35,10 +35,11 @@ phase "install components" bash "$ENV_DIR/install.sh"
 phase "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 phase "CRD drift" crd_drift
 phase "build tests" cargo nextest run --workspace --locked --no-run
-phase "tests" bash "$ENV_DIR/run.sh" all -- cargo nextest run --workspace --locked --no-fail-fast
-# The container images, from the dev build the tests just used (make images ships release).
+# The container images, from the dev build the tests use (make images ships release);
+# the cluster imports them into its node before the tests start.
 images_test() {
   SNAPCACHE_IMAGE_PROFILE=dev bash "$ENV_DIR/images.sh" build &&
     SNAPCACHE_IMAGE_PROFILE=dev bash "$ENV_DIR/images.sh" test
 }
 phase "images" images_test
+phase "tests" bash "$ENV_DIR/run.sh" all -- cargo nextest run --workspace --locked --no-fail-fast

@@ -78,10 +78,12 @@ impl TestEnv {
 
     /// A kube client for the test API server, from the kubeconfig `tests/env/kube.sh` wrote.
     pub async fn kube_client(&self) -> Result<kube::Client> {
-        install_crypto_provider();
-        let kubeconfig = kube::config::Kubeconfig::read_from(self.require("KUBECONFIG"))?;
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-        Ok(kube::Client::try_from(config)?)
+        client_from(self.require("KUBECONFIG")).await
+    }
+
+    /// A kube client for the one-node cluster `tests/env/cluster.sh` started.
+    pub async fn cluster_client(&self) -> Result<kube::Client> {
+        client_from(self.require("CLUSTER_KUBECONFIG")).await
     }
 
     /// A kubeconfig that acts as `user` in `groups` (the admin impersonating them), so a
@@ -137,6 +139,13 @@ impl S3Server {
             .build();
         aws_sdk_s3::Client::from_conf(config)
     }
+}
+
+async fn client_from(kubeconfig: &str) -> Result<kube::Client> {
+    install_crypto_provider();
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
 }
 
 /// kube and aws-sdk-s3 share this process; rustls needs one provider chosen up front.
