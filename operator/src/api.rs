@@ -146,7 +146,7 @@ pub struct SnapshotCacheStatus {
     pub observed_generation: Option<i64>,
     /// `Ready`: every selected workload has the sidecar of the current spec.
     /// `BucketReadable`: what the sidecars of up to 3 running injected pods say of the
-    /// bucket, checked every minute: `False` with reason `BucketMissing`, `AccessDenied`,
+    /// bucket, checked every minute (every 10 s while none can tell): `False` with reason `BucketMissing`, `AccessDenied`,
     /// `S3Unreachable` or `S3Failing` and what to fix; `Unknown` while no sidecar can tell.
     #[serde(default)]
     pub conditions: Vec<Condition>,

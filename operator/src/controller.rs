@@ -244,6 +244,13 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
     )
     .await;
     warn_of_new_bucket_failure(ctx, cache, &bucket).await;
+    // The sidecars' view of the bucket changes without any watched object changing; while
+    // none can tell yet (their pods are starting), look again soon.
+    let recheck = match (report.injected.is_empty(), bucket.status) {
+        (true, _) => 300,
+        (false, "Unknown") => 10,
+        (false, _) => 60,
+    };
     let bucket = Condition::new(
         bucket_health::CONDITION,
         bucket.status,
@@ -251,8 +258,6 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
         bucket.message,
     );
     set_status(ctx, cache, &[ready, bucket], &report).await?;
-    // The sidecars' view of the bucket changes without any watched object changing.
-    let recheck = if report.injected.is_empty() { 300 } else { 60 };
     Ok(Action::requeue(Duration::from_secs(recheck)))
 }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::Client;
 use kube::api::{Api, ListParams, LogParams, PostParams};
 use serde_json::json;
@@ -79,6 +80,16 @@ async fn create_namespace(client: &Client) -> String {
     name
 }
 
+/// Waits for a pod of Deployment `app` that `check` accepts.
+async fn pod_of(pods: &Api<Pod>, app: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
+    within(Duration::from_secs(120), what, async || {
+        let selected = ListParams::default().labels(&format!("app={app}"));
+        let listed = pods.list(&selected).await.ok()?;
+        listed.items.into_iter().find(|pod| check(pod))
+    })
+    .await
+}
+
 fn ready(pod: &Pod, container: &str) -> bool {
     pod.status
         .as_ref()
@@ -139,24 +150,7 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
         "mkdir -p /tmp; start=$(date +%s); until wget -q -O /tmp/snapshot {url}; do sleep 0.2; done; \
          echo \"read in $(( $(date +%s) - start ))s\"; sha256sum /tmp/snapshot; exec sleep 1000000"
     );
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "reader", "labels": {"app": "reader"}},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "reader"}},
-            "template": {
-                "metadata": {"labels": {"app": "reader"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "app", "image": env.require("CLUSTER_BUSYBOX_IMAGE"),
-                        "imagePullPolicy": "Never", "command": ["sh", "-c", script],
-                    }]
-                }
-            }
-        }
-    }))
-    .expect("deployment");
+    let deployment = busybox_deployment("reader", &script);
     let created = Instant::now();
     Api::<Deployment>::namespaced(client.clone(), &namespace)
         .create(&PostParams::default(), &deployment)
@@ -164,20 +158,9 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
         .expect("create deployment");
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let pod = within(
-        Duration::from_secs(120),
-        "a pod with a ready sidecar",
-        async || {
-            let listed = pods
-                .list(&ListParams::default().labels("app=reader"))
-                .await
-                .ok()?;
-            listed
-                .items
-                .into_iter()
-                .find(|pod| has_sidecar(pod) && ready(pod, SIDECAR))
-        },
-    )
+    let pod = pod_of(&pods, "reader", "a pod with a ready sidecar", |pod| {
+        has_sidecar(pod) && ready(pod, SIDECAR)
+    })
     .await;
     let sidecar_ready = created.elapsed();
     let name = pod.metadata.name.clone().expect("pod name");
@@ -217,6 +200,32 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
         sidecar_ready.as_secs_f64(),
         read.as_secs_f64()
     );
+
+    // Deleting the SnapshotCache rolls the workload back to pods without the sidecar.
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    caches
+        .delete("reader", &Default::default())
+        .await
+        .expect("delete the SnapshotCache");
+    within(
+        Duration::from_secs(120),
+        "only running pods without the sidecar, and the SnapshotCache gone",
+        async || {
+            let listed = pods
+                .list(&ListParams::default().labels("app=reader"))
+                .await
+                .ok()?;
+            let settled = !listed.items.is_empty()
+                && listed
+                    .items
+                    .iter()
+                    .all(|pod| !has_sidecar(pod) && ready(pod, "app"));
+            let gone =
+                matches!(caches.get("reader").await, Err(kube::Error::Api(e)) if e.code == 404);
+            (settled && gone).then_some(())
+        },
+    )
+    .await;
 }
 
 /// `helm install` of the chart, unchanged but for values: the operator runs as a pod from
@@ -294,40 +303,245 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         .create(&PostParams::default(), &cache)
         .await
         .expect("create snapshot cache");
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "builder", "labels": {"app": "builder"}},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": {"app": "builder"}},
-            "template": {
-                "metadata": {"labels": {"app": "builder"}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "app", "image": env.require("CLUSTER_BUSYBOX_IMAGE"),
-                        "imagePullPolicy": "Never", "command": ["sleep", "1000000"],
-                    }]
-                }
-            }
-        }
-    }))
-    .expect("deployment");
+    let deployment = busybox_deployment("builder", "exec sleep 1000000");
     Api::<Deployment>::namespaced(client.clone(), &namespace)
         .create(&PostParams::default(), &deployment)
         .await
         .expect("create deployment");
     let workload_pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    pod_of(
+        &workload_pods,
+        "builder",
+        "a pod the operator pod injected, its sidecar ready",
+        |pod| has_sidecar(pod) && ready(pod, SIDECAR) && ready(pod, "app"),
+    )
+    .await;
+}
+
+/// A SnapshotCache for `app` in `namespace` with `spec`'s s3 and sidecar fields, and a
+/// Deployment `app` whose container keeps asking its sidecar for the snapshot.
+async fn cache_and_reader(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    s3: serde_json::Value,
+    sidecar: serde_json::Value,
+) {
+    let cache: SnapshotCache = serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": app},
+        "spec": {"selector": {"matchLabels": {"app": app}}, "s3": s3, "sidecar": sidecar}
+    }))
+    .expect("snapshot cache");
+    Api::<SnapshotCache>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &cache)
+        .await
+        .expect("create snapshot cache");
+    let url = format!("http://127.0.0.1:8765/git/{REPO}/snapshot.tar.zst");
+    let deployment = busybox_deployment(
+        app,
+        &format!("while true; do wget -q -O /dev/null {url}; sleep 1; done"),
+    );
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create deployment");
+}
+
+fn busybox_deployment(app: &str, script: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": app, "labels": {"app": app}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": app}},
+            "template": {
+                "metadata": {"labels": {"app": app}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "app", "image": TestEnv::get().require("CLUSTER_BUSYBOX_IMAGE"),
+                        "imagePullPolicy": "Never", "command": ["sh", "-c", script],
+                    }]
+                }
+            }
+        }
+    }))
+    .expect("deployment")
+}
+
+/// The BucketReadable condition of SnapshotCache `name` once it is not Unknown.
+async fn bucket_condition(caches: &Api<SnapshotCache>, name: &str) -> Condition {
     within(
         Duration::from_secs(120),
-        "a pod the operator pod injected, its sidecar ready",
+        &format!("{name}'s BucketReadable condition"),
         async || {
-            let listed = workload_pods.list(&ListParams::default()).await.ok()?;
+            let status = caches.get(name).await.ok()?.status?;
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "BucketReadable" && c.status != "Unknown")
+        },
+    )
+    .await
+}
+
+/// Waits for a Warning event about an object named `name*` whose reason is `reason` and
+/// whose note contains `note`.
+async fn warning(client: &Client, namespace: &str, name: &str, reason: &str, note: &str) {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), namespace);
+    within(
+        Duration::from_secs(120),
+        &format!("a {reason} event for {name}"),
+        async || {
+            let listed = events.list(&ListParams::default()).await.ok()?;
             listed
                 .items
                 .iter()
-                .any(|pod| has_sidecar(pod) && ready(pod, SIDECAR) && ready(pod, "app"))
+                .any(|event| {
+                    event.type_.as_deref() == Some("Warning")
+                        && event.reason.as_deref() == Some(reason)
+                        && event
+                            .involved_object
+                            .name
+                            .as_deref()
+                            .is_some_and(|n| n.starts_with(name))
+                        && event.message.as_deref().is_some_and(|m| m.contains(note))
+                })
                 .then_some(())
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_a_missing_bucket_and_a_missing_image_each_say_so_and_spare_the_rest() {
+    let env = TestEnv::get();
+    let client = env.cluster_client().await.expect("cluster client");
+    install_snapshot_cache_crd(&client).await;
+    let garage = env.s3_server("garage");
+    let bucket = unique_name("signals");
+    create_bucket(&garage.client(), &bucket).await;
+    put_snapshot(
+        &garage.client(),
+        &bucket,
+        REPO,
+        &snapshot_bytes(1 << 20, 16),
+        COMMIT,
+    )
+    .await;
+    let endpoint = env.require("CLUSTER_S3_GARAGE_ENDPOINT");
+    let namespace = create_namespace(&client).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    for (name, secret_key) in [
+        ("right", garage.secret_access_key.as_str()),
+        ("wrong", "not-the-secret"),
+    ] {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "stringData": {"AWS_ACCESS_KEY_ID": garage.access_key_id, "AWS_SECRET_ACCESS_KEY": secret_key}
+        }))
+        .expect("secret");
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("create secret");
+    }
+    // A workload no SnapshotCache selects: it must run on, untouched.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    deployments
+        .create(
+            &PostParams::default(),
+            &busybox_deployment("bystander", "exec sleep 1000000"),
+        )
+        .await
+        .expect("create bystander");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let bystander = pod_of(&pods, "bystander", "the bystander running", |pod| {
+        ready(pod, "app")
+    })
+    .await;
+
+    let _operator = Operator::start(env.require("CLUSTER_KUBECONFIG"));
+    cache_and_reader(
+        &client,
+        &namespace,
+        "denied",
+        json!({"bucket": bucket, "endpoint": endpoint, "credentialsSecret": "wrong"}),
+        json!({}),
+    )
+    .await;
+    cache_and_reader(&client, &namespace, "missing",
+        json!({"bucket": unique_name("missing"), "endpoint": endpoint, "credentialsSecret": "right"}), json!({})).await;
+    let absent = "ghcr.io/snapcache/snapcache-sidecar:does-not-exist";
+    cache_and_reader(
+        &client,
+        &namespace,
+        "noimage",
+        json!({"bucket": bucket, "endpoint": endpoint, "credentialsSecret": "right"}),
+        json!({"image": absent}),
+    )
+    .await;
+
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    let denied = bucket_condition(&caches, "denied").await;
+    assert_eq!(
+        (denied.status.as_str(), denied.reason.as_str()),
+        ("False", "AccessDenied"),
+        "{}",
+        denied.message
+    );
+    assert!(
+        denied.message.contains("spec.s3.credentialsSecret"),
+        "{}",
+        denied.message
+    );
+    let missing = bucket_condition(&caches, "missing").await;
+    assert_eq!(
+        (missing.status.as_str(), missing.reason.as_str()),
+        ("False", "BucketMissing"),
+        "{}",
+        missing.message
+    );
+    warning(
+        &client,
+        &namespace,
+        "denied",
+        "AccessDenied",
+        "credentialsSecret",
+    )
+    .await;
+    warning(
+        &client,
+        &namespace,
+        "missing",
+        "BucketMissing",
+        "spec.s3.bucket",
+    )
+    .await;
+    // The kubelet says why the sidecar cannot start, on the pod.
+    warning(&client, &namespace, "noimage-", "Failed", absent).await;
+    // Every failing pod is still Running its app; the bystander is the very same pod.
+    for app in ["denied", "missing", "noimage"] {
+        let listed = pods
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+            .expect("pods");
+        assert!(
+            listed
+                .items
+                .iter()
+                .any(|pod| has_sidecar(pod) && ready(pod, "app")),
+            "{app}: the app container runs beside the failing sidecar"
+        );
+    }
+    let now = pods
+        .list(&ListParams::default().labels("app=bystander"))
+        .await
+        .expect("pods");
+    assert_eq!(now.items.len(), 1);
+    assert_eq!(
+        now.items[0].metadata.uid, bystander.metadata.uid,
+        "the bystander was never replaced"
+    );
+    assert!(!has_sidecar(&now.items[0]) && ready(&now.items[0], "app"));
 }
