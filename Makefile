@@ -5,7 +5,7 @@
 demo:
 	bash tests/env/demo.sh
 
-## cluster-demo: a real API server, `helm install` of the chart, the operator injecting a sidecar into a Deployment
+## cluster-demo: a real one-node cluster: helm install (the operator as a pod), a SnapshotCache, a Deployment whose app reads a snapshot from its injected sidecar
 cluster-demo:
 	bash tests/env/cluster-demo.sh
 

@@ -1,99 +1,104 @@
 #!/usr/bin/env bash
-# cluster-demo.sh: what `make cluster-demo` runs. Starts a real kube-apiserver (with
-# etcd), installs the chart (CRDs included), runs the operator as a local process acting
-# as the chart's ServiceAccount (there is no kubelet here to run its pod), creates a
-# Deployment and a SnapshotCache, and prints the injected pod template and the status.
+# cluster-demo.sh: what `make cluster-demo` runs. On a real one-node cluster (cluster.sh):
+# `helm install` of the chart runs the operator as a pod from its image; a snapshot of this
+# repository is published to S3 (moto); a SnapshotCache and a Deployment follow, the
+# operator injects the sidecar, and the app container reads the snapshot from
+# 127.0.0.1:8765. Prints the app's log, a few sidecar metrics and each step's time, then
+# stops everything and leaves the host as it was.
 source "$(dirname "$0")/lib.sh"
 
 RELEASE=snapcache
 RELEASE_NAMESPACE=snapcache-system
 DEMO_NAMESPACE=snapcache-demo
+NAME=github.com/snapcache/snapcache
+BUCKET=snapcache-demo
 
-step() { printf '\n==> %s\n' "$*"; }
+timings=()
+step_started=$SECONDS
+step_label=""
+step() {
+  finish_step
+  step_label=$*
+  step_started=$SECONDS
+  printf '\n==> %s\n' "$*"
+}
+finish_step() {
+  if [[ -n $step_label ]]; then timings+=("$(printf '%4ss  %s' $((SECONDS - step_started)) "$step_label")"); fi
+  step_label=""
+}
+report() {
+  finish_step
+  printf '\n==> step times\n'
+  printf '%s\n' "${timings[@]}"
+}
 fail() { printf '\ncluster-demo FAILED: %s\n' "$*" >&2; exit 1; }
 
+ROOT=$(git -C "$ENV_DIR" rev-parse --show-toplevel)
 if [[ ${1:-} != inside ]]; then
-  step "1/6 Installing kube-apiserver and etcd, helm, and Python (cached after the first run)"
-  apt_install curl
+  trap report EXIT
+  step "1/8 Installing moto, helm, containerd, the CNI plugins and Kubernetes 1.20.2 (built once from Debian's source, about 15 minutes; cached after)"
+  apt_install curl git
   bash "$ENV_DIR/python.sh" install
   bash "$ENV_DIR/helm.sh" install
-  bash "$ENV_DIR/kube.sh" install
-  ROOT=$(git -C "$ENV_DIR" rev-parse --show-toplevel)
-  step "2/6 Building the operator: cargo build -p snapcache-operator"
-  (cd "$ROOT" && cargo build --locked -p snapcache-operator)
-  step "3/6 Starting kube-apiserver and etcd on loopback"
-  exec bash "$ENV_DIR/run.sh" kube -- bash "$0" inside
+  bash "$ENV_DIR/cluster.sh" install
+  bash "$ENV_DIR/images.sh" install
+  step "2/8 Building the binaries and the images of the sidecar and the operator (dev profile)"
+  (cd "$ROOT" && cargo build --locked -p snapcache-sidecar -p snapcache-operator)
+  SNAPCACHE_IMAGE_PROFILE=dev bash "$ENV_DIR/images.sh" build
+  trap - EXIT
+  report
+  # run.sh prints how long each component took to start.
+  printf '\n==> 3/8 Starting moto and the cluster (etcd, API server, scheduler, controller-manager, containerd, kubelet)\n'
+  exec bash "$ENV_DIR/run.sh" moto,cluster -- bash "$0" inside
 fi
 
-ROOT=$(git -C "$ENV_DIR" rev-parse --show-toplevel)
-OPERATOR=${CARGO_TARGET_DIR:-$ROOT/target}/debug/snapcache-operator
-[[ -x $OPERATOR ]] || fail "$OPERATOR is missing: the build step did not produce it"
+trap report EXIT
 set -a
 # shellcheck source=/dev/null
 source "$SNAPCACHE_TEST_ENV"
 set +a
 HELM=$(bash "$ENV_DIR/helm.sh" bin_path)
-PYTHON=$PYTHON_BIN/python
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/snapcache-cluster-demo.XXXXXX")
-OPERATOR_PID=
-cleanup() {
-  [[ -n $OPERATOR_PID ]] && kill "$OPERATOR_PID" 2>/dev/null && wait "$OPERATOR_PID" 2>/dev/null
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/snapcache-sidecar
+[[ -x $BIN ]] || fail "$BIN is missing: the build step did not produce it"
+kubectl() { command kubectl --kubeconfig "$CLUSTER_KUBECONFIG" "$@"; }
+kubectl get nodes -o wide
 
-# The API through curl and the admin token: no kubectl needed.
-api() {
-  local method=$1 path=$2
-  shift 2
-  curl -sS --fail-with-body --cacert "$KUBE_CA_FILE" -H "Authorization: Bearer $KUBE_TOKEN" \
-    -X "$method" "$KUBE_APISERVER$path" "$@"
-}
-create() { api POST "$1" -H 'Content-Type: application/yaml' --data-binary @- >/dev/null; }
-# poll SECONDS CMD...: true once CMD succeeds, false after SECONDS.
-poll() {
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || return 1
-    sleep 0.2
-  done
-}
-as_yaml() { "$PYTHON" -c 'import json, sys, yaml; print(yaml.safe_dump(eval("json.load(sys.stdin)" + sys.argv[1]), sort_keys=False), end="")' "$1"; }
-
-step "4/6 helm install $RELEASE charts/snapcache -n $RELEASE_NAMESPACE --create-namespace"
-"$HELM" install "$RELEASE" "$ROOT/charts/snapcache" -n "$RELEASE_NAMESPACE" --create-namespace \
+step "4/8 helm install $RELEASE charts/snapcache -n $RELEASE_NAMESPACE (the operator runs as a pod)"
+# No kube-proxy here: the operator reaches the API server at the node address.
+"$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" install "$RELEASE" "$ROOT/charts/snapcache" \
+  -n "$RELEASE_NAMESPACE" --create-namespace --set image.pullPolicy=Never \
+  --set "extraEnv[0].name=KUBERNETES_SERVICE_HOST" --set "extraEnv[0].value=$CLUSTER_NODE_IP" \
+  --set "extraEnv[1].name=KUBERNETES_SERVICE_PORT" --set-string "extraEnv[1].value=${CLUSTER_APISERVER##*:}" \
   || fail "helm install"
-"$HELM" list -n "$RELEASE_NAMESPACE"
+kubectl -n "$RELEASE_NAMESPACE" rollout status deployment/"$RELEASE" --timeout=120s ||
+  fail "the operator pod did not become ready: $(kubectl -n "$RELEASE_NAMESPACE" logs deployment/"$RELEASE" --tail=20)"
+kubectl -n "$RELEASE_NAMESPACE" get pods -o wide
 
-step "5/6 Running the operator locally as the chart's ServiceAccount (impersonated)"
-deployment=$(api GET "/apis/apps/v1/namespaces/$RELEASE_NAMESPACE/deployments/$RELEASE")
-service_account=$("$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["spec"]["template"]["spec"]["serviceAccountName"])' <<<"$deployment")
-echo "the chart's operator Deployment runs as ServiceAccount $service_account with args:"
-as_yaml '["spec"]["template"]["spec"]["containers"][0]["args"]' <<<"$deployment"
-"$PYTHON" - "$KUBECONFIG" "$WORK/kubeconfig" "$RELEASE_NAMESPACE" "$service_account" <<'EOF'
-import sys, yaml
-source, target, namespace, account = sys.argv[1:]
-config = yaml.safe_load(open(source))
-for user in config["users"]:
-    user["user"]["as"] = f"system:serviceaccount:{namespace}:{account}"
-    user["user"]["as-groups"] = ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"]
-yaml.safe_dump(config, open(target, "w"))
-EOF
-admin_port=$(free_port)
-KUBECONFIG=$WORK/kubeconfig POD_NAME=$RELEASE-local POD_NAMESPACE=$RELEASE_NAMESPACE RUST_LOG=info \
-  "$OPERATOR" run --leader-election --lease-name "$RELEASE" \
-  --admin-listen "127.0.0.1:$admin_port" >"$WORK/operator.log" 2>&1 &
-OPERATOR_PID=$!
-poll 30 curl -sf "http://127.0.0.1:$admin_port/readyz" \
-  || fail "the operator did not become ready: $(tail -n 20 "$WORK/operator.log")"
-echo "operator ready: http://127.0.0.1:$admin_port/readyz"
+step "5/8 Publishing a snapshot of this repository to S3 (moto): snapcache-sidecar publish"
+export AWS_ACCESS_KEY_ID=$MOTO_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$MOTO_SECRET_ACCESS_KEY
+export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/snapcache-cluster-demo.XXXXXX")
+trap 'report; rm -rf "$WORK"' EXIT
+"$PYTHON_BIN/aws" --endpoint-url "$MOTO_ENDPOINT" s3 mb "s3://$BUCKET" >/dev/null || fail "creating the bucket"
+RUST_LOG=warn "$BIN" publish --repo "$ROOT" --ref HEAD --name "$NAME" --s3-bucket "$BUCKET" \
+  --s3-endpoint "$MOTO_ENDPOINT" --work-dir "$WORK/publish" --json >"$WORK/published.json" ||
+  fail "publish failed"
+echo "published: $(cat "$WORK/published.json")"
 
-step "6/6 A Deployment and a SnapshotCache selecting it, in namespace $DEMO_NAMESPACE"
-create /api/v1/namespaces <<EOF
-metadata: {name: $DEMO_NAMESPACE}
-EOF
-create "/apis/apps/v1/namespaces/$DEMO_NAMESPACE/deployments" <<'EOF'
+step "6/8 A Secret, a SnapshotCache and a Deployment whose app reads the snapshot from 127.0.0.1:8765"
+kubectl create namespace "$DEMO_NAMESPACE"
+kubectl -n "$DEMO_NAMESPACE" create secret generic s3-credentials \
+  --from-literal=AWS_ACCESS_KEY_ID="$MOTO_ACCESS_KEY_ID" \
+  --from-literal=AWS_SECRET_ACCESS_KEY="$MOTO_SECRET_ACCESS_KEY"
+kubectl -n "$DEMO_NAMESPACE" apply -f - <<EOF
+apiVersion: snapcache.io/v1alpha1
+kind: SnapshotCache
+metadata: {name: monorepo}
+spec:
+  selector: {matchLabels: {app: builder}}
+  s3: {bucket: $BUCKET, endpoint: "$CLUSTER_S3_MOTO_ENDPOINT", credentialsSecret: s3-credentials}
+  sidecar: {diskSize: 1Gi}
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: builder, labels: {app: builder}}
@@ -102,35 +107,43 @@ spec:
   template:
     metadata: {labels: {app: builder}}
     spec:
-      containers: [{name: build, image: "builder:1", command: [make, build]}]
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: app
+          image: $CLUSTER_BUSYBOX_IMAGE
+          imagePullPolicy: Never
+          command:
+            - sh
+            - -c
+            - |
+              mkdir -p /tmp
+              start=\$(date +%s)
+              until wget -q -O /tmp/snapshot.tar.zst http://127.0.0.1:8765/git/$NAME/snapshot.tar.zst; do sleep 0.2; done
+              echo "read the snapshot from the sidecar in \$((\$(date +%s) - start))s: \$(wc -c < /tmp/snapshot.tar.zst) bytes"
+              sha256sum /tmp/snapshot.tar.zst
+              exec sleep 1000000
 EOF
-create "/apis/snapcache.io/v1alpha1/namespaces/$DEMO_NAMESPACE/snapshotcaches" <<'EOF'
-apiVersion: snapcache.io/v1alpha1
-kind: SnapshotCache
-metadata: {name: monorepo}
-spec:
-  selector: {matchLabels: {app: builder}}
-  s3: {bucket: snapshots, region: us-east-1}
-  sidecar: {diskSize: 20Gi, parallelGetWorkers: 8}
-EOF
-injected() {
-  api GET "/apis/apps/v1/namespaces/$DEMO_NAMESPACE/deployments/builder" |
-    grep -q '"name": *"snapcache-sidecar"'
+
+step "7/8 Waiting for the pod: the operator injects the sidecar, the app reads the snapshot"
+app_has_read() {
+  kubectl -n "$DEMO_NAMESPACE" logs deployment/builder -c app 2>/dev/null | grep -q 'snapshot.tar.zst$'
 }
-poll 30 injected || fail "no sidecar injected: $(tail -n 20 "$WORK/operator.log")"
+deadline=$((SECONDS + 180))
+until app_has_read; do
+  ((SECONDS < deadline)) || fail "the app did not read the snapshot: $(kubectl -n "$DEMO_NAMESPACE" describe pods | tail -n 30)"
+  sleep 0.5
+done
+kubectl -n "$DEMO_NAMESPACE" get pods -o wide
 echo
-echo "--- the Deployment's pod template, with the sidecar the operator injected:"
-api GET "/apis/apps/v1/namespaces/$DEMO_NAMESPACE/deployments/builder" | as_yaml '["spec"]["template"]'
-ready() {
-  api GET "/apis/snapcache.io/v1alpha1/namespaces/$DEMO_NAMESPACE/snapshotcaches/monorepo" |
-    grep -q '"status": *"True"'
-}
-poll 30 ready || fail "the SnapshotCache did not become Ready"
-echo
-echo "--- the SnapshotCache's status:"
-api GET "/apis/snapcache.io/v1alpha1/namespaces/$DEMO_NAMESPACE/snapshotcaches/monorepo" | as_yaml '["status"]'
-echo
-echo "--- events:"
-api GET "/apis/events.k8s.io/v1/namespaces/$DEMO_NAMESPACE/events" |
-  "$PYTHON" -c 'import json, sys; [print(e["type"], e["reason"], e.get("note", "")) for e in json.load(sys.stdin)["items"]]'
-printf '\ncluster demo OK: the chart is installed, the operator injected the sidecar, the SnapshotCache is Ready\n'
+echo "--- the app container's log:"
+kubectl -n "$DEMO_NAMESPACE" logs deployment/builder -c app
+echo "--- the SnapshotCache:"
+kubectl -n "$DEMO_NAMESPACE" get snapshotcache monorepo
+
+step "8/8 A few lines of the sidecar's metrics (its admin port, on the pod's address)"
+pod_ip=$(kubectl -n "$DEMO_NAMESPACE" get pods -l app=builder \
+  -o 'jsonpath={.items[?(@.status.phase=="Running")].status.podIP}' | awk '{print $1}')
+curl -sf "http://$pod_ip:9765/metrics" |
+  grep -E '^snapcache_(response_bytes_total|s3_read_bytes_total|disk_tier_entries|s3_up|ready|heap_resident_bytes)' ||
+  fail "no metrics from the sidecar at $pod_ip:9765"
+printf '\ncluster demo OK: the operator pod injected the sidecar, and the app read the published snapshot from it\n'
