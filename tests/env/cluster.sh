@@ -259,6 +259,8 @@ stop() {
   stop_group "$state" kubelet
   if [[ -S $dir/containerd.sock ]]; then stop_containers "$dir"; fi
   stop_group "$state" containerd
+  # Its etcd is thrown away with the run; a graceful stop here takes a minute.
+  stop_group "$state" cluster-kube-apiserver 2
   # A shim whose task would not die: found by this run's own socket, never by name.
   local pid
   for pid in $(pgrep -f -- "-address $dir/containerd.sock" || true); do kill -KILL "$pid" 2>/dev/null || true; done
@@ -274,13 +276,14 @@ stop() {
   return 0
 }
 
-# stop_group STATE NAME: SIGTERM, then SIGKILL after 10 s, to the group spawn recorded.
+# stop_group STATE NAME [GRACE]: SIGTERM, then SIGKILL after GRACE (10) seconds, to the
+# group spawn recorded.
 stop_group() {
-  local state=$1 name=$2 pid
+  local state=$1 name=$2 grace=${3:-10} pid
   pid=$(awk -v name="$name" '$2 == name {print $1}' "$state/pids" | tail -n 1)
   [[ -n $pid ]] || return 0
   kill -TERM -- "-$pid" 2>/dev/null || return 0
-  local deadline=$((SECONDS + 10))
+  local deadline=$((SECONDS + grace))
   while kill -0 -- "-$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
   kill -KILL -- "-$pid" 2>/dev/null || true
 }
@@ -292,8 +295,7 @@ stop_containers() {
     ctr_k8s "$dir" tasks kill --signal SIGKILL "$id" >/dev/null 2>&1 || true
   done
   for id in $(ctr_k8s "$dir" tasks list -q 2>/dev/null); do
-    local deadline=$((SECONDS + 10))
-    until ctr_k8s "$dir" tasks delete "$id" >/dev/null 2>&1 || ((SECONDS > deadline)); do sleep 0.2; done
+    ctr_k8s "$dir" tasks delete --force "$id" >/dev/null 2>&1 || true
   done
   for id in $(ctr_k8s "$dir" containers list -q 2>/dev/null); do
     ctr_k8s "$dir" containers delete "$id" >/dev/null 2>&1 || true

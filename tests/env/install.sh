@@ -4,5 +4,5 @@ source "$(dirname "$0")/lib.sh"
 
 apt_install curl openssl
 for component in python helm prometheus garage kube cluster images; do
-  timed "install $component" bash "$ENV_DIR/$component.sh" install
+  recorded "install $component" bash "$ENV_DIR/$component.sh" install
 done

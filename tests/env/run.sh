@@ -14,7 +14,7 @@ STATE=$(mktemp -d "${TMPDIR:-/tmp}/snapcache-env.XXXXXX")
 : >"$STATE/env"; : >"$STATE/pids"
 stop_all() {
   local status=$?
-  bash "$ENV_DIR/down.sh" "$STATE"
+  recorded "stopping the components" bash "$ENV_DIR/down.sh" "$STATE"
   if ((status == 0)); then rm -rf "$STATE"; else log "kept logs of the components in $STATE"; fi
   exit "$status"
 }
@@ -23,7 +23,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 for component in ${components//,/ }; do
-  timed "starting $component" bash "$ENV_DIR/$component.sh" start "$STATE"
+  recorded "starting $component" bash "$ENV_DIR/$component.sh" start "$STATE"
 done
 export_env "$STATE" HELM "$(bash "$ENV_DIR/helm.sh" bin_path)"
 export_env "$STATE" PROMTOOL "$(command -v promtool || echo promtool-not-installed)"

@@ -12,10 +12,15 @@ phase() {
   "$@"
   timings+=("$(printf '%-28s %4ss' "$label" $((SECONDS - start)))")
 }
+# run.sh adds how long each component took to start and stop (inside "tests").
+SNAPCACHE_TIMINGS=$(mktemp)
+export SNAPCACHE_TIMINGS
 report() {
   local status=$?
   log "== timings"
   for line in "${timings[@]}"; do log "$line"; done
+  while IFS= read -r line; do log "$line"; done <"$SNAPCACHE_TIMINGS"
+  rm -f "$SNAPCACHE_TIMINGS"
   log "total $((SECONDS - run_start))s (exit $status)"
 }
 # crds/ and the chart's crds/ must be exactly what `snapcache-operator crd` prints; `make crds` regenerates it.
