@@ -284,7 +284,7 @@ stop_group() {
   [[ -n $pid ]] || return 0
   kill -TERM -- "-$pid" 2>/dev/null || return 0
   local deadline=$((SECONDS + grace))
-  while kill -0 -- "-$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+  while group_alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
   kill -KILL -- "-$pid" 2>/dev/null || true
 }
 

@@ -21,7 +21,7 @@ for entry in "${groups[@]}"; do
   kill -TERM -- "-$pid" 2>/dev/null || continue
   log "stopping $name"
   deadline=$((SECONDS + 15))
-  while kill -0 -- "-$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
+  while group_alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
   kill -KILL -- "-$pid" 2>/dev/null || true
 done
 : >"$state/pids"

@@ -55,6 +55,10 @@ spawn() {
   echo "$! $name" >>"$state/pids"
 }
 
+# group_alive PGID: true while a process of the group runs; its zombies, which PID 1 reaps
+# whenever it gets to it, do not count.
+group_alive() { ps -o stat= -g "$1" 2>/dev/null | grep -qv '^Z'; }
+
 # export_env STATE KEY VALUE: records one endpoint or credential for the tests.
 export_env() {
   printf '%s=%s\n' "$2" "$3" >>"$1/env"
