@@ -57,9 +57,10 @@ impl PublishMetrics {
         self.last_duration.set(seconds);
         match result {
             Ok(summary) => {
-                self.runs.with_label_values(&[summary.action]).inc();
+                // The run counter last: a scrape that sees the run also sees what it did.
                 self.bytes.inc_by(summary.bytes);
                 self.last_success.set(unix_now());
+                self.runs.with_label_values(&[summary.action]).inc();
             }
             Err(_) => self.runs.with_label_values(&["failed"]).inc(),
         }
