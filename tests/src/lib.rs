@@ -275,15 +275,25 @@ pub async fn install_snapshot_cache_crd(client: &kube::Client) {
 }
 
 /// Polls `check` every 200 ms for up to 30 s; panics naming `what` when it never succeeds.
-pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+pub async fn eventually<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
+    within(std::time::Duration::from_secs(30), what, check).await
+}
+
+/// Polls `check` every 200 ms until it gives a value, for waits that may legitimately take
+/// longer than `eventually` allows; `limit` only bounds a hang.
+pub async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if let Some(value) = check().await {
             return value;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
+            "timed out after {limit:?} waiting for {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }

@@ -15,6 +15,7 @@ use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::sidecar::{binary, free_addr};
 use snapcache_tests::{
     TestEnv, create_bucket, install_snapshot_cache_crd, put_snapshot, snapshot_bytes, unique_name,
+    within,
 };
 
 const REPO: &str = "example.com/org/cluster";
@@ -51,21 +52,6 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Polls `check` every 500 ms until it gives a value; `limit` only bounds a hang.
-async fn within<T>(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

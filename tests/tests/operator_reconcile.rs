@@ -20,7 +20,7 @@ use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, binary};
 use snapcache_tests::{
-    S3Server, TestEnv, create_bucket, eventually, install_snapshot_cache_crd, unique_name,
+    S3Server, TestEnv, create_bucket, eventually, install_snapshot_cache_crd, unique_name, within,
 };
 
 const SIDECAR: &str = "snapcache-sidecar";
@@ -84,22 +84,6 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Polls `check` every 200 ms until it gives a value, for waits that may legitimately
-/// take longer than `eventually` allows; `limit` only bounds a hang.
-async fn within<T>(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -343,6 +343,30 @@ async fn fill_cut_by_a_replacement_keeps_nothing_on_disk() {
     assert_eq!(body, new);
 }
 
+/// Each client got the whole object, and S3 sent its bytes exactly once.
+async fn every_client_whole_from_one_s3_read(
+    clients: Vec<tokio::task::JoinHandle<Result<Vec<u8>, String>>>,
+    body: &[u8],
+    sidecar: &Sidecar,
+    server: &S3Server,
+) {
+    for client in clients {
+        assert_eq!(
+            client.await.expect("client task").as_deref(),
+            Ok(body),
+            "{}",
+            server.name
+        );
+    }
+    let metrics = sidecar.metrics().await;
+    assert_eq!(
+        Sidecar::metric(&metrics, "snapcache_s3_read_bytes_total"),
+        body.len() as f64,
+        "{}: exactly one object's worth of bytes from S3",
+        server.name
+    );
+}
+
 #[tokio::test]
 async fn eight_cold_clients_share_one_s3_download() {
     for server in TestEnv::get().s3_servers() {
@@ -352,21 +376,7 @@ async fn eight_cold_clients_share_one_s3_download() {
         let clients: Vec<_> = (0..8)
             .map(|_| tokio::spawn(read_all(sidecar.url(PATH))))
             .collect();
-        for client in clients {
-            assert_eq!(
-                client.await.expect("client task").as_deref(),
-                Ok(body.as_slice()),
-                "{}",
-                server.name
-            );
-        }
-        let metrics = sidecar.metrics().await;
-        assert_eq!(
-            Sidecar::metric(&metrics, "snapcache_s3_read_bytes_total"),
-            body.len() as f64,
-            "{}: exactly one object's worth of bytes from S3",
-            server.name
-        );
+        every_client_whole_from_one_s3_read(clients, &body, &sidecar, &server).await;
     }
 }
 
@@ -395,21 +405,7 @@ async fn eight_cold_clients_without_a_disk_tier_share_one_s3_read() {
         })
         .await;
         proxy.release();
-        for client in clients {
-            assert_eq!(
-                client.await.expect("client task").as_deref(),
-                Ok(body.as_slice()),
-                "{}",
-                server.name
-            );
-        }
-        let metrics = sidecar.metrics().await;
-        assert_eq!(
-            Sidecar::metric(&metrics, "snapcache_s3_read_bytes_total"),
-            body.len() as f64,
-            "{}: exactly one object's worth of bytes from S3",
-            server.name
-        );
+        every_client_whole_from_one_s3_read(clients, &body, &sidecar, &server).await;
         let through_proxy = proxy.sent_downstream();
         assert!(
             through_proxy < body.len() as u64 + (1 << 20),
