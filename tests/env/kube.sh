@@ -16,7 +16,6 @@ KUBE_ROOT="$SNAPCACHE_CACHE/kubernetes-$KUBE_VERSION"
 KUBE_APISERVER_BIN="$KUBE_ROOT/kube-apiserver"
 KUBE_COMMANDS=(kube-apiserver kubelet kube-scheduler kube-controller-manager)
 ETCD=/usr/bin/etcd
-DEB_SRC_LIST=/etc/apt/sources.list.d/snapcache-src.sources
 # Vendored packages swapped for Debian's newer copies: the 1.20.2 ones (reflect2 1.0.1,
 # json-iterator 1.1.10) crash the server under Go 1.19 on the first custom-resource POST.
 KUBE_VENDOR_REPLACE=(github.com/modern-go/reflect2 github.com/json-iterator/go)
@@ -55,34 +54,15 @@ disable_etcd_service() {
   if command -v systemctl >/dev/null; then systemctl disable etcd.service >/dev/null 2>&1 || true; fi
 }
 
-# Makes `apt-get source kubernetes` work: a deb-src entry for bookworm, unless one already does.
-ensure_deb_src() {
-  [[ -n $(apt-cache showsrc kubernetes 2>/dev/null) ]] && return 0
-  if [[ ! -e $DEB_SRC_LIST ]]; then
-    log "adding $DEB_SRC_LIST"
-    cat >"$DEB_SRC_LIST" <<'EOF'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-  fi
-  apt-get update -qq
-  [[ -n $(apt-cache showsrc kubernetes 2>/dev/null) ]] || die "apt knows no source package 'kubernetes'"
-}
-
 build_kubernetes() {
   log "building ${KUBE_COMMANDS[*]} $KUBE_VERSION from Debian's kubernetes source (about 12 minutes, once)"
-  ensure_deb_src
   apt_install golang-go dpkg-dev rsync make \
     golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
   local partial="$KUBE_ROOT.partial"
   local work="$partial/work"
   rm -rf "$partial"
   mkdir -p "$work"
-  # Running as root in a directory _apt cannot read: download without apt's sandbox user.
-  (cd "$work" && apt-get -qq -o APT::Sandbox::User=root source --download-only kubernetes >/dev/null)
+  apt_source kubernetes "$work"
   local origs=("$work"/kubernetes_*"$KUBE_VERSION".orig.tar.*)
   [[ -f ${origs[0]} ]] || die "Debian's kubernetes source is not $KUBE_VERSION: $(ls "$work")"
   tar -xf "${origs[0]}" -C "$work"

@@ -47,6 +47,32 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# ensure_deb_src PACKAGE: makes `apt-get source PACKAGE` work with a deb-src entry for
+# bookworm, unless one already does.
+ensure_deb_src() {
+  local package=$1 list=/etc/apt/sources.list.d/snapcache-src.sources
+  [[ -n $(apt-cache showsrc "$package" 2>/dev/null) ]] && return 0
+  if [[ ! -e $list ]]; then
+    log "adding $list"
+    cat >"$list" <<'EOF'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  fi
+  apt-get update -qq
+  [[ -n $(apt-cache showsrc "$package" 2>/dev/null) ]] || die "apt knows no source package '$package'"
+}
+
+# apt_source PACKAGE DIR: downloads Debian's source package PACKAGE into DIR.
+apt_source() {
+  ensure_deb_src "$1"
+  # Running as root in a directory _apt cannot read: download without apt's sandbox user.
+  (cd "$2" && apt-get -qq -o APT::Sandbox::User=root source --download-only "$1" >/dev/null)
+}
+
 # spawn STATE NAME CMD...: starts CMD in its own process group, logging to STATE/NAME.log,
 # and records the group so down.sh can stop it and everything it forked.
 spawn() {

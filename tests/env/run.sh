@@ -27,7 +27,7 @@ for component in ${components//,/ }; do
 done
 export_env "$STATE" HELM "$(bash "$ENV_DIR/helm.sh" bin_path)"
 export_env "$STATE" PROMTOOL "$(command -v promtool || echo promtool-not-installed)"
-export_env "$STATE" PROMETHEUS "$(command -v prometheus || echo prometheus-not-installed)"
+export_env "$STATE" PROMETHEUS "$(bash "$ENV_DIR/prometheus.sh" server || echo prometheus-not-built)"
 export_env "$STATE" PYTHON_BIN "$(bash "$ENV_DIR/python.sh" bin_dir)"
 
 export SNAPCACHE_TEST_ENV="$STATE/env"

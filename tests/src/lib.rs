@@ -196,6 +196,7 @@ mod tests {
 
 pub mod git;
 pub mod large;
+pub mod prometheus;
 pub mod proxy;
 pub mod sidecar;
 

@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use snapcache_operator::api::SnapshotCache;
+use snapcache_tests::prometheus::Prometheus;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, binary, free_addr};
 use snapcache_tests::{
     TestEnv, create_bucket, eventually, install_snapshot_cache_crd, put_snapshot, snapshot_bytes,
@@ -407,66 +408,6 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
     succeeded(&helm(&["uninstall", "snapcache", "-n", &release_namespace]));
 }
 
-/// A Prometheus on loopback scraping `targets` every second.
-fn start_prometheus(dir: &Path, targets: &[(&str, &str)]) -> (Process, String) {
-    let listen = free_addr();
-    let jobs: Vec<Value> = targets
-        .iter()
-        .map(|(job, address)| {
-            json!({
-                "job_name": job,
-                "static_configs": [{"targets": [address], "labels": {"container": job}}],
-            })
-        })
-        .collect();
-    let config = json!({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": jobs,
-    });
-    let config_path = dir.join("prometheus.yml");
-    std::fs::write(&config_path, serde_yaml::to_string(&config).expect("yaml")).expect("write");
-    let log = std::fs::File::create(dir.join("prometheus.log")).expect("log");
-    let child = Command::new(TestEnv::get().require("PROMETHEUS"))
-        .arg(format!("--config.file={}", config_path.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address={listen}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start prometheus");
-    (Process(child), format!("http://{listen}"))
-}
-
-/// The value of each series an instant query answers, by its `job` label.
-async fn instant_query(
-    http: &reqwest::Client,
-    prometheus: &str,
-    query: &str,
-) -> std::collections::HashMap<String, f64> {
-    let url =
-        reqwest::Url::parse_with_params(&format!("{prometheus}/api/v1/query"), [("query", query)])
-            .expect("query url");
-    let Ok(response) = http.get(url).send().await else {
-        return Default::default();
-    };
-    let text = response.text().await.unwrap_or_default();
-    let answer: Value = serde_json::from_str(&text).unwrap_or_default();
-    answer["data"]["result"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|series| {
-            let job = series["metric"]["job"].as_str()?.to_owned();
-            let value = series["value"][1].as_str()?.parse().ok()?;
-            Some((job, value))
-        })
-        .collect()
-}
-
 /// Polls `check` until it succeeds; the 60 s deadline only bounds a hang.
 async fn wait_for_prometheus(what: &str, mut check: impl AsyncFnMut() -> Result<(), String>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -477,28 +418,6 @@ async fn wait_for_prometheus(what: &str, mut check: impl AsyncFnMut() -> Result<
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
-}
-
-/// Every `expr` in the dashboard JSON.
-fn dashboard_queries() -> Vec<String> {
-    fn collect(value: &Value, out: &mut Vec<String>) {
-        match value {
-            Value::Object(map) => {
-                if let Some(Value::String(expr)) = map.get("expr") {
-                    out.push(expr.clone());
-                }
-                map.values().for_each(|v| collect(v, out));
-            }
-            Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
-            _ => {}
-        }
-    }
-    let text =
-        std::fs::read_to_string(chart().join("dashboards/snapcache.json")).expect("dashboard");
-    let dashboard: Value = serde_json::from_str(&text).expect("dashboard json");
-    let mut queries = Vec::new();
-    collect(&dashboard, &mut queries);
-    queries
 }
 
 /// A real Prometheus scrapes a sidecar serving traffic (disk tier, S3, pins) and the
@@ -532,26 +451,22 @@ async fn prometheus_scrapes_a_sidecar_and_every_dashboard_query_has_data() {
     );
     create_workload(&client, &namespace).await;
 
-    let dir = tempfile::tempdir().expect("temp dir");
     let sidecar_admin = sidecar.admin.to_string();
     let operator_address = operator_admin.trim_start_matches("http://").to_owned();
-    let (_prometheus, prometheus) = start_prometheus(
-        dir.path(),
-        &[
-            ("snapcache-sidecar", &sidecar_admin),
-            ("snapcache-operator", &operator_address),
-        ],
-    );
-    let http = reqwest::Client::new();
-    eventually("Prometheus ready", async || {
-        let response = http
-            .get(format!("{prometheus}/-/ready"))
-            .send()
-            .await
-            .ok()?;
-        response.status().is_success().then_some(())
+    let jobs: Vec<Value> = [
+        ("snapcache-sidecar", &sidecar_admin),
+        ("snapcache-operator", &operator_address),
+    ]
+    .iter()
+    .map(|(job, address)| {
+        json!({
+            "job_name": job,
+            "static_configs": [{"targets": [address], "labels": {"container": job}}],
+        })
     })
-    .await;
+    .collect();
+    let prometheus = Prometheus::start(Value::Array(jobs)).await;
+    let http = reqwest::Client::new();
 
     // Traffic over several scrapes: cold S3 reads, disk hits, pinned ranges and a 412.
     let url = sidecar.url(&format!("/git/{repo}/snapshot.tar.zst"));
@@ -594,8 +509,8 @@ async fn prometheus_scrapes_a_sidecar_and_every_dashboard_query_has_data() {
             .as_secs_f64();
         let jobs = ["snapcache-sidecar", "snapcache-operator"];
         wait_for_prometheus(&format!("round {round} scraped"), async || {
-            let scraped = instant_query(&http, &prometheus, "timestamp(up)").await;
-            let up = instant_query(&http, &prometheus, "up").await;
+            let scraped = prometheus.values_by("timestamp(up)", "job").await;
+            let up = prometheus.values_by("up", "job").await;
             let pending: Vec<String> = jobs
                 .iter()
                 .filter(|job| {
@@ -619,32 +534,7 @@ async fn prometheus_scrapes_a_sidecar_and_every_dashboard_query_has_data() {
         .await;
     }
 
-    let queries = dashboard_queries();
-    assert!(queries.len() >= 8, "{queries:?}");
-    let mut empty = Vec::new();
-    for query in &queries {
-        let url = reqwest::Url::parse_with_params(
-            &format!("{prometheus}/api/v1/query"),
-            [("query", query.as_str())],
-        )
-        .expect("query url");
-        let text = http
-            .get(url)
-            .send()
-            .await
-            .expect("query")
-            .text()
-            .await
-            .expect("query answer");
-        let answer: Value = serde_json::from_str(&text).expect("query json");
-        assert_eq!(answer["status"], "success", "{query}: {answer}");
-        if answer["data"]["result"]
-            .as_array()
-            .is_none_or(|result| result.is_empty())
-        {
-            empty.push(query.clone());
-        }
-    }
+    let empty = prometheus.dashboard_queries_without_data().await;
     assert!(
         empty.is_empty(),
         "dashboard queries without data: {empty:#?}"

@@ -12,10 +12,11 @@ use kube::api::{Api, ListParams, LogParams, PostParams};
 use serde_json::json;
 use sha2::Digest;
 use snapcache_operator::api::SnapshotCache;
+use snapcache_tests::prometheus::{Prometheus, documented_scrape_configs};
 use snapcache_tests::sidecar::{binary, free_addr};
 use snapcache_tests::{
-    TestEnv, create_bucket, install_snapshot_cache_crd, put_snapshot, snapshot_bytes, unique_name,
-    within,
+    S3Server, TestEnv, create_bucket, install_snapshot_cache_crd, put_snapshot, snapshot_bytes,
+    unique_name, within,
 };
 
 const REPO: &str = "example.com/org/cluster";
@@ -102,18 +103,7 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
     let expected = hex::encode(sha2::Sha256::digest(&body));
 
     let namespace = create_namespace(&client).await;
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "s3-credentials"},
-        "stringData": {
-            "AWS_ACCESS_KEY_ID": garage.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": garage.secret_access_key,
-        }
-    }))
-    .expect("secret");
-    Api::<Secret>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("create secret");
+    credentials_secret(&client, &namespace, &garage).await;
     let cache: SnapshotCache = serde_json::from_value(json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
         "metadata": {"name": "reader"},
@@ -275,33 +265,125 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     )
     .await;
 
+    // A workload that keeps its sidecar busy: full reads, and pinned reads of a replaced
+    // revision (412), so that every dashboard panel has something to show.
     let namespace = create_namespace(&client).await;
-    let cache: SnapshotCache = serde_json::from_value(json!({
-        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
-        "metadata": {"name": "builder"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "builder"}},
-            "s3": {"bucket": "snapshots", "endpoint": env.require("CLUSTER_S3_GARAGE_ENDPOINT")},
-        }
-    }))
-    .expect("snapshot cache");
-    Api::<SnapshotCache>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &cache)
-        .await
-        .expect("create snapshot cache");
-    let deployment = busybox_deployment("builder", "exec sleep 1000000");
-    Api::<Deployment>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &deployment)
-        .await
-        .expect("create deployment");
+    let garage = env.s3_server("garage");
+    let bucket = unique_name("chart");
+    create_bucket(&garage.client(), &bucket).await;
+    put_snapshot(
+        &garage.client(),
+        &bucket,
+        REPO,
+        &snapshot_bytes(1 << 20, 3),
+        COMMIT,
+    )
+    .await;
+    credentials_secret(&client, &namespace, &garage).await;
+    let s3 = json!({"bucket": bucket, "endpoint": env.require("CLUSTER_S3_GARAGE_ENDPOINT"),
+                    "credentialsSecret": "s3-credentials"});
+    let url = format!("http://127.0.0.1:8765/git/{REPO}/snapshot.tar.zst");
+    let script = format!(
+        "while true; do wget -q -O /dev/null {url}; \
+         wget -q -O /dev/null --header 'X-Cachew-Snapshot-Pin: etag:replaced' \
+         --header 'Range: bytes=0-1023' {url}; sleep 1; done"
+    );
+    cache_and_workload(&client, &namespace, "builder", s3, json!({}), &script).await;
     let workload_pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    pod_of(
+    let builder = pod_of(
         &workload_pods,
         "builder",
         "a pod the operator pod injected, its sidecar ready",
         |pod| has_sidecar(pod) && ready(pod, SIDECAR) && ready(pod, "app"),
     )
     .await;
+    let builder_name = builder.metadata.name.clone().expect("pod name");
+
+    // Prometheus finds both pods through Kubernetes service discovery, with the scrape
+    // configs the chart's README documents.
+    let prometheus = Prometheus::start(scrape_configs_for_this_cluster(&release_namespace)).await;
+    within(
+        Duration::from_secs(60),
+        "Prometheus to discover and scrape the sidecar and operator pods",
+        async || {
+            let sidecars = prometheus
+                .values_by(
+                    r#"up{job="snapcache-sidecars", container="snapcache-sidecar"}"#,
+                    "pod",
+                )
+                .await;
+            let operators = prometheus
+                .values_by(
+                    r#"up{job="snapcache-operator", container="snapcache-operator"}"#,
+                    "pod",
+                )
+                .await;
+            (sidecars.get(&builder_name) == Some(&1.0)
+                && operators.get(&operator_name) == Some(&1.0))
+            .then_some(())
+        },
+    )
+    .await;
+    within(
+        Duration::from_secs(60),
+        "every dashboard query to answer with data from the pods",
+        async || {
+            prometheus
+                .dashboard_queries_without_data()
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let heap = prometheus
+        .values_by(
+            &format!(r#"snapcache_heap_allocated_bytes{{namespace="{namespace}"}}"#),
+            "pod",
+        )
+        .await;
+    assert!(
+        heap.get(&builder_name).is_some_and(|bytes| *bytes > 0.0),
+        "the heap panel shows pod {builder_name}: {heap:?}"
+    );
+}
+
+/// The chart README's scrape configs, pointed at this cluster's API server (Prometheus runs
+/// on the host, not in a pod) and at the namespace the chart was installed in.
+fn scrape_configs_for_this_cluster(release_namespace: &str) -> serde_json::Value {
+    let env = TestEnv::get();
+    let mut configs = documented_scrape_configs();
+    for job in configs.as_array_mut().expect("a list of scrape configs") {
+        let operator = job["job_name"] == "snapcache-operator";
+        for discovery in job["kubernetes_sd_configs"]
+            .as_array_mut()
+            .expect("kubernetes_sd_configs")
+        {
+            discovery["api_server"] = json!(env.require("CLUSTER_APISERVER"));
+            discovery["authorization"] = json!({"credentials": env.require("CLUSTER_TOKEN")});
+            discovery["tls_config"] = json!({"ca_file": env.require("CLUSTER_CA_FILE")});
+            if operator {
+                discovery["namespaces"] = json!({"names": [release_namespace]});
+            }
+        }
+    }
+    configs
+}
+
+/// A Secret `s3-credentials` in `namespace` with `server`'s keys, as the SnapshotCache names it.
+async fn credentials_secret(client: &Client, namespace: &str, server: &S3Server) {
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s3-credentials"},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": server.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": server.secret_access_key,
+        }
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
 }
 
 /// A SnapshotCache for `app` in `namespace` with `spec`'s s3 and sidecar fields, and a
@@ -313,6 +395,21 @@ async fn cache_and_reader(
     s3: serde_json::Value,
     sidecar: serde_json::Value,
 ) {
+    let url = format!("http://127.0.0.1:8765/git/{REPO}/snapshot.tar.zst");
+    let script = format!("while true; do wget -q -O /dev/null {url}; sleep 1; done");
+    cache_and_workload(client, namespace, app, s3, sidecar, &script).await;
+}
+
+/// A SnapshotCache for `app` in `namespace` with `spec`'s s3 and sidecar fields, and a
+/// Deployment `app` whose busybox container runs `script`.
+async fn cache_and_workload(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    s3: serde_json::Value,
+    sidecar: serde_json::Value,
+    script: &str,
+) {
     let cache: SnapshotCache = serde_json::from_value(json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
         "metadata": {"name": app},
@@ -323,13 +420,8 @@ async fn cache_and_reader(
         .create(&PostParams::default(), &cache)
         .await
         .expect("create snapshot cache");
-    let url = format!("http://127.0.0.1:8765/git/{REPO}/snapshot.tar.zst");
-    let deployment = busybox_deployment(
-        app,
-        &format!("while true; do wget -q -O /dev/null {url}; sleep 1; done"),
-    );
     Api::<Deployment>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &deployment)
+        .create(&PostParams::default(), &busybox_deployment(app, script))
         .await
         .expect("create deployment");
 }
