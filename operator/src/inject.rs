@@ -62,32 +62,41 @@ pub fn inject(
     let container = sidecar_container(spec, env);
     let pod = patched.spec.get_or_insert_with(Default::default);
     if native(spec.injection, env) {
-        let init = pod.init_containers.get_or_insert_with(Vec::new);
         // First, so it runs before the other init containers that may read snapshots.
-        init.insert(
-            0,
-            Container {
-                restart_policy: Some("Always".to_owned()),
-                ..container
-            },
-        );
+        let init = pod.init_containers.get_or_insert_with(Vec::new);
+        init.insert(0, native_sidecar(container));
     } else {
         pod.containers.push(container);
     }
+    pod.volumes
+        .get_or_insert_with(Vec::new)
+        .push(disk_volume(spec));
+    patched
+}
+
+/// `container` as a native sidecar: an init container that keeps running.
+pub fn native_sidecar(container: Container) -> Container {
+    Container {
+        restart_policy: Some("Always".to_owned()),
+        ..container
+    }
+}
+
+/// The sidecar's disk tier: an emptyDir of the spec's size.
+pub fn disk_volume(spec: &SnapshotCacheSpec) -> Volume {
     let size = spec
         .sidecar
         .disk_size
         .clone()
         .unwrap_or_else(|| Quantity(DEFAULT_DISK_SIZE.to_owned()));
-    pod.volumes.get_or_insert_with(Vec::new).push(Volume {
+    Volume {
         name: VOLUME_NAME.to_owned(),
         empty_dir: Some(EmptyDirVolumeSource {
             size_limit: Some(size),
             ..Default::default()
         }),
         ..Default::default()
-    });
-    patched
+    }
 }
 
 /// Only the fields the operator owns on a workload's pod spec, the sidecar and its

@@ -1,6 +1,7 @@
 //! snapcache operator: reconciles `SnapshotCache` resources into sidecars
 //! injected into the selected workloads.
 
+pub mod admission;
 pub mod api;
 pub mod bucket_health;
 pub mod cli;

@@ -1,0 +1,527 @@
+//! Pod admission, pure: which SnapshotCache injects a pod being created, if any, and the
+//! JSONPatch that adds its sidecar. No IO; the webhook server (`webhook.rs`) calls it.
+//!
+//! The patch only adds (the sidecar container and its disk volume), so applying it to a
+//! pod leaves every field the pod came with as it was; deciding on the patched pod again
+//! says `AlreadyInjected`, so injecting twice equals injecting once.
+
+use std::collections::BTreeMap;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use kube::ResourceExt;
+use kube::core::{Selector, SelectorExt};
+
+use crate::api::SnapshotCache;
+use crate::inject::{self, Environment};
+
+/// `snapcache.io/inject: "false"` on a pod or its namespace keeps the sidecar out.
+pub const OPT_OUT_LABEL: &str = "snapcache.io/inject";
+
+/// Why a pod is admitted unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// The pod is labelled `snapcache.io/inject: "false"`.
+    PodOptedOut,
+    /// Its namespace is.
+    NamespaceOptedOut,
+    /// No SnapshotCache of its namespace selects it.
+    NotSelected,
+    /// It carries the sidecar already (a re-invocation, or a template that has it).
+    AlreadyInjected,
+    /// It runs to completion on a cluster without native sidecars: a long-running sidecar
+    /// container would keep its Job from ever finishing.
+    RunsToCompletion,
+    /// It has a volume of the name the sidecar's disk tier needs.
+    VolumeNameTaken,
+}
+
+impl Skip {
+    /// Every skip, for metrics that start each label at 0.
+    pub const ALL: [Skip; 6] = [
+        Skip::PodOptedOut,
+        Skip::NamespaceOptedOut,
+        Skip::NotSelected,
+        Skip::AlreadyInjected,
+        Skip::RunsToCompletion,
+        Skip::VolumeNameTaken,
+    ];
+
+    /// A bounded label for metrics and logs.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Skip::PodOptedOut => "pod_opted_out",
+            Skip::NamespaceOptedOut => "namespace_opted_out",
+            Skip::NotSelected => "not_selected",
+            Skip::AlreadyInjected => "already_injected",
+            Skip::RunsToCompletion => "runs_to_completion",
+            Skip::VolumeNameTaken => "volume_name_taken",
+        }
+    }
+}
+
+/// What admission does with a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Add the sidecar of SnapshotCache `cache` with `patch`.
+    Inject {
+        cache: String,
+        patch: Patch,
+    },
+    Skip(Skip),
+}
+
+/// The decision for `pod`, created in a namespace labelled `namespace_labels`, among the
+/// namespace's SnapshotCaches `caches`.
+pub fn decide(
+    pod: &Pod,
+    namespace_labels: &BTreeMap<String, String>,
+    caches: &[SnapshotCache],
+    env: &Environment<'_>,
+) -> Decision {
+    if opted_out(pod.labels()) {
+        return Decision::Skip(Skip::PodOptedOut);
+    }
+    if opted_out(namespace_labels) {
+        return Decision::Skip(Skip::NamespaceOptedOut);
+    }
+    let Some(cache) = selecting(pod.labels(), caches) else {
+        return Decision::Skip(Skip::NotSelected);
+    };
+    let template = PodTemplateSpec {
+        metadata: None,
+        spec: pod.spec.clone(),
+    };
+    if inject::is_injected(&template) {
+        return Decision::Skip(Skip::AlreadyInjected);
+    }
+    let spec = pod.spec.clone().unwrap_or_default();
+    if spec
+        .volumes
+        .iter()
+        .flatten()
+        .any(|volume| volume.name == inject::VOLUME_NAME)
+    {
+        return Decision::Skip(Skip::VolumeNameTaken);
+    }
+    let native = inject::native(cache.spec.injection, env);
+    let runs_to_completion = matches!(spec.restart_policy.as_deref(), Some("Never" | "OnFailure"));
+    if runs_to_completion && !native {
+        return Decision::Skip(Skip::RunsToCompletion);
+    }
+
+    let container = inject::sidecar_container(&cache.spec, env);
+    let mut operations = Vec::new();
+    if native {
+        // First among the init containers, as `inject` puts it.
+        let sidecar = serde_json::to_value(inject::native_sidecar(container)).unwrap_or_default();
+        operations.push(match &spec.init_containers {
+            Some(_) => add(&["spec", "initContainers", "0"], sidecar),
+            None => add(
+                &["spec", "initContainers"],
+                serde_json::Value::Array(vec![sidecar]),
+            ),
+        });
+    } else {
+        let sidecar = serde_json::to_value(container).unwrap_or_default();
+        operations.push(add(&["spec", "containers", "-"], sidecar));
+    }
+    let volume = serde_json::to_value(inject::disk_volume(&cache.spec)).unwrap_or_default();
+    operations.push(match &spec.volumes {
+        Some(_) => add(&["spec", "volumes", "-"], volume),
+        None => add(&["spec", "volumes"], serde_json::Value::Array(vec![volume])),
+    });
+    Decision::Inject {
+        cache: cache.name_any(),
+        patch: Patch(operations),
+    }
+}
+
+/// The SnapshotCache that injects a pod with `labels`: of those whose selector chooses it,
+/// the oldest, then the first by name, so every replica of the webhook picks the same one.
+pub fn selecting<'a>(
+    labels: &BTreeMap<String, String>,
+    caches: &'a [SnapshotCache],
+) -> Option<&'a SnapshotCache> {
+    caches
+        .iter()
+        .filter(|cache| cache.metadata.deletion_timestamp.is_none())
+        .filter(|cache| {
+            // An invalid selector chooses nothing; the controller reports it on the resource.
+            Selector::try_from(cache.spec.selector.clone())
+                .is_ok_and(|selector| selector.matches(labels))
+        })
+        .min_by(|a, b| {
+            let created = |cache: &SnapshotCache| cache.metadata.creation_timestamp.clone();
+            created(a)
+                .cmp(&created(b))
+                .then_with(|| a.name_any().cmp(&b.name_any()))
+        })
+}
+
+fn opted_out(labels: &BTreeMap<String, String>) -> bool {
+    labels
+        .get(OPT_OUT_LABEL)
+        .is_some_and(|value| value == "false")
+}
+
+fn add(path: &[&str], value: serde_json::Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(path.iter().copied()),
+        value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, Volume};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::{InjectionMode, S3Spec, SnapshotCacheSpec};
+
+    fn env(native_sidecars: bool) -> Environment<'static> {
+        Environment {
+            default_image: "snapcache/sidecar:test",
+            native_sidecars,
+        }
+    }
+
+    fn cache(name: &str, created_at: i64, app: &str) -> SnapshotCache {
+        let mut cache = SnapshotCache::new(
+            name,
+            SnapshotCacheSpec {
+                selector: LabelSelector {
+                    match_labels: Some(BTreeMap::from([("app".to_owned(), app.to_owned())])),
+                    ..Default::default()
+                },
+                s3: S3Spec {
+                    bucket: "snapshots".to_owned(),
+                    ..Default::default()
+                },
+                sidecar: Default::default(),
+                injection: InjectionMode::Auto,
+            },
+        );
+        cache.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(created_at).expect("timestamp"),
+        ));
+        cache
+    }
+
+    fn pod(labels: &[(&str, &str)], spec: PodSpec) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(spec),
+            status: None,
+        }
+    }
+
+    fn app_spec() -> PodSpec {
+        PodSpec {
+            containers: vec![Container {
+                name: "app".to_owned(),
+                image: Some("busybox".to_owned()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// `pod` with `patch` applied, as the API server would store it.
+    fn patched(pod: &Pod, patch: &Patch) -> Pod {
+        let mut document = serde_json::to_value(pod).expect("pod json");
+        json_patch::patch(&mut document, patch).expect("the patch applies");
+        serde_json::from_value(document).expect("a valid pod")
+    }
+
+    fn inject_into(pod: &Pod, caches: &[SnapshotCache], env: &Environment<'_>) -> Pod {
+        match decide(pod, &BTreeMap::new(), caches, env) {
+            Decision::Inject { patch, .. } => patched(pod, &patch),
+            Decision::Skip(skip) => panic!("skipped: {skip:?}"),
+        }
+    }
+
+    #[test]
+    fn a_selected_pod_gets_the_sidecar_container_and_its_volume_appended() {
+        let pod = pod(&[("app", "build")], app_spec());
+        let injected = inject_into(&pod, &[cache("c", 1, "build")], &env(false));
+        let spec = injected.spec.expect("spec");
+        let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["app", inject::CONTAINER_NAME]);
+        let volumes: Vec<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(volumes, [inject::VOLUME_NAME]);
+        assert!(spec.init_containers.is_none());
+    }
+
+    #[test]
+    fn on_a_native_sidecar_cluster_the_sidecar_is_the_first_init_container() {
+        let mut spec = app_spec();
+        spec.init_containers = Some(vec![Container {
+            name: "setup".to_owned(),
+            ..Default::default()
+        }]);
+        spec.restart_policy = Some("Never".to_owned());
+        let pod = pod(&[("app", "build")], spec);
+        let injected = inject_into(&pod, &[cache("c", 1, "build")], &env(true));
+        let spec = injected.spec.expect("spec");
+        let init = spec.init_containers.expect("init containers");
+        assert_eq!(init[0].name, inject::CONTAINER_NAME);
+        assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
+        assert_eq!(init[1].name, "setup");
+        assert_eq!(spec.containers.len(), 1, "no regular container added");
+    }
+
+    #[test]
+    fn the_patch_matches_what_workload_injection_builds() {
+        let pod = pod(&[("app", "build")], app_spec());
+        let caches = [cache("c", 1, "build")];
+        for native in [false, true] {
+            let injected = inject_into(&pod, &caches, &env(native));
+            let template = PodTemplateSpec {
+                metadata: None,
+                spec: pod.spec.clone(),
+            };
+            let expected = inject::inject(&template, &caches[0].spec, &env(native));
+            assert_eq!(injected.spec, expected.spec, "native sidecars: {native}");
+        }
+    }
+
+    #[test]
+    fn opted_out_pods_and_namespaces_are_skipped() {
+        let caches = [cache("c", 1, "build")];
+        let opted = pod(&[("app", "build"), (OPT_OUT_LABEL, "false")], app_spec());
+        assert_eq!(
+            decide(&opted, &BTreeMap::new(), &caches, &env(false)),
+            Decision::Skip(Skip::PodOptedOut)
+        );
+        let plain = pod(&[("app", "build")], app_spec());
+        let namespace = BTreeMap::from([(OPT_OUT_LABEL.to_owned(), "false".to_owned())]);
+        assert_eq!(
+            decide(&plain, &namespace, &caches, &env(false)),
+            Decision::Skip(Skip::NamespaceOptedOut)
+        );
+        let opted_in = pod(&[("app", "build"), (OPT_OUT_LABEL, "true")], app_spec());
+        assert!(matches!(
+            decide(&opted_in, &BTreeMap::new(), &caches, &env(false)),
+            Decision::Inject { .. }
+        ));
+    }
+
+    #[test]
+    fn a_pod_no_selector_chooses_is_skipped() {
+        let other = pod(&[("app", "web")], app_spec());
+        let caches = [cache("c", 1, "build")];
+        assert_eq!(
+            decide(&other, &BTreeMap::new(), &caches, &env(false)),
+            Decision::Skip(Skip::NotSelected)
+        );
+        assert_eq!(
+            decide(&other, &BTreeMap::new(), &[], &env(false)),
+            Decision::Skip(Skip::NotSelected)
+        );
+    }
+
+    #[test]
+    fn an_invalid_or_deleted_snapshot_cache_selects_nothing() {
+        let mut invalid = cache("invalid", 1, "build");
+        invalid.spec.selector.match_expressions = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                key: "app".to_owned(),
+                operator: "Sideways".to_owned(),
+                values: None,
+            },
+        ]);
+        let mut deleted = cache("deleted", 1, "build");
+        deleted.metadata.deletion_timestamp = deleted.metadata.creation_timestamp.clone();
+        let pod = pod(&[("app", "build")], app_spec());
+        assert_eq!(
+            decide(&pod, &BTreeMap::new(), &[invalid, deleted], &env(false)),
+            Decision::Skip(Skip::NotSelected)
+        );
+    }
+
+    #[test]
+    fn of_two_snapshot_caches_the_oldest_wins_then_the_first_name() {
+        let pod = pod(&[("app", "build")], app_spec());
+        let labels = pod.labels().clone();
+        let older = cache("zeta", 1, "build");
+        let newer = cache("alpha", 2, "build");
+        let pair = [newer.clone(), older.clone()];
+        assert_eq!(
+            selecting(&labels, &pair).map(|c| c.name_any()),
+            Some("zeta".to_owned())
+        );
+        let twins = [cache("beta", 1, "build"), cache("alpha", 1, "build")];
+        assert_eq!(
+            selecting(&labels, &twins).map(|c| c.name_any()),
+            Some("alpha".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_pod_that_runs_to_completion_gets_no_long_running_container_on_an_old_cluster() {
+        let caches = [cache("c", 1, "build")];
+        for policy in ["Never", "OnFailure"] {
+            let mut spec = app_spec();
+            spec.restart_policy = Some(policy.to_owned());
+            let job_pod = pod(&[("app", "build")], spec);
+            assert_eq!(
+                decide(&job_pod, &BTreeMap::new(), &caches, &env(false)),
+                Decision::Skip(Skip::RunsToCompletion)
+            );
+            assert!(matches!(
+                decide(&job_pod, &BTreeMap::new(), &caches, &env(true)),
+                Decision::Inject { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn a_pod_with_a_volume_of_the_sidecars_name_is_left_alone() {
+        let mut spec = app_spec();
+        spec.volumes = Some(vec![Volume {
+            name: inject::VOLUME_NAME.to_owned(),
+            ..Default::default()
+        }]);
+        let pod = pod(&[("app", "build")], spec);
+        assert_eq!(
+            decide(
+                &pod,
+                &BTreeMap::new(),
+                &[cache("c", 1, "build")],
+                &env(false)
+            ),
+            Decision::Skip(Skip::VolumeNameTaken)
+        );
+    }
+
+    #[test]
+    fn the_patch_only_adds() {
+        let pod = pod(&[("app", "build")], app_spec());
+        let Decision::Inject { patch, cache } = decide(
+            &pod,
+            &BTreeMap::new(),
+            &[cache("c", 1, "build")],
+            &env(false),
+        ) else {
+            panic!("not injected");
+        };
+        assert_eq!(cache, "c");
+        let operations = serde_json::to_value(&patch).expect("patch json");
+        let paths: Vec<(&str, &str)> = operations
+            .as_array()
+            .expect("operations")
+            .iter()
+            .map(|op| {
+                (
+                    op["op"].as_str().unwrap_or(""),
+                    op["path"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            [("add", "/spec/containers/-"), ("add", "/spec/volumes")]
+        );
+        assert_eq!(
+            operations[0]["value"]["name"],
+            json!(inject::CONTAINER_NAME)
+        );
+    }
+
+    fn arbitrary_pod() -> impl Strategy<Value = Pod> {
+        let names = prop::collection::btree_set("[a-z]{1,6}", 1..4);
+        (
+            names,
+            prop::option::of(prop::collection::btree_set("[a-z]{1,6}", 0..3)),
+            prop::option::of(prop::collection::btree_set("[a-z]{1,6}", 0..3)),
+            prop::option::of(prop::sample::select(vec!["Always", "Never", "OnFailure"])),
+            any::<bool>(),
+        )
+            .prop_map(|(containers, init, volumes, policy, selected)| {
+                let container = |name: String| Container {
+                    name,
+                    image: Some("busybox".to_owned()),
+                    ..Default::default()
+                };
+                let spec = PodSpec {
+                    containers: containers.into_iter().map(container).collect(),
+                    init_containers: init.map(|names| {
+                        names
+                            .into_iter()
+                            .map(|n| container(format!("init-{n}")))
+                            .collect()
+                    }),
+                    volumes: volumes.map(|names| {
+                        names
+                            .into_iter()
+                            .map(|name| Volume {
+                                name,
+                                ..Default::default()
+                            })
+                            .collect()
+                    }),
+                    restart_policy: policy.map(str::to_owned),
+                    ..Default::default()
+                };
+                let app = if selected { "build" } else { "web" };
+                pod(&[("app", app)], spec)
+            })
+    }
+
+    proptest! {
+        /// Any pod in: the patch applies, the result is a pod with every original container,
+        /// init container and volume in place, exactly one sidecar, unique names, and
+        /// deciding again changes nothing.
+        #[test]
+        fn injection_keeps_every_pod_valid_and_injecting_twice_equals_once(
+            pod in arbitrary_pod(),
+            native in any::<bool>(),
+        ) {
+            let env = env(native);
+            let caches = [cache("c", 1, "build")];
+            let decision = decide(&pod, &BTreeMap::new(), &caches, &env);
+            let Decision::Inject { patch, .. } = decision else {
+                return Ok(());
+            };
+            let once = patched(&pod, &patch);
+            let before = pod.spec.clone().unwrap_or_default();
+            let after = once.spec.clone().unwrap_or_default();
+            let sidecars = after.containers.iter().chain(after.init_containers.iter().flatten())
+                .filter(|c| c.name == inject::CONTAINER_NAME).count();
+            prop_assert_eq!(sidecars, 1);
+            let without = inject::remove(&PodTemplateSpec { metadata: None, spec: once.spec.clone() });
+            let restored = without.spec.unwrap_or_default();
+            prop_assert_eq!(&restored.containers, &before.containers);
+            prop_assert_eq!(restored.init_containers.unwrap_or_default(), before.init_containers.clone().unwrap_or_default());
+            prop_assert_eq!(restored.volumes.unwrap_or_default(), before.volumes.clone().unwrap_or_default());
+            let mut names: Vec<&str> = after.containers.iter().chain(after.init_containers.iter().flatten())
+                .map(|c| c.name.as_str()).collect();
+            let count = names.len();
+            names.sort_unstable();
+            names.dedup();
+            prop_assert_eq!(names.len(), count, "container names stay unique");
+            prop_assert_eq!(
+                decide(&once, &BTreeMap::new(), &caches, &env),
+                Decision::Skip(Skip::AlreadyInjected)
+            );
+        }
+    }
+}
