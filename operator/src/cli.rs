@@ -12,7 +12,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller against the cluster in the current kubeconfig (or in-cluster).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the SnapshotCache CustomResourceDefinition as YAML.
     Crd,
 }
@@ -51,4 +51,45 @@ pub struct RunArgs {
     /// This replica's identity in the Lease [default: POD_NAME, else host name and pid].
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+
+    /// Serve the Pod admission webhook (POST /mutate over TLS), with a CA and serving
+    /// certificate the operator keeps in a Secret of --lease-namespace.
+    #[arg(long, env = "SNAPCACHE_WEBHOOK")]
+    pub webhook: bool,
+
+    /// Address of the webhook's TLS port.
+    #[arg(long, env = "SNAPCACHE_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
+    pub webhook_listen: std::net::SocketAddr,
+
+    /// The Service in front of the webhook: its certificate names `<service>.<namespace>.svc`.
+    #[arg(
+        long,
+        env = "SNAPCACHE_WEBHOOK_SERVICE",
+        default_value = "snapcache-webhook"
+    )]
+    pub webhook_service: String,
+
+    /// The Secret holding the webhook's CA and serving certificate (made when missing).
+    #[arg(
+        long,
+        env = "SNAPCACHE_WEBHOOK_SECRET",
+        default_value = "snapcache-webhook-tls"
+    )]
+    pub webhook_secret: String,
+
+    /// The MutatingWebhookConfiguration whose caBundle the operator keeps current.
+    #[arg(
+        long,
+        env = "SNAPCACHE_WEBHOOK_CONFIGURATION",
+        default_value = "snapcache"
+    )]
+    pub webhook_configuration: String,
+
+    /// Lifetime of a serving certificate; it is renewed with a third of it left.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    pub webhook_certificate_lifetime: std::time::Duration,
+
+    /// How often the certificates are checked for renewal (at least ten times per lifetime).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub webhook_certificate_check: std::time::Duration,
 }

@@ -3,11 +3,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use kube::CustomResourceExt;
 use snapcache_operator::api::SnapshotCache;
+use snapcache_operator::certificates;
 use snapcache_operator::cli::{Cli, Command, RunArgs};
 use snapcache_operator::controller::{self, Context};
 use snapcache_operator::inject::supports_native_sidecars;
 use snapcache_operator::lease::{Leadership, LeaseElector};
 use snapcache_operator::metrics::Metrics;
+use snapcache_operator::webhook;
 
 fn main() -> ExitCode {
     match Cli::parse().command {
@@ -22,7 +24,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => match tokio::runtime::Runtime::new() {
-            Ok(runtime) => match runtime.block_on(run(args)) {
+            Ok(runtime) => match runtime.block_on(run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("error: {err}");
@@ -63,6 +65,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         })?;
     let native_sidecars = supports_native_sidecars(&version.major, &version.minor);
     tracing::info!(version = %version.git_version, native_sidecars, "snapcache operator starting");
+    if args.webhook {
+        start_webhook(&client, &args, metrics.clone(), native_sidecars).await?;
+    }
     let leadership = if args.leader_election {
         let identity = args.identity.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -94,5 +99,56 @@ async fn run(args: RunArgs) -> Result<(), String> {
         native_sidecars,
     });
     controller::run(ctx).await;
+    Ok(())
+}
+
+/// The admission webhook: certificates first (so its first handshake succeeds), then the
+/// TLS port, then the renewal loop. Every replica serves it; none needs the lease.
+async fn start_webhook(
+    client: &kube::Client,
+    args: &RunArgs,
+    metrics: Metrics,
+    native_sidecars: bool,
+) -> Result<(), String> {
+    let settings = certificates::Settings {
+        namespace: args.lease_namespace.clone(),
+        secret: args.webhook_secret.clone(),
+        service: args.webhook_service.clone(),
+        webhook_configuration: args.webhook_configuration.clone(),
+        lifetime: args.webhook_certificate_lifetime,
+    };
+    let resolver = std::sync::Arc::new(certificates::Resolver::default());
+    webhook::refresh(client, &settings, &resolver, &metrics)
+        .await
+        .map_err(|e| {
+            format!(
+                "webhook certificates (Secret {}/{}): {e}",
+                settings.namespace, settings.secret
+            )
+        })?;
+    let router = webhook::Webhook::start(
+        client,
+        metrics.clone(),
+        args.sidecar_image.clone(),
+        native_sidecars,
+    )
+    .router();
+    webhook::serve(args.webhook_listen, router, resolver.clone())
+        .await
+        .map_err(|e| {
+            format!(
+                "binding the webhook port {} (--webhook-listen): {e}",
+                args.webhook_listen
+            )
+        })?;
+    tokio::spawn(webhook::keep_certificates(
+        client.clone(),
+        settings,
+        resolver,
+        metrics,
+        // A short lifetime (a test forcing renewals) is checked often enough to renew in time.
+        args.webhook_certificate_check
+            .min(args.webhook_certificate_lifetime / 10),
+    ));
     Ok(())
 }

@@ -20,6 +20,9 @@ pub struct Metrics {
     errors: IntCounterVec,
     duration: Histogram,
     leader: IntGauge,
+    admissions: IntCounterVec,
+    admission_duration: Histogram,
+    certificate_expiry: IntGauge,
     ready: Arc<AtomicBool>,
 }
 
@@ -63,12 +66,46 @@ impl Metrics {
         )?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        let admissions = IntCounterVec::new(
+            Opts::new(
+                "snapcache_operator_admissions_total",
+                "Pod admissions the webhook answered, by result (injected, skipped, error) and \
+                 reason (why skipped, or what failed; empty when injected).",
+            ),
+            &["result", "reason"],
+        )?;
+        admissions.with_label_values(&["injected", ""]);
+        for skip in crate::admission::Skip::ALL {
+            admissions.with_label_values(&["skipped", skip.reason()]);
+        }
+        for reason in crate::webhook::ERROR_REASONS {
+            admissions.with_label_values(&["error", reason]);
+        }
+        let admission_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "snapcache_operator_admission_duration_seconds",
+                "Time the webhook took to answer a pod admission, from request to response.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
+            ]),
+        )?;
+        let certificate_expiry = IntGauge::new(
+            "snapcache_operator_webhook_certificate_expiry_timestamp_seconds",
+            "When the webhook's serving certificate expires (Unix time); 0 before it has one.",
+        )?;
+        registry.register(Box::new(admissions.clone()))?;
+        registry.register(Box::new(admission_duration.clone()))?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         Ok(Metrics {
             registry,
             reconciles,
             errors,
             duration,
             leader,
+            admissions,
+            admission_duration,
+            certificate_expiry,
             ready: Arc::default(),
         })
     }
@@ -84,6 +121,16 @@ impl Metrics {
         }
     }
 
+    /// One pod admission: `result` injected, skipped or error, with its `reason`.
+    pub fn admitted(&self, result: &str, reason: &str, seconds: f64) {
+        self.admissions.with_label_values(&[result, reason]).inc();
+        self.admission_duration.observe(seconds);
+    }
+
+    pub fn set_certificate_expiry(&self, unix_seconds: i64) {
+        self.certificate_expiry.set(unix_seconds);
+    }
+
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
     }
@@ -92,7 +139,8 @@ impl Metrics {
         self.ready.store(true, Ordering::SeqCst);
     }
 
-    fn render(&self) -> String {
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8_lossy(&out).into_owned()

@@ -4,11 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::Client;
 use kube::api::{Api, ListParams, LogParams, PostParams};
+use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::Digest;
 use snapcache_operator::api::SnapshotCache;
@@ -218,6 +219,7 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     // No kube-proxy: the operator reaches the API server at the node address directly.
     let values = format!(
         "image: {{pullPolicy: Never}}\n\
+         webhook: {{certificateLifetime: 45s}}\n\
          extraEnv:\n\
          - {{name: KUBERNETES_SERVICE_HOST, value: \"{}\"}}\n\
          - {{name: KUBERNETES_SERVICE_PORT, value: \"{api_port}\"}}\n",
@@ -271,14 +273,8 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     let garage = env.s3_server("garage");
     let bucket = unique_name("chart");
     create_bucket(&garage.client(), &bucket).await;
-    put_snapshot(
-        &garage.client(),
-        &bucket,
-        REPO,
-        &snapshot_bytes(1 << 20, 3),
-        COMMIT,
-    )
-    .await;
+    let body = snapshot_bytes(1 << 20, 3);
+    put_snapshot(&garage.client(), &bucket, REPO, &body, COMMIT).await;
     credentials_secret(&client, &namespace, &garage).await;
     let s3 = json!({"bucket": bucket, "endpoint": env.require("CLUSTER_S3_GARAGE_ENDPOINT"),
                     "credentialsSecret": "s3-credentials"});
@@ -290,11 +286,37 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     );
     cache_and_workload(&client, &namespace, "builder", s3, json!({}), &script).await;
     let workload_pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    // The webhook injects the first pod and the operator then patches the Deployment,
+    // which rolls it once: wait for that rollout to finish, so the pod stays.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    within(
+        Duration::from_secs(120),
+        "the builder Deployment rolled out with the sidecar in its template",
+        async || {
+            let deployment = deployments.get("builder").await.ok()?;
+            let injected = deployment
+                .spec
+                .as_ref()
+                .is_some_and(|spec| snapcache_operator::inject::is_injected(&spec.template));
+            let status = deployment.status.as_ref()?;
+            let settled = status.observed_generation == deployment.metadata.generation
+                && status.replicas == Some(1)
+                && status.updated_replicas == Some(1)
+                && status.ready_replicas == Some(1);
+            (injected && settled).then_some(())
+        },
+    )
+    .await;
     let builder = pod_of(
         &workload_pods,
         "builder",
         "a pod the operator pod injected, its sidecar ready",
-        |pod| has_sidecar(pod) && ready(pod, SIDECAR) && ready(pod, "app"),
+        |pod| {
+            pod.metadata.deletion_timestamp.is_none()
+                && has_sidecar(pod)
+                && ready(pod, SIDECAR)
+                && ready(pod, "app")
+        },
     )
     .await;
     let builder_name = builder.metadata.name.clone().expect("pod name");
@@ -346,6 +368,234 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         heap.get(&builder_name).is_some_and(|bytes| *bytes > 0.0),
         "the heap panel shows pod {builder_name}: {heap:?}"
     );
+
+    // The webhook: a bare pod gets the sidecar at creation; an opted-out pod and a pod no
+    // SnapshotCache selects do not, and the API server never sends the opted-out one. The
+    // API server reaches the operator pod through its Service without kube-proxy
+    // (--enable-aggregator-routing resolves webhook Services to endpoints too).
+    let opted_out = bare_pod(
+        "opted-out",
+        &[("app", "builder"), ("snapcache.io/inject", "false")],
+        "exec sleep 1000000",
+    );
+    let unselected = bare_pod("unselected", &[("app", "other")], "exec sleep 1000000");
+    let script = format!(
+        "mkdir -p /tmp; until wget -q -O /tmp/snapshot {url}; do sleep 0.2; done; \
+         sha256sum /tmp/snapshot; exec sleep 1000000"
+    );
+    let solo = bare_pod("solo", &[("app", "builder")], &script);
+    for pod in [&opted_out, &unselected, &solo] {
+        workload_pods
+            .create(&PostParams::default(), pod)
+            .await
+            .expect("create a bare pod");
+    }
+    let solo = within(
+        Duration::from_secs(120),
+        "the bare pod running with its sidecar",
+        async || {
+            let pod = workload_pods.get("solo").await.ok()?;
+            (ready(&pod, SIDECAR) && ready(&pod, "app")).then_some(pod)
+        },
+    )
+    .await;
+    assert!(has_sidecar(&solo));
+    let expected = hex::encode(sha2::Sha256::digest(&body));
+    within(
+        Duration::from_secs(60),
+        "the bare pod's app to read the snapshot",
+        async || {
+            let params = LogParams {
+                container: Some("app".into()),
+                ..LogParams::default()
+            };
+            let log = workload_pods.logs("solo", &params).await.ok()?;
+            log.contains(&format!("{expected}  /tmp/snapshot"))
+                .then_some(())
+        },
+    )
+    .await;
+    for name in ["opted-out", "unselected"] {
+        let pod = workload_pods.get(name).await.expect("the pod");
+        assert!(!has_sidecar(&pod), "{name} got the sidecar");
+    }
+
+    // A DaemonSet's pod gets the sidecar from the webhook alone. A Job's pod runs to
+    // completion: on this 1.20 cluster, without native sidecars, it gets no long-running
+    // container, and the Job finishes.
+    let template = |script: &str, restart: &str| {
+        json!({
+            "metadata": {"labels": {"app": "builder"}},
+            "spec": {
+                "restartPolicy": restart, "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": "app", "image": env.require("CLUSTER_BUSYBOX_IMAGE"),
+                    "imagePullPolicy": "Never", "command": ["sh", "-c", script],
+                }]
+            }
+        })
+    };
+    // Its own label too: a selector of app=builder alone would adopt the bare pods.
+    let mut agent = template("exec sleep 1000000", "Always");
+    agent["metadata"]["labels"]["role"] = json!("agent");
+    let daemon_set: DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": "agent"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "builder", "role": "agent"}},
+            "template": agent,
+        }
+    }))
+    .expect("daemon set");
+    Api::<DaemonSet>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &daemon_set)
+        .await
+        .expect("create the DaemonSet");
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"name": "once"},
+        "spec": {"backoffLimit": 0, "template": template("echo done", "Never")}
+    }))
+    .expect("job");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
+    jobs.create(&PostParams::default(), &job)
+        .await
+        .expect("create the Job");
+    within(
+        Duration::from_secs(120),
+        "the DaemonSet's pod running with its sidecar",
+        async || {
+            let listed = workload_pods.list(&ListParams::default()).await.ok()?;
+            listed.items.into_iter().find(|pod| {
+                pod.owner_references().iter().any(|o| o.kind == "DaemonSet")
+                    && has_sidecar(pod)
+                    && ready(pod, SIDECAR)
+            })
+        },
+    )
+    .await;
+    within(Duration::from_secs(120), "the Job to succeed", async || {
+        let job = jobs.get("once").await.ok()?;
+        (job.status?.succeeded? == 1).then_some(())
+    })
+    .await;
+    let job_pods = workload_pods
+        .list(&ListParams::default().labels("job-name=once"))
+        .await
+        .expect("the Job's pods");
+    assert!(
+        !job_pods.items.is_empty() && job_pods.items.iter().all(|pod| !has_sidecar(pod)),
+        "the Job's pod carries no long-running sidecar"
+    );
+    let admissions = r#"snapcache_operator_admissions_total{job="snapcache-operator"}"#;
+    let answered = within(
+        Duration::from_secs(60),
+        "Prometheus to see the bare pod's and the Job pod's admissions",
+        async || {
+            let series = prometheus.query(admissions).await.ok()?;
+            let count = |result: &str, reason: &str| {
+                series
+                    .iter()
+                    // Prometheus drops empty labels: no `reason` is the empty one.
+                    .find(|s| {
+                        s["metric"]["result"] == result
+                            && s["metric"]["reason"].as_str().unwrap_or("") == reason
+                    })
+                    .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            };
+            let injected = count("injected", "")?;
+            let job_pods = count("skipped", "runs_to_completion")?;
+            (injected >= 1.0 && job_pods >= 1.0).then(|| {
+                (
+                    count("skipped", "pod_opted_out"),
+                    count("skipped", "not_selected"),
+                )
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        answered.0,
+        Some(0.0),
+        "the API server sent the opted-out pod to the webhook"
+    );
+    assert!(
+        answered.1.is_some_and(|n| n >= 1.0),
+        "the unselected pod was answered: {answered:?}"
+    );
+
+    // Renewal: with a 45 s certificate the operator renews every ~30 s. Pods created (dry
+    // run: admitted, never stored) until the Secret shows a new certificate all get the
+    // sidecar, and the API server's handshakes with the renewed one succeed too.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &release_namespace);
+    let serving = async || {
+        let secret = secrets.get("snapcache-webhook-tls").await.ok()?;
+        secret
+            .metadata
+            .annotations?
+            .get("snapcache.io/serving-not-after")
+            .cloned()
+    };
+    let first = within(
+        Duration::from_secs(30),
+        "the webhook's certificate Secret",
+        serving,
+    )
+    .await;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let probe = bare_pod("renewal-probe", &[("app", "builder")], "exec sleep 1000000");
+    let mut admitted = 0;
+    let mut admit = async || {
+        let created = workload_pods
+            .create(&dry_run, &probe)
+            .await
+            .expect("a dry-run pod create");
+        assert!(
+            has_sidecar(&created),
+            "pod {admitted} admitted without the sidecar"
+        );
+        admitted += 1;
+    };
+    let renewed = within(
+        Duration::from_secs(90),
+        "a renewal of the serving certificate",
+        async || {
+            admit().await;
+            serving().await.filter(|now| *now != first)
+        },
+    )
+    .await;
+    // After the renewal, admissions go on getting the sidecar.
+    for _ in 0..5 {
+        admit().await;
+    }
+    println!(
+        "{admitted} dry-run admissions across the renewal from {first} to {renewed}, all injected"
+    );
+    let errors =
+        r#"sum(snapcache_operator_admissions_total{job="snapcache-operator", result="error"})"#;
+    let failed = prometheus.query(errors).await.expect("query");
+    assert_eq!(failed[0]["value"][1], "0", "admission errors: {failed:?}");
+}
+
+/// A pod, not owned by any workload, whose busybox container runs `script`.
+fn bare_pod(name: &str, labels: &[(&str, &str)], script: &str) -> Pod {
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app", "image": TestEnv::get().require("CLUSTER_BUSYBOX_IMAGE"),
+                "imagePullPolicy": "Never", "command": ["sh", "-c", script],
+            }]
+        }
+    }))
+    .expect("pod")
 }
 
 /// The chart README's scrape configs, pointed at this cluster's API server (Prometheus runs
