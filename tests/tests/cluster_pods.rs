@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, ListParams, LogParams, PostParams};
+use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::Digest;
@@ -577,6 +577,42 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         r#"sum(snapcache_operator_admissions_total{job="snapcache-operator", result="error"})"#;
     let failed = prometheus.query(errors).await.expect("query");
     assert_eq!(failed[0]["value"][1], "0", "admission errors: {failed:?}");
+
+    // The operator scaled to zero: pods are still created, without the sidecar (failure
+    // policy Ignore). Back up, new pods get it again.
+    let operators: Api<Deployment> = Api::namespaced(client.clone(), &release_namespace);
+    let scale = |replicas: i32| Patch::Merge(json!({"spec": {"replicas": replicas}}));
+    operators
+        .patch("snapcache", &PatchParams::default(), &scale(0))
+        .await
+        .expect("scale the operator to zero");
+    within(
+        Duration::from_secs(90),
+        "no operator pod left",
+        async || {
+            let listed = pods.list(&ListParams::default()).await.ok()?;
+            listed.items.is_empty().then_some(())
+        },
+    )
+    .await;
+    let created = workload_pods
+        .create(&dry_run, &probe)
+        .await
+        .expect("a pod is created while the operator is down");
+    assert!(!has_sidecar(&created), "injected with no operator running?");
+    operators
+        .patch("snapcache", &PatchParams::default(), &scale(1))
+        .await
+        .expect("scale the operator back up");
+    within(
+        Duration::from_secs(120),
+        "pods injected again once the operator is back",
+        async || {
+            let created = workload_pods.create(&dry_run, &probe).await.ok()?;
+            has_sidecar(&created).then_some(())
+        },
+    )
+    .await;
 }
 
 /// A pod, not owned by any workload, whose busybox container runs `script`.
