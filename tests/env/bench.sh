@@ -8,4 +8,14 @@ apt_install curl openssl aria2 wrk apache2-utils
 bash "$ENV_DIR/garage.sh" install
 bash "$ENV_DIR/nginx.sh" install
 cargo build --release --locked -p snapcache-sidecar -p snapcache-tests --bin snapcache-sidecar --bin snapcache-bench
-bash "$ENV_DIR/run.sh" garage,nginx -- target/release/snapcache-bench
+components=garage,nginx
+# The webhook part runs the chart on the one-node cluster, from release images.
+if [[ -z ${BENCH:-} || ,$BENCH, == *,webhook,* ]]; then
+  bash "$ENV_DIR/kube.sh" install
+  bash "$ENV_DIR/cluster.sh" install
+  bash "$ENV_DIR/helm.sh" install
+  bash "$ENV_DIR/images.sh" install
+  bash "$ENV_DIR/images.sh" build
+  components=$components,cluster
+fi
+bash "$ENV_DIR/run.sh" "$components" -- target/release/snapcache-bench

@@ -194,6 +194,7 @@ mod tests {
     }
 }
 
+pub mod cluster;
 pub mod git;
 pub mod large;
 pub mod prometheus;

@@ -13,6 +13,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::Digest;
 use snapcache_operator::api::SnapshotCache;
+use snapcache_tests::cluster::{install_chart, ready};
 use snapcache_tests::prometheus::{Prometheus, documented_scrape_configs};
 use snapcache_tests::sidecar::{binary, free_addr};
 use snapcache_tests::{
@@ -76,13 +77,6 @@ async fn pod_of(pods: &Api<Pod>, app: &str, what: &str, check: impl Fn(&Pod) -> 
         listed.items.into_iter().find(|pod| check(pod))
     })
     .await
-}
-
-fn ready(pod: &Pod, container: &str) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|status| status.container_statuses.as_ref())
-        .is_some_and(|statuses| statuses.iter().any(|s| s.name == container && s.ready))
 }
 
 fn has_sidecar(pod: &Pod) -> bool {
@@ -213,48 +207,13 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     let client = env.cluster_client().await.expect("cluster client");
     install_snapshot_cache_crd(&client).await;
     let release_namespace = create_namespace(&client).await;
-    let api = env.require("CLUSTER_APISERVER");
-    let api_port = api.rsplit(':').next().expect("API server port");
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/snapcache");
-    // No kube-proxy: the operator reaches the API server at the node address directly.
-    let values = format!(
-        "image: {{pullPolicy: Never}}\n\
-         webhook: {{certificateLifetime: 45s}}\n\
-         extraEnv:\n\
-         - {{name: KUBERNETES_SERVICE_HOST, value: \"{}\"}}\n\
-         - {{name: KUBERNETES_SERVICE_PORT, value: \"{api_port}\"}}\n",
-        env.require("CLUSTER_NODE_IP")
-    );
-    let values_file = tempfile::NamedTempFile::new().expect("values file");
-    std::fs::write(values_file.path(), values).expect("write values");
-    let installed = std::process::Command::new(env.require("HELM"))
-        .args(["install", "snapcache"])
-        .arg(&chart)
-        .args(["-n", &release_namespace, "-f"])
-        .arg(values_file.path())
-        .env("KUBECONFIG", env.require("CLUSTER_KUBECONFIG"))
-        .output()
-        .expect("run helm");
-    assert!(
-        installed.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&installed.stderr)
-    );
-
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &release_namespace);
-    let operator = within(
-        Duration::from_secs(120),
-        "the operator pod Ready",
-        async || {
-            let listed = pods.list(&ListParams::default()).await.ok()?;
-            listed
-                .items
-                .into_iter()
-                .find(|pod| ready(pod, "snapcache-operator"))
-        },
+    let operator_name = install_chart(
+        &client,
+        &release_namespace,
+        "webhook: {certificateLifetime: 45s}\n",
     )
     .await;
-    let operator_name = operator.metadata.name.clone().expect("pod name");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &release_namespace);
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), &release_namespace);
     within(

@@ -7,8 +7,10 @@
 //! 5. Load (`load.rs`): wrk on small ranges, HEADs and pin probes vs nginx.
 //! 6. Slow clients (`load.rs`): a GET beside 1000 slow connections; peak RSS under 200
 //!    slow readers.
+//! 7. The admission webhook (`webhook.rs`): pod creates with and without it on the node.
 
 mod load;
+mod webhook;
 
 use std::path::Path;
 use std::process::Command;
@@ -26,6 +28,27 @@ const HEAP_ALLOCATED: &str = "snapcache_heap_allocated_bytes";
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // BENCH=throughput, memory, fetch, load, slow or webhook (comma-separated) runs those
+    // parts; unset runs them all.
+    let only = std::env::var("BENCH").unwrap_or_default();
+    let selected = |name: &str| only.is_empty() || only.split(',').any(|n| n == name);
+    let mut report = Vec::new();
+    let needs_s3 = ["throughput", "fetch", "memory", "load", "slow"]
+        .iter()
+        .any(|part| selected(part));
+    let webhook_report = if selected("webhook") {
+        Some(webhook::webhook().await?)
+    } else {
+        None
+    };
+    if !needs_s3 {
+        let missed = webhook_report.as_ref().is_some_and(webhook::print);
+        if missed {
+            bail!("a benchmark missed its target");
+        }
+        return Ok(());
+    }
+
     let env = TestEnv::get();
     let server = env.s3_server("garage");
     let nginx_root = Path::new(env.require("NGINX_ROOT"));
@@ -44,11 +67,6 @@ async fn main() -> Result<()> {
         .send()
         .await
         .context("uploading the bench object")?;
-
-    let mut report = Vec::new();
-    // BENCH=throughput, memory, fetch, load or slow (comma-separated) runs those parts.
-    let only = std::env::var("BENCH").unwrap_or_default();
-    let selected = |name: &str| only.is_empty() || only.split(',').any(|n| n == name);
 
     if selected("throughput") {
         report = throughput(&server, &s3, &bucket, &nginx_url).await?;
@@ -129,6 +147,9 @@ async fn main() -> Result<()> {
     }
     if let Some(slow) = &slow_clients {
         failed |= load::print_slow(slow);
+    }
+    if let Some(report) = &webhook_report {
+        failed |= webhook::print(report);
     }
     if failed {
         bail!("a benchmark missed its target");

@@ -1,0 +1,65 @@
+//! The chart on the one-node cluster `tests/env/cluster.sh` starts: shared by the pod
+//! tests and the webhook benchmark.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+
+use crate::{TestEnv, within};
+
+/// `helm install snapcache` of the chart into `namespace`, unchanged but for values: the
+/// images `make images` imported (pullPolicy Never), the API server at the node address
+/// (no kube-proxy here), and `extra_values` (YAML lines). Returns once the operator pod is
+/// Ready, with its name.
+pub async fn install_chart(client: &kube::Client, namespace: &str, extra_values: &str) -> String {
+    let env = TestEnv::get();
+    let api = env.require("CLUSTER_APISERVER");
+    let api_port = api.rsplit(':').next().expect("API server port");
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/snapcache");
+    let values = format!(
+        "image: {{pullPolicy: Never}}\n\
+         extraEnv:\n\
+         - {{name: KUBERNETES_SERVICE_HOST, value: \"{}\"}}\n\
+         - {{name: KUBERNETES_SERVICE_PORT, value: \"{api_port}\"}}\n\
+         {extra_values}",
+        env.require("CLUSTER_NODE_IP")
+    );
+    let values_file = tempfile::NamedTempFile::new().expect("values file");
+    std::fs::write(values_file.path(), values).expect("write values");
+    let installed = std::process::Command::new(env.require("HELM"))
+        .args(["install", "snapcache"])
+        .arg(&chart)
+        .args(["-n", namespace, "-f"])
+        .arg(values_file.path())
+        .env("KUBECONFIG", env.require("CLUSTER_KUBECONFIG"))
+        .output()
+        .expect("run helm");
+    assert!(
+        installed.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let operator = within(
+        Duration::from_secs(120),
+        "the operator pod Ready",
+        async || {
+            let listed = pods.list(&ListParams::default()).await.ok()?;
+            listed
+                .items
+                .into_iter()
+                .find(|pod| ready(pod, "snapcache-operator"))
+        },
+    )
+    .await;
+    operator.metadata.name.expect("pod name")
+}
+
+/// Whether `pod`'s container `container` is ready.
+pub fn ready(pod: &Pod, container: &str) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.container_statuses.as_ref())
+        .is_some_and(|statuses| statuses.iter().any(|s| s.name == container && s.ready))
+}
