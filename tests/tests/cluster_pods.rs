@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -379,7 +379,8 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         assert!(!has_sidecar(&pod), "{name} got the sidecar");
     }
 
-    // A DaemonSet's pod gets the sidecar from the webhook alone. A Job's pod runs to
+    // A DaemonSet's pod gets the sidecar from the webhook alone, a StatefulSet's too (the
+    // operator then also patches its template, and it rolls once). A Job's pod runs to
     // completion: on this 1.20 cluster, without native sidecars, it gets no long-running
     // container, and the Job finishes.
     let template = |script: &str, restart: &str| {
@@ -418,19 +419,37 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     jobs.create(&PostParams::default(), &job)
         .await
         .expect("create the Job");
-    within(
-        Duration::from_secs(120),
-        "the DaemonSet's pod running with its sidecar",
-        async || {
-            let listed = workload_pods.list(&ListParams::default()).await.ok()?;
-            listed.items.into_iter().find(|pod| {
-                pod.owner_references().iter().any(|o| o.kind == "DaemonSet")
-                    && has_sidecar(pod)
-                    && ready(pod, SIDECAR)
-            })
-        },
-    )
-    .await;
+    let mut store = template("exec sleep 1000000", "Always");
+    store["metadata"]["labels"]["role"] = json!("store");
+    let stateful_set: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": "store"},
+        "spec": {
+            "serviceName": "store",
+            "selector": {"matchLabels": {"app": "builder", "role": "store"}},
+            "template": store,
+        }
+    }))
+    .expect("stateful set");
+    Api::<StatefulSet>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &stateful_set)
+        .await
+        .expect("create the StatefulSet");
+    for kind in ["DaemonSet", "StatefulSet"] {
+        within(
+            Duration::from_secs(120),
+            &format!("the {kind}'s pod running with its sidecar"),
+            async || {
+                let listed = workload_pods.list(&ListParams::default()).await.ok()?;
+                listed.items.into_iter().find(|pod| {
+                    pod.owner_references().iter().any(|o| o.kind == kind)
+                        && pod.metadata.deletion_timestamp.is_none()
+                        && has_sidecar(pod)
+                        && ready(pod, SIDECAR)
+                })
+            },
+        )
+        .await;
+    }
     within(Duration::from_secs(120), "the Job to succeed", async || {
         let job = jobs.get("once").await.ok()?;
         (job.status?.succeeded? == 1).then_some(())
