@@ -111,15 +111,16 @@ impl Bundle {
             dns_names.first().cloned().unwrap_or_default(),
         );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_before = offset(now, Duration::from_secs(0), -1);
-        params.not_after = offset(now, lifetime, 1);
+        let not_after = after(now, lifetime);
+        params.not_before = a_day_before(now);
+        params.not_after = certificate_time(not_after);
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Bundle {
             ca_cert,
             ca_key,
             cert: cert.pem(),
             key: key.serialize_pem(),
-            not_after: now + jiff::SignedDuration::try_from(lifetime).unwrap_or_default(),
+            not_after,
         })
     }
 
@@ -204,19 +205,24 @@ fn ca_params(now: jiff::Timestamp) -> Result<CertificateParams, Error> {
         .push(DnType::CommonName, "snapcache webhook CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca.not_before = offset(now, Duration::from_secs(0), -1);
-    ca.not_after = offset(now, CA_LIFETIME, 1);
+    ca.not_before = a_day_before(now);
+    ca.not_after = certificate_time(after(now, CA_LIFETIME));
     Ok(ca)
 }
 
-/// `now` moved by `by` in `direction` (a day back for not-before: clocks drift).
-fn offset(now: jiff::Timestamp, by: Duration, direction: i8) -> time::OffsetDateTime {
-    let moved = if direction < 0 {
-        now - jiff::SignedDuration::from_hours(24)
-    } else {
-        now + jiff::SignedDuration::try_from(by).unwrap_or_default()
-    };
-    time::OffsetDateTime::from_unix_timestamp(moved.as_second())
+/// A day before `now`: a certificate's not-before, so a node whose clock lags accepts it.
+fn a_day_before(now: jiff::Timestamp) -> time::OffsetDateTime {
+    certificate_time(now - jiff::SignedDuration::from_hours(24))
+}
+
+/// `now` plus `lifetime`.
+fn after(now: jiff::Timestamp, lifetime: Duration) -> jiff::Timestamp {
+    now + jiff::SignedDuration::try_from(lifetime).unwrap_or_default()
+}
+
+/// `at` as rcgen takes it.
+fn certificate_time(at: jiff::Timestamp) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(at.as_second())
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 

@@ -56,6 +56,35 @@ pub async fn install_chart(client: &kube::Client, namespace: &str, extra_values:
     operator.metadata.name.expect("pod name")
 }
 
+/// Whether `pod` carries the sidecar as a regular container (this 1.20 cluster has no
+/// native sidecars).
+pub fn has_sidecar(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|spec| {
+        spec.containers
+            .iter()
+            .any(|c| c.name == snapcache_operator::inject::CONTAINER_NAME)
+    })
+}
+
+/// A pod, not owned by any workload, whose busybox container runs `script`.
+pub fn bare_pod(name: &str, labels: &[(&str, &str)], script: &str) -> Pod {
+    let labels: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), serde_json::json!(v)))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app", "image": TestEnv::get().require("CLUSTER_BUSYBOX_IMAGE"),
+                "imagePullPolicy": "Never", "command": ["sh", "-c", script],
+            }]
+        }
+    }))
+    .expect("pod")
+}
+
 /// Whether `pod`'s container `container` is ready.
 pub fn ready(pod: &Pod, container: &str) -> bool {
     pod.status

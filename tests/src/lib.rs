@@ -276,6 +276,18 @@ pub async fn install_snapshot_cache_crd(client: &kube::Client) {
         .expect("watch CRD");
 }
 
+/// Creates a namespace with a unique name starting with `prefix`, and returns the name.
+pub async fn create_namespace(client: &kube::Client, prefix: &str) -> String {
+    let name = unique_name(prefix);
+    let namespace: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+    kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &namespace)
+        .await
+        .expect("create namespace");
+    name
+}
+
 /// Polls `check` every 200 ms for up to 30 s; panics naming `what` when it never succeeds.
 pub async fn eventually<T>(what: &str, check: impl AsyncFnMut() -> Option<T>) -> T {
     within(std::time::Duration::from_secs(30), what, check).await

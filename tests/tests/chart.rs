@@ -9,15 +9,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::prometheus::Prometheus;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, binary, free_addr};
 use snapcache_tests::{
-    TestEnv, create_bucket, eventually, install_snapshot_cache_crd, put_snapshot, snapshot_bytes,
-    unique_name,
+    TestEnv, create_bucket, create_namespace, eventually, install_snapshot_cache_crd, put_snapshot,
+    snapshot_bytes, unique_name,
 };
 
 fn chart() -> PathBuf {
@@ -250,15 +249,6 @@ fn start_operator(
     (Process(child), format!("http://{admin}"))
 }
 
-async fn create_namespace(client: &kube::Client, name: &str) {
-    let object: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &object)
-        .await
-        .expect("create namespace");
-}
-
 /// A Deployment `builder` and a SnapshotCache selecting it, in `namespace`.
 async fn create_workload(client: &kube::Client, namespace: &str) {
     let deployment: Deployment = serde_json::from_value(json!({
@@ -352,8 +342,7 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
     let kubeconfig = env.kubeconfig_as(&user, &groups).expect("kubeconfig");
     let (_operator, admin) = start_operator(kubeconfig.path(), &args, &vars);
 
-    let workloads = unique_name("chart-workloads");
-    create_namespace(&client, &workloads).await;
+    let workloads = create_namespace(&client, "chart-workloads").await;
     create_workload(&client, &workloads).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &workloads);
     eventually("the injected sidecar", async || {
@@ -439,8 +428,7 @@ async fn prometheus_scrapes_a_sidecar_and_every_dashboard_query_has_data() {
 
     let client = env.kube_client().await.expect("kube client");
     install_snapshot_cache_crd(&client).await;
-    let namespace = unique_name("dash");
-    create_namespace(&client, &namespace).await;
+    let namespace = create_namespace(&client, "dash").await;
     let (_operator, operator_admin) = start_operator(
         Path::new(env.require("KUBECONFIG")),
         &[

@@ -6,19 +6,19 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::Digest;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{install_chart, ready};
+use snapcache_tests::cluster::{bare_pod, has_sidecar, install_chart, ready};
 use snapcache_tests::prometheus::{Prometheus, documented_scrape_configs};
 use snapcache_tests::sidecar::{binary, free_addr};
 use snapcache_tests::{
-    S3Server, TestEnv, create_bucket, install_snapshot_cache_crd, put_snapshot, snapshot_bytes,
-    unique_name, within,
+    S3Server, TestEnv, create_bucket, create_namespace, install_snapshot_cache_crd, put_snapshot,
+    snapshot_bytes, unique_name, within,
 };
 
 const REPO: &str = "example.com/org/cluster";
@@ -58,17 +58,6 @@ impl Drop for Operator {
     }
 }
 
-async fn create_namespace(client: &Client) -> String {
-    let name = unique_name("pods");
-    let namespace: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": name}})).expect("namespace");
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await
-        .expect("create namespace");
-    name
-}
-
 /// Waits for a pod of Deployment `app` that `check` accepts.
 async fn pod_of(pods: &Api<Pod>, app: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {
     within(Duration::from_secs(120), what, async || {
@@ -77,12 +66,6 @@ async fn pod_of(pods: &Api<Pod>, app: &str, what: &str, check: impl Fn(&Pod) -> 
         listed.items.into_iter().find(|pod| check(pod))
     })
     .await
-}
-
-fn has_sidecar(pod: &Pod) -> bool {
-    pod.spec
-        .as_ref()
-        .is_some_and(|spec| spec.containers.iter().any(|c| c.name == SIDECAR))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +80,7 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
     put_snapshot(&garage.client(), &bucket, REPO, &body, COMMIT).await;
     let expected = hex::encode(sha2::Sha256::digest(&body));
 
-    let namespace = create_namespace(&client).await;
+    let namespace = create_namespace(&client, "pods").await;
     credentials_secret(&client, &namespace, &garage).await;
     let cache: SnapshotCache = serde_json::from_value(json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
@@ -206,7 +189,7 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     let env = TestEnv::get();
     let client = env.cluster_client().await.expect("cluster client");
     install_snapshot_cache_crd(&client).await;
-    let release_namespace = create_namespace(&client).await;
+    let release_namespace = create_namespace(&client, "pods").await;
     let operator_name = install_chart(
         &client,
         &release_namespace,
@@ -228,7 +211,7 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
 
     // A workload that keeps its sidecar busy: full reads, and pinned reads of a replaced
     // revision (412), so that every dashboard panel has something to show.
-    let namespace = create_namespace(&client).await;
+    let namespace = create_namespace(&client, "pods").await;
     let garage = env.s3_server("garage");
     let bucket = unique_name("chart");
     create_bucket(&garage.client(), &bucket).await;
@@ -593,25 +576,6 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     .await;
 }
 
-/// A pod, not owned by any workload, whose busybox container runs `script`.
-fn bare_pod(name: &str, labels: &[(&str, &str)], script: &str) -> Pod {
-    let labels: serde_json::Map<String, serde_json::Value> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), json!(v)))
-        .collect();
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "app", "image": TestEnv::get().require("CLUSTER_BUSYBOX_IMAGE"),
-                "imagePullPolicy": "Never", "command": ["sh", "-c", script],
-            }]
-        }
-    }))
-    .expect("pod")
-}
-
 /// The chart README's scrape configs, pointed at this cluster's API server (Prometheus runs
 /// on the host, not in a pod) and at the namespace the chart was installed in.
 fn scrape_configs_for_this_cluster(release_namespace: &str) -> serde_json::Value {
@@ -772,7 +736,7 @@ async fn wrong_credentials_a_missing_bucket_and_a_missing_image_each_say_so_and_
     )
     .await;
     let endpoint = env.require("CLUSTER_S3_GARAGE_ENDPOINT");
-    let namespace = create_namespace(&client).await;
+    let namespace = create_namespace(&client, "pods").await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     for (name, secret_key) in [
         ("right", garage.secret_access_key.as_str()),

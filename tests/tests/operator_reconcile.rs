@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::jiff::SignedDuration;
@@ -20,7 +20,8 @@ use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, binary};
 use snapcache_tests::{
-    S3Server, TestEnv, create_bucket, eventually, install_snapshot_cache_crd, unique_name, within,
+    S3Server, TestEnv, create_bucket, create_namespace, eventually, install_snapshot_cache_crd,
+    unique_name, within,
 };
 
 const SIDECAR: &str = "snapcache-sidecar";
@@ -90,14 +91,7 @@ impl Drop for Operator {
 async fn setup() -> (Client, String) {
     let client = TestEnv::get().kube_client().await.expect("kube client");
     install_snapshot_cache_crd(&client).await;
-    let namespace = unique_name("op");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let object: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("namespace");
-    namespaces
-        .create(&PostParams::default(), &object)
-        .await
-        .expect("create namespace");
+    let namespace = create_namespace(&client, "op").await;
     (client, namespace)
 }
 

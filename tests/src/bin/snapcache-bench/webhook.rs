@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::install_chart;
-use snapcache_tests::{TestEnv, install_snapshot_cache_crd, unique_name, within};
+use snapcache_tests::cluster::{bare_pod, has_sidecar, install_chart};
+use snapcache_tests::{TestEnv, create_namespace, install_snapshot_cache_crd, within};
 
 const PODS: usize = 200;
 const CONCURRENCY: usize = 8;
@@ -33,10 +33,10 @@ pub async fn webhook() -> Result<WebhookReport> {
     let env = TestEnv::get();
     let client = env.cluster_client().await?;
     install_snapshot_cache_crd(&client).await;
-    let release = create_namespace(&client, "bench-operator").await?;
+    let release = create_namespace(&client, "bench-operator").await;
     println!("installing the chart on the node (operator pod, webhook)");
     let operator = install_chart(&client, &release, "").await;
-    let namespace = create_namespace(&client, "bench-pods").await?;
+    let namespace = create_namespace(&client, "bench-pods").await;
     let cache: SnapshotCache = serde_json::from_value(json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
         "metadata": {"name": "bench"},
@@ -50,8 +50,13 @@ pub async fn webhook() -> Result<WebhookReport> {
         dry_run: true,
         ..PostParams::default()
     };
-    let injected = pod(&[("app", "bench")]);
-    let skipped = pod(&[("app", "bench"), ("snapcache.io/inject", "false")]);
+    let script = "exec sleep 1000000";
+    let injected = bare_pod("bench-pod", &[("app", "bench")], script);
+    let skipped = bare_pod(
+        "bench-pod",
+        &[("app", "bench"), ("snapcache.io/inject", "false")],
+        script,
+    );
     within(
         Duration::from_secs(120),
         "the webhook injecting",
@@ -220,33 +225,4 @@ fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
         lower = (le, count);
     }
     lower.0
-}
-
-fn pod(labels: &[(&str, &str)]) -> Pod {
-    let labels: serde_json::Map<String, serde_json::Value> = labels
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), json!(v)))
-        .collect();
-    serde_json::from_value(json!({
-        "metadata": {"name": "bench-pod", "labels": labels},
-        "spec": {"containers": [{"name": "app", "image": TestEnv::get().require("CLUSTER_BUSYBOX_IMAGE")}]}
-    }))
-    .expect("pod")
-}
-
-fn has_sidecar(pod: &Pod) -> bool {
-    pod.spec.as_ref().is_some_and(|spec| {
-        spec.containers
-            .iter()
-            .any(|c| c.name == "snapcache-sidecar")
-    })
-}
-
-async fn create_namespace(client: &kube::Client, prefix: &str) -> Result<String> {
-    let name = unique_name(prefix);
-    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &namespace)
-        .await?;
-    Ok(name)
 }
