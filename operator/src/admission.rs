@@ -147,17 +147,19 @@ pub fn selecting<'a>(
     caches
         .iter()
         .filter(|cache| cache.metadata.deletion_timestamp.is_none())
-        .filter(|cache| {
-            // An invalid selector chooses nothing; the controller reports it on the resource.
-            Selector::try_from(cache.spec.selector.clone())
-                .is_ok_and(|selector| selector.matches(labels))
-        })
+        .filter(|cache| selects(cache, labels))
         .min_by(|a, b| {
             let created = |cache: &SnapshotCache| cache.metadata.creation_timestamp.clone();
             created(a)
                 .cmp(&created(b))
                 .then_with(|| a.name_any().cmp(&b.name_any()))
         })
+}
+
+/// Whether `cache`'s selector chooses a pod with `labels`. An invalid selector chooses
+/// nothing; the controller reports it on the resource.
+pub fn selects(cache: &SnapshotCache, labels: &BTreeMap<String, String>) -> bool {
+    Selector::try_from(cache.spec.selector.clone()).is_ok_and(|selector| selector.matches(labels))
 }
 
 fn opted_out(labels: &BTreeMap<String, String>) -> bool {

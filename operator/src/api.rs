@@ -8,9 +8,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// A per-pod snapshot cache: the operator injects a snapcache sidecar, serving git
-/// snapshots from S3 on 127.0.0.1, into every Deployment and StatefulSet of this
-/// namespace that `selector` chooses.
+/// A per-pod snapshot cache: the operator's admission webhook injects a snapcache sidecar,
+/// serving git snapshots from S3 on 127.0.0.1, into every pod of this namespace that
+/// `selector` chooses, when the pod is created.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "snapcache.io",
@@ -28,8 +28,9 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotCacheSpec {
-    /// Chooses the Deployments and StatefulSets in this namespace that get the sidecar,
-    /// by their own labels.
+    /// Chooses the pods of this namespace that get the sidecar, by the pods' labels (a
+    /// Deployment's `spec.template.metadata.labels`, not its own). A pod or namespace
+    /// labelled `snapcache.io/inject: "false"` never gets it.
     pub selector: LabelSelector,
     /// Where the snapshots live.
     pub s3: S3Spec,
@@ -144,22 +145,22 @@ pub struct SnapshotCacheStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`: every selected workload has the sidecar of the current spec.
+    /// `Ready`: the selector is valid; its message counts the pods.
+    /// `SelectorOverlap`: `True` when an older SnapshotCache of the namespace selects some
+    /// of the same pods and so injects them instead (the oldest wins, then the first name).
     /// `BucketReadable`: what the sidecars of up to 3 running injected pods say of the
     /// bucket, checked every minute (every 10 s while none can tell): `False` with reason `BucketMissing`, `AccessDenied`,
     /// `S3Unreachable` or `S3Failing` and what to fix; `Unknown` while no sidecar can tell.
     #[serde(default)]
     pub conditions: Vec<Condition>,
-    /// How many workloads the selector chooses.
+    /// How many running pods it selects (and no older SnapshotCache does).
     #[serde(default)]
     pub selected: i32,
     /// How many of them carry the sidecar.
     #[serde(default)]
     pub injected: i32,
-    /// `Deployment/name` or `StatefulSet/name` of each selected workload.
+    /// Selected running pods without the sidecar that a restart would inject (created
+    /// before this SnapshotCache, or while the webhook was unavailable); the first 20 by name.
     #[serde(default)]
-    pub selected_workloads: Vec<String>,
-    /// The same, for the injected ones.
-    #[serde(default)]
-    pub injected_workloads: Vec<String>,
+    pub pods_needing_restart: Vec<String>,
 }

@@ -47,6 +47,9 @@ pub struct Settings {
     pub service: String,
     /// The MutatingWebhookConfiguration whose caBundle carries the CA.
     pub webhook_configuration: String,
+    /// More names or IP addresses for the serving certificate, for an API server that
+    /// calls the webhook by URL rather than through the Service.
+    pub extra_hosts: Vec<String>,
     /// Lifetime of a serving certificate.
     pub lifetime: Duration,
 }
@@ -226,15 +229,17 @@ fn certificate_time(at: jiff::Timestamp) -> time::OffsetDateTime {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// The DNS names the API server may use for the webhook Service.
+/// The names the API server may use for the webhook Service, then the extra hosts.
 pub fn dns_names(settings: &Settings) -> Vec<String> {
     let (service, namespace) = (&settings.service, &settings.namespace);
-    vec![
+    let mut names = vec![
         format!("{service}.{namespace}.svc"),
         format!("{service}.{namespace}.svc.cluster.local"),
         format!("{service}.{namespace}"),
         service.clone(),
-    ]
+    ];
+    names.extend(settings.extra_hosts.iter().cloned());
+    names
 }
 
 /// The certificates in the Secret, made or renewed there when missing or due. Replicas
@@ -342,6 +347,7 @@ mod tests {
             secret: "s".to_owned(),
             service: "snapcache-webhook".to_owned(),
             webhook_configuration: "w".to_owned(),
+            extra_hosts: Vec::new(),
             lifetime: Duration::from_secs(3600),
         })
     }
@@ -378,6 +384,7 @@ mod tests {
             secret: "tls".to_owned(),
             service: "svc".to_owned(),
             webhook_configuration: "w".to_owned(),
+            extra_hosts: Vec::new(),
             lifetime: Duration::from_secs(3600),
         };
         let bundle = Bundle::generate(

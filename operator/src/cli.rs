@@ -15,6 +15,10 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print the SnapshotCache CustomResourceDefinition as YAML.
     Crd,
+    /// Upgrade step (the chart's post-upgrade hook): remove the sidecar that versions
+    /// before the admission webhook patched into Deployments and StatefulSets, and their
+    /// finalizer from SnapshotCaches. Safe to run again.
+    ReleaseWorkloads,
 }
 
 /// `run`: reconcile SnapshotCaches into injected sidecars.
@@ -68,6 +72,12 @@ pub struct RunArgs {
         default_value = "snapcache-webhook"
     )]
     pub webhook_service: String,
+
+    /// More names or IP addresses for the serving certificate, comma-separated: for an
+    /// API server that calls the webhook by URL, e.g. `127.0.0.1` for an operator run
+    /// on the API server's host during development.
+    #[arg(long = "webhook-host", value_delimiter = ',')]
+    pub webhook_hosts: Vec<String>,
 
     /// The Secret holding the webhook's CA and serving certificate (made when missing).
     #[arg(

@@ -1,41 +1,39 @@
-//! Reconciles SnapshotCaches into the sidecars of the workloads they select.
+//! Reconciles SnapshotCaches into their status: the pods each selects, which carry its
+//! sidecar, which need a restart to get it, and what the sidecars say of the bucket.
 //!
-//! The only top-level act of `reconcile` is the finalizer helper: `apply` injects by
-//! server-side apply with a fixed field manager, so the operator owns exactly the
-//! sidecar container and its volume; releasing those fields removes them again.
+//! Injection itself happens at pod creation, in the admission webhook; the controller
+//! writes nothing but SnapshotCache status and events, so it needs no write access to
+//! workloads or pods.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt};
-use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::PodTemplateSpec;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::core::{Selector, SelectorExt};
-use kube::runtime::controller::{Action, Controller};
+use kube::core::PartialObjectMeta;
+use kube::core::Selector;
+use kube::runtime::controller::{self as kube_controller, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::api::{SnapshotCache, SnapshotCacheSpec};
+use crate::admission;
+use crate::api::SnapshotCache;
 use crate::bucket_health::{self, BucketCondition};
-use crate::inject::{self, Environment};
+use crate::census::{self, Census};
+use crate::inject::Environment;
 use crate::lease::Leadership;
 use crate::metrics::Metrics;
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "snapcache-operator";
-/// Holds a SnapshotCache until its sidecars are removed.
-pub const FINALIZER: &str = "snapcache.io/cleanup";
+/// How many pod names the status and events list at most.
+const NAMES_LISTED: usize = 20;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -48,6 +46,7 @@ pub struct Context {
     pub recorder: Recorder,
     /// Asks the injected sidecars whether they can read their bucket.
     pub http: reqwest::Client,
+    /// What admission knows beyond the spec, to tell which pods it would inject now.
     pub default_image: String,
     pub native_sidecars: bool,
 }
@@ -65,60 +64,20 @@ impl std::fmt::Debug for Context {
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("the SnapshotCache has no namespace")]
     NoNamespace,
 }
 
 impl Error {
     /// Every value of `reason`: the metrics start each at 0, so a rate has a series.
-    pub const REASONS: [&'static str; 3] = ["kube_api", "finalizer", "no_namespace"];
+    pub const REASONS: [&'static str; 2] = ["kube_api", "no_namespace"];
 
     /// A bounded label for the errors metric.
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube_api",
-            Error::Finalizer(_) => "finalizer",
             Error::NoNamespace => "no_namespace",
         }
-    }
-}
-
-/// The workload kinds a SnapshotCache selects.
-trait Workload:
-    Resource<DynamicType = (), Scope = NamespaceResourceScope>
-    + Clone
-    + DeserializeOwned
-    + Serialize
-    + std::fmt::Debug
-    + Send
-    + Sync
-    + 'static
-{
-    const KIND: &'static str;
-    fn template(&self) -> Option<&PodTemplateSpec>;
-    /// Chooses the workload's pods.
-    fn pod_selector(&self) -> Option<&LabelSelector>;
-}
-
-impl Workload for Deployment {
-    const KIND: &'static str = "Deployment";
-    fn template(&self) -> Option<&PodTemplateSpec> {
-        self.spec.as_ref().map(|spec| &spec.template)
-    }
-    fn pod_selector(&self) -> Option<&LabelSelector> {
-        self.spec.as_ref().map(|spec| &spec.selector)
-    }
-}
-
-impl Workload for StatefulSet {
-    const KIND: &'static str = "StatefulSet";
-    fn template(&self) -> Option<&PodTemplateSpec> {
-        self.spec.as_ref().map(|spec| &spec.template)
-    }
-    fn pod_selector(&self) -> Option<&LabelSelector> {
-        self.spec.as_ref().map(|spec| &spec.selector)
     }
 }
 
@@ -127,8 +86,11 @@ pub async fn reconcile(cache: Arc<SnapshotCache>, ctx: Arc<Context>) -> Result<A
         // Look again soon: this replica may take the lease over.
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
+    if cache.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
     let started = std::time::Instant::now();
-    let result = reconcile_inner(cache.clone(), &ctx).await;
+    let result = apply(&cache, &ctx).await;
     let reason = result.as_ref().err().map(Error::reason);
     ctx.metrics.observe(started.elapsed().as_secs_f64(), reason);
     let key = ObjectRef::from_obj(cache.as_ref());
@@ -145,19 +107,6 @@ pub async fn reconcile(cache: Arc<SnapshotCache>, ctx: Arc<Context>) -> Result<A
         }
     }
     result
-}
-
-async fn reconcile_inner(cache: Arc<SnapshotCache>, ctx: &Context) -> Result<Action, Error> {
-    let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
-    let caches: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&caches, FINALIZER, cache, |event| async {
-        match event {
-            Finalizer::Apply(cache) => apply(&cache, ctx).await,
-            Finalizer::Cleanup(cache) => cleanup(&cache, ctx).await,
-        }
-    })
-    .await
-    .map_err(|err| Error::Finalizer(Box::new(err)))
 }
 
 /// Errors requeue with exponential backoff per resource (1 s doubling to 5 min); one
@@ -188,65 +137,52 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
             let message = format!("the selector is invalid: {err}");
             publish(ctx, cache, EventType::Warning, "InvalidSelector", &message).await;
             let ready = Condition::new("Ready", "False", "InvalidSelector", message);
-            set_status(ctx, cache, &[ready], &Report::default()).await?;
+            set_status(ctx, cache, &[ready], &Census::default()).await?;
             return Ok(Action::await_change());
         }
     };
-    let others = other_selectors(ctx, cache, &namespace).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selected = pods
+        .list(&ListParams::default().labels_from(&selector))
+        .await?
+        .items;
+    let caches: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), &namespace);
+    let caches = caches.list(&ListParams::default()).await?.items;
+    let namespace_labels = Api::<Namespace>::all(ctx.client.clone())
+        .get_metadata(&namespace)
+        .await?
+        .metadata
+        .labels
+        .unwrap_or_default();
     let env = Environment {
         default_image: &ctx.default_image,
         native_sidecars: ctx.native_sidecars,
     };
-    let mut report = Report::default();
-    sync::<Deployment>(
-        ctx,
-        &namespace,
-        &cache.spec,
-        &selector,
-        &others,
-        &env,
-        &mut report,
-    )
-    .await?;
-    sync::<StatefulSet>(
-        ctx,
-        &namespace,
-        &cache.spec,
-        &selector,
-        &others,
-        &env,
-        &mut report,
-    )
-    .await?;
-    if !report.newly_injected.is_empty() {
-        let note = format!(
-            "injected the sidecar into {}",
-            report.newly_injected.join(", ")
-        );
-        publish(ctx, cache, EventType::Normal, "Injected", &note).await;
-    }
-    if !report.removed.is_empty() {
-        let note = format!("removed the sidecar from {}", report.removed.join(", "));
-        publish(ctx, cache, EventType::Normal, "Removed", &note).await;
-    }
-    let message = format!(
-        "{} of {} selected workloads carry the sidecar",
-        report.injected.len(),
-        report.selected.len()
+    let census = census::take(cache, &selected, &namespace_labels, &caches, &env);
+    announce_pods_needing_restart(ctx, cache, &census).await;
+
+    let mut message = format!(
+        "{} of the {} running pods it selects carry the sidecar",
+        census.injected.len(),
+        census.selected.len()
     );
-    let ready = Condition::new("Ready", "True", "Injected", message);
+    if !census.need_restart.is_empty() {
+        message += &format!("; {} need a restart to get it", census.need_restart.len());
+    }
+    let ready = Condition::new("Ready", "True", "Selecting", message);
+    let overlap = overlap_condition(&census.taken_by_older);
     let bucket = bucket_health::ask_sidecars(
         &ctx.client,
         &ctx.http,
         &namespace,
-        &report.pod_selectors,
+        &[selector],
         &cache.spec.s3.bucket,
     )
     .await;
     warn_of_new_bucket_failure(ctx, cache, &bucket).await;
     // The sidecars' view of the bucket changes without any watched object changing; while
     // none can tell yet (their pods are starting), look again soon.
-    let recheck = match (report.injected.is_empty(), bucket.status) {
+    let recheck = match (census.injected.is_empty(), bucket.status) {
         (true, _) => 300,
         (false, "Unknown") => 10,
         (false, _) => 60,
@@ -257,8 +193,70 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
         bucket.reason,
         bucket.message,
     );
-    set_status(ctx, cache, &[ready, bucket], &report).await?;
+    set_status(ctx, cache, &[ready, overlap, bucket], &census).await?;
     Ok(Action::requeue(Duration::from_secs(recheck)))
+}
+
+/// `SelectorOverlap`: which pods an older SnapshotCache injects instead of this one.
+fn overlap_condition(taken_by_older: &BTreeMap<String, Vec<String>>) -> Condition {
+    if taken_by_older.is_empty() {
+        return Condition::new(
+            OVERLAP,
+            "False",
+            "NoOverlap",
+            "no pod it selects is injected by another SnapshotCache".to_owned(),
+        );
+    }
+    let taken: Vec<String> = taken_by_older
+        .iter()
+        .map(|(older, pods)| format!("{} by {older}", listed(pods)))
+        .collect();
+    Condition::new(
+        OVERLAP,
+        "True",
+        "OlderSnapshotCacheWins",
+        format!(
+            "older SnapshotCaches select the same pods and inject them instead: {}; make \
+             the selectors of this namespace's SnapshotCaches disjoint",
+            taken.join("; ")
+        ),
+    )
+}
+
+const OVERLAP: &str = "SelectorOverlap";
+
+/// Up to `NAMES_LISTED` names, then how many more.
+fn listed(names: &[String]) -> String {
+    let shown = names[..names.len().min(NAMES_LISTED)].join(", ");
+    match names.len().saturating_sub(NAMES_LISTED) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// A `PodsNeedRestart` event when pods the status did not list yet need a restart.
+async fn announce_pods_needing_restart(ctx: &Context, cache: &SnapshotCache, census: &Census) {
+    let known = cache
+        .status
+        .as_ref()
+        .map(|status| status.pods_needing_restart.as_slice())
+        .unwrap_or_default();
+    let listed_now = &census.need_restart[..census.need_restart.len().min(NAMES_LISTED)];
+    if listed_now.iter().all(|pod| known.contains(pod)) {
+        return;
+    }
+    let mut note = format!(
+        "running pods without the sidecar: {}; restart them (kubectl rollout restart, or \
+         delete a bare pod) to inject it",
+        listed(&census.need_restart)
+    );
+    if !census.started_before.is_empty() {
+        note += &format!(
+            ". Started before this SnapshotCache existed: {}",
+            listed(&census.started_before)
+        );
+    }
+    publish(ctx, cache, EventType::Normal, "PodsNeedRestart", &note).await;
 }
 
 /// A Warning event when the sidecars start failing to read the bucket, or for a new reason.
@@ -284,121 +282,6 @@ async fn warn_of_new_bucket_failure(
         )
         .await;
     }
-}
-
-async fn cleanup(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
-    let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
-    let others = other_selectors(ctx, cache, &namespace).await?;
-    let mut removed = Vec::new();
-    removed.extend(release_all::<Deployment>(ctx, &namespace, &others).await?);
-    removed.extend(release_all::<StatefulSet>(ctx, &namespace, &others).await?);
-    if !removed.is_empty() {
-        let note = format!("removed the sidecar from {}", removed.join(", "));
-        publish(ctx, cache, EventType::Normal, "Removed", &note).await;
-    }
-    Ok(Action::await_change())
-}
-
-#[derive(Debug, Default)]
-struct Report {
-    selected: Vec<String>,
-    injected: Vec<String>,
-    newly_injected: Vec<String>,
-    removed: Vec<String>,
-    /// The pod selectors of the injected workloads.
-    pod_selectors: Vec<Selector>,
-}
-
-/// Injects into the workloads of kind `W` that `selector` chooses and releases the
-/// ones that no SnapshotCache of the namespace chooses any more.
-async fn sync<W: Workload>(
-    ctx: &Context,
-    namespace: &str,
-    spec: &SnapshotCacheSpec,
-    selector: &Selector,
-    others: &[Selector],
-    env: &Environment<'_>,
-    report: &mut Report,
-) -> Result<(), Error> {
-    let api: Api<W> = Api::namespaced(ctx.client.clone(), namespace);
-    let owned = inject::owned_pod_spec(spec, env);
-    for workload in api.list(&ListParams::default()).await? {
-        let name = workload.name_any();
-        let label = format!("{}/{name}", W::KIND);
-        let labels = workload.labels().clone();
-        let was_injected = workload.template().is_some_and(inject::is_injected);
-        if selector.matches(&labels) {
-            let intent = json!({
-                "apiVersion": "apps/v1", "kind": W::KIND,
-                "metadata": {"name": name},
-                "spec": {"template": {"spec": owned}},
-            });
-            let params = PatchParams::apply(FIELD_MANAGER).force();
-            api.patch(&name, &params, &Patch::Apply(&intent)).await?;
-            if !was_injected {
-                report.newly_injected.push(label.clone());
-            }
-            report.selected.push(label.clone());
-            report.injected.push(label);
-            let pods = workload.pod_selector().cloned().map(Selector::try_from);
-            if let Some(Ok(pods)) = pods {
-                report.pod_selectors.push(pods);
-            }
-        } else if was_injected && !others.iter().any(|other| other.matches(&labels)) {
-            release(&api, &name, W::KIND).await?;
-            report.removed.push(label);
-        }
-    }
-    Ok(())
-}
-
-/// Releases the sidecar of every workload of kind `W` no other SnapshotCache chooses.
-async fn release_all<W: Workload>(
-    ctx: &Context,
-    namespace: &str,
-    others: &[Selector],
-) -> Result<Vec<String>, Error> {
-    let api: Api<W> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut removed = Vec::new();
-    for workload in api.list(&ListParams::default()).await? {
-        let injected = workload.template().is_some_and(inject::is_injected);
-        if injected && !others.iter().any(|other| other.matches(workload.labels())) {
-            release(&api, &workload.name_any(), W::KIND).await?;
-            removed.push(format!("{}/{}", W::KIND, workload.name_any()));
-        }
-    }
-    Ok(removed)
-}
-
-/// An empty apply: the operator gives up every field it owned, so the sidecar and its
-/// volume go and nothing another manager set is touched.
-async fn release<W: Workload>(api: &Api<W>, name: &str, kind: &str) -> Result<(), Error> {
-    let intent = json!({"apiVersion": "apps/v1", "kind": kind, "metadata": {"name": name}});
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&intent),
-    )
-    .await?;
-    Ok(())
-}
-
-/// The selectors of the namespace's other SnapshotCaches (invalid ones select nothing).
-async fn other_selectors(
-    ctx: &Context,
-    cache: &SnapshotCache,
-    namespace: &str,
-) -> Result<Vec<Selector>, Error> {
-    let caches: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), namespace);
-    Ok(caches
-        .list(&ListParams::default())
-        .await?
-        .into_iter()
-        .filter(|other| {
-            other.name_any() != cache.name_any() && other.meta().deletion_timestamp.is_none()
-        })
-        .filter_map(|other| Selector::try_from(other.spec.selector).ok())
-        .collect())
 }
 
 /// A status condition as the operator writes it; the transition time comes from the
@@ -431,7 +314,7 @@ async fn set_status(
     ctx: &Context,
     cache: &SnapshotCache,
     conditions: &[Condition],
-    report: &Report,
+    census: &Census,
 ) -> Result<(), Error> {
     let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -462,8 +345,8 @@ async fn set_status(
         "status": {
             "observedGeneration": cache.metadata.generation,
             "conditions": conditions,
-            "selected": report.selected.len(), "injected": report.injected.len(),
-            "selectedWorkloads": report.selected, "injectedWorkloads": report.injected,
+            "selected": census.selected.len(), "injected": census.injected.len(),
+            "podsNeedingRestart": census.need_restart.iter().take(NAMES_LISTED).collect::<Vec<_>>(),
         }
     });
     api.patch_status(
@@ -488,22 +371,29 @@ async fn publish(ctx: &Context, cache: &SnapshotCache, type_: EventType, reason:
     }
 }
 
-/// The SnapshotCaches of a workload's namespace that select it, or that may have
-/// injected it before its labels changed.
-fn caches_for(
+/// The SnapshotCaches of the namespace of a pod with `labels` that select it.
+fn caches_selecting(
     store: &Store<SnapshotCache>,
     namespace: Option<String>,
     labels: &BTreeMap<String, String>,
-    injected: bool,
+) -> Vec<ObjectRef<SnapshotCache>> {
+    store
+        .state()
+        .iter()
+        .filter(|cache| cache.namespace() == namespace && admission::selects(cache, labels))
+        .map(|cache| ObjectRef::from_obj(cache.as_ref()))
+        .collect()
+}
+
+/// Every SnapshotCache of `namespace`: one appearing or going changes who wins a pod.
+fn caches_of(
+    store: &Store<SnapshotCache>,
+    namespace: Option<String>,
 ) -> Vec<ObjectRef<SnapshotCache>> {
     store
         .state()
         .iter()
         .filter(|cache| cache.namespace() == namespace)
-        .filter(|cache| {
-            injected
-                || Selector::try_from(cache.spec.selector.clone()).is_ok_and(|s| s.matches(labels))
-        })
         .map(|cache| ObjectRef::from_obj(cache.as_ref()))
         .collect()
 }
@@ -514,10 +404,11 @@ pub async fn run(ctx: Arc<Context>) {
     let controller = Controller::new(
         Api::<SnapshotCache>::all(client.clone()),
         watcher::Config::default(),
-    );
-    let (deployments, stateful_sets) = (controller.store(), controller.store());
-    let (deployments_synced, deployments_listed) = oneshot::channel();
-    let (stateful_sets_synced, stateful_sets_listed) = oneshot::channel();
+    )
+    // A rollout changes many pods at once: one reconcile for the burst.
+    .with_config(kube_controller::Config::default().debounce(Duration::from_millis(500)));
+    let (pod_store, neighbour_store) = (controller.store(), controller.store());
+    let (pods_synced, pods_listed) = oneshot::channel();
     let (ready_store, metrics) = (controller.store(), ctx.metrics.clone());
     tokio::spawn(async move {
         // A waiter that starts before the SnapshotCache watch's first list is not always
@@ -526,24 +417,23 @@ pub async fn run(ctx: Arc<Context>) {
             .await
             .is_err()
         {}
-        if deployments_listed.await.is_ok() && stateful_sets_listed.await.is_ok() {
+        if pods_listed.await.is_ok() {
             metrics.set_ready();
         }
     });
+    // Labels are all the pod watch needs: metadata only, so a big cluster costs little.
+    let pods = watcher(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        watcher::Config::default(),
+    );
     controller
-        .watches_stream(
-            workload_watch(Api::<Deployment>::all(client.clone()), deployments_synced),
-            move |d| {
-                let injected = d.template().is_some_and(inject::is_injected);
-                caches_for(&deployments, d.namespace(), d.labels(), injected)
-            },
-        )
-        .watches_stream(
-            workload_watch(Api::<StatefulSet>::all(client), stateful_sets_synced),
-            move |s| {
-                let injected = s.template().is_some_and(inject::is_injected);
-                caches_for(&stateful_sets, s.namespace(), s.labels(), injected)
-            },
+        .watches_stream(signal_first_list(pods, pods_synced), move |pod| {
+            caches_selecting(&pod_store, pod.namespace(), pod.labels())
+        })
+        .watches(
+            Api::<SnapshotCache>::all(client),
+            watcher::Config::default(),
+            move |cache| caches_of(&neighbour_store, cache.namespace()),
         )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -555,17 +445,17 @@ pub async fn run(ctx: Arc<Context>) {
         .await;
 }
 
-/// The objects of `api` as they change, for `watches_stream`; `synced` fires once the
+/// The objects of a watch as they change, for `watches_stream`; `synced` fires once the
 /// first list is complete, which readiness waits for.
-fn workload_watch<K>(
-    api: Api<K>,
+fn signal_first_list<K>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     synced: oneshot::Sender<()>,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K: Resource + Clone + std::fmt::Debug + Send + 'static,
 {
     let mut synced = Some(synced);
-    watcher(api, watcher::Config::default())
+    events
         .inspect_ok(move |event| {
             if matches!(event, watcher::Event::InitDone)
                 && let Some(synced) = synced.take()
@@ -594,11 +484,38 @@ mod tests {
         let errors = [
             Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded),
             Error::NoNamespace,
-            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::UnnamedObject)),
         ];
         for error in errors {
             assert!(Error::REASONS.contains(&error.reason()), "{error}");
         }
+    }
+
+    #[test]
+    fn long_lists_of_pods_name_twenty_then_count_the_rest() {
+        let pods: Vec<String> = (0..23).map(|n| format!("p{n:02}")).collect();
+        assert_eq!(listed(&pods[..2]), "p00, p01");
+        let long = listed(&pods);
+        assert!(
+            long.starts_with("p00, p01,") && long.ends_with("p19 and 3 more"),
+            "{long}"
+        );
+    }
+
+    #[test]
+    fn the_overlap_condition_names_the_older_cache_and_its_pods() {
+        let none = overlap_condition(&BTreeMap::new());
+        assert_eq!((none.status, none.reason), ("False", "NoOverlap"));
+        let taken = BTreeMap::from([("older".to_owned(), vec!["a".to_owned(), "b".to_owned()])]);
+        let overlap = overlap_condition(&taken);
+        assert_eq!(
+            (overlap.status, overlap.reason),
+            ("True", "OlderSnapshotCacheWins")
+        );
+        assert!(
+            overlap.message.contains("a, b by older"),
+            "{}",
+            overlap.message
+        );
     }
 
     #[test]

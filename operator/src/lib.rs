@@ -1,13 +1,15 @@
-//! snapcache operator: reconciles `SnapshotCache` resources into sidecars
-//! injected into the selected workloads.
+//! snapcache operator: injects the sidecar a `SnapshotCache` describes into the pods it
+//! selects, at their creation (the admission webhook), and reports on them in its status.
 
 pub mod admission;
 pub mod api;
 pub mod bucket_health;
+pub mod census;
 pub mod certificates;
 pub mod cli;
 pub mod controller;
 pub mod inject;
 pub mod lease;
 pub mod metrics;
+pub mod upgrade;
 pub mod webhook;

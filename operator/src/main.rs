@@ -23,20 +23,42 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => match tokio::runtime::Runtime::new() {
-            Ok(runtime) => match runtime.block_on(run(*args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    ExitCode::FAILURE
-                }
-            },
+        Command::Run(args) => block_on(run(*args)),
+        Command::ReleaseWorkloads => block_on(release_workloads()),
+    }
+}
+
+fn block_on(work: impl Future<Output = Result<(), String>>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => match runtime.block_on(work) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("error: cannot start the async runtime: {err}");
+                eprintln!("error: {err}");
                 ExitCode::FAILURE
             }
         },
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+async fn release_workloads() -> Result<(), String> {
+    let client = connect().await?;
+    let released = snapcache_operator::upgrade::release_workloads(&client)
+        .await
+        .map_err(|e| {
+            format!("releasing what the previous version patched (it is safe to run again): {e}")
+        })?;
+    println!("released {released} objects");
+    Ok(())
+}
+
+async fn connect() -> Result<kube::Client, String> {
+    kube::Client::try_default()
+        .await
+        .map_err(|e| format!("connecting to the cluster (KUBECONFIG or in-cluster): {e}"))
 }
 
 async fn run(args: RunArgs) -> Result<(), String> {
@@ -47,9 +69,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let client = kube::Client::try_default()
-        .await
-        .map_err(|e| format!("connecting to the cluster (KUBECONFIG or in-cluster): {e}"))?;
+    let client = connect().await?;
     let version = client
         .apiserver_version()
         .await
@@ -115,6 +135,7 @@ async fn start_webhook(
         secret: args.webhook_secret.clone(),
         service: args.webhook_service.clone(),
         webhook_configuration: args.webhook_configuration.clone(),
+        extra_hosts: args.webhook_hosts.clone(),
         lifetime: args.webhook_certificate_lifetime,
     };
     let resolver = std::sync::Arc::new(certificates::Resolver::default());

@@ -39,7 +39,7 @@ impl Metrics {
         let errors = IntCounterVec::new(
             Opts::new(
                 "snapcache_operator_reconcile_errors_total",
-                "Failed reconciles by reason (kube_api, finalizer, no_namespace).",
+                "Failed reconciles by reason (kube_api, no_namespace).",
             ),
             &["reason"],
         )?;

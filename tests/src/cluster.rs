@@ -13,33 +13,7 @@ use crate::{TestEnv, within};
 /// (no kube-proxy here), and `extra_values` (YAML lines). Returns once the operator pod is
 /// Ready, with its name.
 pub async fn install_chart(client: &kube::Client, namespace: &str, extra_values: &str) -> String {
-    let env = TestEnv::get();
-    let api = env.require("CLUSTER_APISERVER");
-    let api_port = api.rsplit(':').next().expect("API server port");
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/snapcache");
-    let values = format!(
-        "image: {{pullPolicy: Never}}\n\
-         extraEnv:\n\
-         - {{name: KUBERNETES_SERVICE_HOST, value: \"{}\"}}\n\
-         - {{name: KUBERNETES_SERVICE_PORT, value: \"{api_port}\"}}\n\
-         {extra_values}",
-        env.require("CLUSTER_NODE_IP")
-    );
-    let values_file = tempfile::NamedTempFile::new().expect("values file");
-    std::fs::write(values_file.path(), values).expect("write values");
-    let installed = std::process::Command::new(env.require("HELM"))
-        .args(["install", "snapcache"])
-        .arg(&chart)
-        .args(["-n", namespace, "-f"])
-        .arg(values_file.path())
-        .env("KUBECONFIG", env.require("CLUSTER_KUBECONFIG"))
-        .output()
-        .expect("run helm");
-    assert!(
-        installed.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&installed.stderr)
-    );
+    helm(&["install", "snapcache"], namespace, extra_values);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let operator = within(
         Duration::from_secs(120),
@@ -54,6 +28,44 @@ pub async fn install_chart(client: &kube::Client, namespace: &str, extra_values:
     )
     .await;
     operator.metadata.name.expect("pod name")
+}
+
+/// `helm upgrade snapcache` of the same chart with the same values, which runs the chart's
+/// post-upgrade hook; returns once helm has waited for the hook.
+pub fn upgrade_chart(namespace: &str, extra_values: &str) {
+    helm(&["upgrade", "snapcache"], namespace, extra_values);
+}
+
+/// `helm COMMAND... <chart> -n namespace` with the values `install_chart` explains.
+fn helm(command: &[&str], namespace: &str, extra_values: &str) {
+    let env = TestEnv::get();
+    let api = env.require("CLUSTER_APISERVER");
+    let api_port = api.rsplit(':').next().expect("API server port");
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/snapcache");
+    let values = format!(
+        "image: {{pullPolicy: Never}}\n\
+         extraEnv:\n\
+         - {{name: KUBERNETES_SERVICE_HOST, value: \"{}\"}}\n\
+         - {{name: KUBERNETES_SERVICE_PORT, value: \"{api_port}\"}}\n\
+         {extra_values}",
+        env.require("CLUSTER_NODE_IP")
+    );
+    let values_file = tempfile::NamedTempFile::new().expect("values file");
+    std::fs::write(values_file.path(), values).expect("write values");
+    let run = std::process::Command::new(env.require("HELM"))
+        .args(command)
+        .arg(&chart)
+        .args(["-n", namespace, "-f"])
+        .arg(values_file.path())
+        .env("KUBECONFIG", env.require("CLUSTER_KUBECONFIG"))
+        .output()
+        .expect("run helm");
+    assert!(
+        run.status.success(),
+        "helm {command:?}: {}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
 }
 
 /// Whether `pod` carries the sidecar as a regular container (this 1.20 cluster has no

@@ -8,8 +8,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::prometheus::Prometheus;
@@ -249,23 +251,26 @@ fn start_operator(
     (Process(child), format!("http://{admin}"))
 }
 
-/// A Deployment `builder` and a SnapshotCache selecting it, in `namespace`.
+/// A running pod `builder-0` (the test writes the status a kubelet would) and, created
+/// after it, a SnapshotCache selecting it, in `namespace`.
 async fn create_workload(client: &kube::Client, namespace: &str) {
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "builder", "labels": {"app": "builder"}},
-        "spec": {
-            "selector": {"matchLabels": {"app": "builder"}},
-            "template": {
-                "metadata": {"labels": {"app": "builder"}},
-                "spec": {"containers": [{"name": "build", "image": "builder:1"}]}
-            }
-        }
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "builder-0", "labels": {"app": "builder"}},
+        "spec": {"containers": [{"name": "build", "image": "builder:1"}]}
     }))
-    .expect("deployment");
-    Api::<Deployment>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &deployment)
+    .expect("pod");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    pods.create(&PostParams::default(), &pod)
         .await
-        .expect("create deployment");
+        .expect("create pod");
+    let running = json!({"status": {"phase": "Running"}});
+    pods.patch_status(
+        "builder-0",
+        &PatchParams::default(),
+        &Patch::Merge(&running),
+    )
+    .await
+    .expect("pod status");
     let cache: SnapshotCache = serde_json::from_value(json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
         "metadata": {"name": "monorepo"},
@@ -278,12 +283,27 @@ async fn create_workload(client: &kube::Client, namespace: &str) {
         .expect("create cache");
 }
 
-fn injected(deployment: &Deployment) -> bool {
-    deployment
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.template.spec.as_ref())
-        .is_some_and(|pod| pod.containers.iter().any(|c| c.name == "snapcache-sidecar"))
+/// What `kubectl auth can-i VERB RESOURCE --as=USER` asks: a SubjectAccessReview.
+async fn can_i(
+    client: &kube::Client,
+    user: &str,
+    groups: &[&str],
+    verb: &str,
+    group: &str,
+    resource: &str,
+) -> bool {
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {
+            "user": user, "groups": groups,
+            "resourceAttributes": {"verb": verb, "group": group, "resource": resource, "namespace": "any"},
+        }
+    }))
+    .expect("review");
+    let answer = Api::<SubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SubjectAccessReview");
+    answer.status.is_some_and(|status| status.allowed)
 }
 
 /// `helm install`, then the operator started exactly as the chart's Deployment says
@@ -315,13 +335,14 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
     let container = &pod.containers[0];
     let service_account = pod.service_account_name.expect("service account");
     // The chart's args, but the admin port on loopback; the downward API by hand.
-    let args: Vec<String> = container
+    let mut args: Vec<String> = container
         .args
         .iter()
         .flatten()
-        .filter(|arg| !arg.starts_with("--admin-listen"))
+        .filter(|arg| !arg.starts_with("--admin-listen") && !arg.starts_with("--webhook-listen"))
         .cloned()
         .collect();
+    args.push(format!("--webhook-listen={}", free_addr()));
     let mut vars = vec![
         ("POD_NAME".to_owned(), "snapcache-0".to_owned()),
         ("POD_NAMESPACE".to_owned(), release_namespace.clone()),
@@ -342,24 +363,51 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
     let kubeconfig = env.kubeconfig_as(&user, &groups).expect("kubeconfig");
     let (_operator, admin) = start_operator(kubeconfig.path(), &args, &vars);
 
+    // The chart gives the operator no write access to workloads or pods: the webhook
+    // changes pods inside the API server's admission, which takes no RBAC.
+    let writes = ["create", "update", "patch", "delete", "deletecollection"];
+    let workload_kinds = [
+        ("apps", "deployments"),
+        ("apps", "statefulsets"),
+        ("apps", "daemonsets"),
+        ("apps", "replicasets"),
+        ("batch", "jobs"),
+        ("batch", "cronjobs"),
+        ("", "pods"),
+    ];
+    for (group, resource) in workload_kinds {
+        for verb in writes {
+            assert!(
+                !can_i(&client, &user, &groups, verb, group, resource).await,
+                "the chart lets the operator {verb} {resource}"
+            );
+        }
+    }
+    for (verb, group, resource) in [
+        ("watch", "", "pods"),
+        ("get", "", "namespaces"),
+        ("patch", "snapcache.io", "snapshotcaches/status"),
+    ] {
+        assert!(
+            can_i(&client, &user, &groups, verb, group, resource).await,
+            "the chart does not let the operator {verb} {resource}"
+        );
+    }
+
     let workloads = create_namespace(&client, "chart-workloads").await;
     create_workload(&client, &workloads).await;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &workloads);
-    eventually("the injected sidecar", async || {
-        injected(&deployments.get("builder").await.ok()?).then_some(())
-    })
-    .await;
     let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &workloads);
-    eventually("Ready status", async || {
+    let status = eventually("the status counting the running pod", async || {
         let status = caches.get("monorepo").await.ok()?.status?;
-        status
+        let ready = status
             .conditions
             .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-            .then_some(())
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && status.selected == 1).then_some(status)
     })
     .await;
-    // No kubelet runs the pods here; that the operator could look for them is the point.
+    assert_eq!(status.pods_needing_restart, vec!["builder-0".to_owned()]);
+    // No sidecar runs here; that the operator could look for one is the point.
     let bucket = eventually("the BucketReadable condition", async || {
         let status = caches.get("monorepo").await.ok()?.status?;
         status

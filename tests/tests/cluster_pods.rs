@@ -4,16 +4,20 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, LogParams, Patch, PatchParams,
+    PostParams,
+};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::Digest;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{bare_pod, has_sidecar, install_chart, ready};
+use snapcache_tests::cluster::{bare_pod, has_sidecar, install_chart, ready, upgrade_chart};
 use snapcache_tests::prometheus::{Prometheus, documented_scrape_configs};
 use snapcache_tests::sidecar::{binary, free_addr};
 use snapcache_tests::{
@@ -33,28 +37,89 @@ fn sidecar_image() -> String {
     )
 }
 
-/// `snapcache-operator run` on the host against the cluster, killed when dropped.
-struct Operator(std::process::Child);
+/// `snapcache-operator run` on the host against the cluster, killed when dropped. Its
+/// webhook listens on loopback, where the API server (on this host too) calls it by URL
+/// through a MutatingWebhookConfiguration of its own that only `namespace` reaches.
+struct Operator {
+    process: std::process::Child,
+    configuration: String,
+}
 
 impl Operator {
-    fn start(kubeconfig: &str) -> Operator {
-        let child = std::process::Command::new(binary("snapcache-operator"))
+    async fn start(client: &Client, namespace: &str) -> Operator {
+        let configuration = unique_name("host-webhook");
+        let webhook = free_addr();
+        let admin = free_addr();
+        // Fail, not Ignore: a pod created before the webhook answers is refused and
+        // retried by its controller, rather than admitted without the sidecar.
+        let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": configuration},
+            "webhooks": [{
+                "name": "pods.snapcache.io",
+                "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "timeoutSeconds": 5, "failurePolicy": "Fail", "reinvocationPolicy": "IfNeeded",
+                "clientConfig": {"url": format!("https://{webhook}/mutate")},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                           "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {"snapcache.io/test-webhook": configuration}},
+            }]
+        }))
+        .expect("webhook configuration");
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &mutating)
+            .await
+            .expect("create the webhook configuration");
+        let label = json!({"metadata": {"labels": {"snapcache.io/test-webhook": configuration}}});
+        Api::<Namespace>::all(client.clone())
+            .patch(namespace, &PatchParams::default(), &Patch::Merge(&label))
+            .await
+            .expect("label the namespace");
+        let process = std::process::Command::new(binary("snapcache-operator"))
             .args(["run", "--sidecar-image", &sidecar_image()])
-            .args(["--admin-listen", &free_addr().to_string()])
-            .env("KUBECONFIG", kubeconfig)
+            .arg(format!("--admin-listen={admin}"))
+            .args(["--webhook", &format!("--webhook-listen={webhook}")])
+            .arg(format!("--webhook-host={}", webhook.ip()))
+            .arg(format!("--webhook-secret={configuration}"))
+            .arg(format!("--webhook-configuration={configuration}"))
+            .arg(format!("--lease-namespace={namespace}"))
+            .env("KUBECONFIG", TestEnv::get().require("CLUSTER_KUBECONFIG"))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start snapcache-operator");
-        Operator(child)
+        let operator = Operator {
+            process,
+            configuration,
+        };
+        // The webhook serves before the controller starts, so a ready operator admits.
+        within(
+            Duration::from_secs(60),
+            "the host operator ready",
+            async || {
+                let response = reqwest::get(format!("http://{admin}/readyz")).await.ok()?;
+                response.status().is_success().then_some(())
+            },
+        )
+        .await;
+        operator
+    }
+
+    /// Stops the process and removes its webhook configuration.
+    async fn stop(mut self, client: &Client) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .delete(&self.configuration, &Default::default())
+            .await
+            .expect("delete the webhook configuration");
     }
 }
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 }
 
@@ -97,7 +162,7 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
         .create(&PostParams::default(), &cache)
         .await
         .expect("create snapshot cache");
-    let _operator = Operator::start(env.require("CLUSTER_KUBECONFIG"));
+    let operator = Operator::start(&client, &namespace).await;
 
     let url = format!("http://127.0.0.1:8765/git/{REPO}/snapshot.tar.zst");
     let script = format!(
@@ -155,15 +220,37 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
         read.as_secs_f64()
     );
 
-    // Deleting the SnapshotCache rolls the workload back to pods without the sidecar.
+    // Deleting the SnapshotCache changes no running pod; the next rollout's pods come
+    // without the sidecar.
     let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
     caches
         .delete("reader", &Default::default())
         .await
         .expect("delete the SnapshotCache");
     within(
+        Duration::from_secs(30),
+        "the SnapshotCache gone",
+        async || {
+            matches!(caches.get("reader").await, Err(kube::Error::Api(e)) if e.code == 404)
+                .then_some(())
+        },
+    )
+    .await;
+    let still = pods.get(&name).await.expect("the injected pod");
+    assert!(
+        still.metadata.deletion_timestamp.is_none() && has_sidecar(&still),
+        "the running pod keeps its sidecar"
+    );
+    let restart = json!({"spec": {"template": {"metadata": {"annotations": {
+        "kubectl.kubernetes.io/restartedAt": unique_name("restart"),
+    }}}}});
+    Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .patch("reader", &PatchParams::default(), &Patch::Merge(&restart))
+        .await
+        .expect("restart the rollout");
+    within(
         Duration::from_secs(120),
-        "only running pods without the sidecar, and the SnapshotCache gone",
+        "after the restart, only running pods without the sidecar",
         async || {
             let listed = pods
                 .list(&ListParams::default().labels("app=reader"))
@@ -174,12 +261,11 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
                     .items
                     .iter()
                     .all(|pod| !has_sidecar(pod) && ready(pod, "app"));
-            let gone =
-                matches!(caches.get("reader").await, Err(kube::Error::Api(e)) if e.code == 404);
-            (settled && gone).then_some(())
+            settled.then_some(())
         },
     )
     .await;
+    operator.stop(&client).await;
 }
 
 /// `helm install` of the chart, unchanged but for values: the operator runs as a pod from
@@ -228,31 +314,10 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     );
     cache_and_workload(&client, &namespace, "builder", s3, json!({}), &script).await;
     let workload_pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    // The webhook injects the first pod and the operator then patches the Deployment,
-    // which rolls it once: wait for that rollout to finish, so the pod stays.
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    within(
-        Duration::from_secs(120),
-        "the builder Deployment rolled out with the sidecar in its template",
-        async || {
-            let deployment = deployments.get("builder").await.ok()?;
-            let injected = deployment
-                .spec
-                .as_ref()
-                .is_some_and(|spec| snapcache_operator::inject::is_injected(&spec.template));
-            let status = deployment.status.as_ref()?;
-            let settled = status.observed_generation == deployment.metadata.generation
-                && status.replicas == Some(1)
-                && status.updated_replicas == Some(1)
-                && status.ready_replicas == Some(1);
-            (injected && settled).then_some(())
-        },
-    )
-    .await;
     let builder = pod_of(
         &workload_pods,
         "builder",
-        "a pod the operator pod injected, its sidecar ready",
+        "a pod the operator pod's webhook injected, its sidecar ready",
         |pod| {
             pod.metadata.deletion_timestamp.is_none()
                 && has_sidecar(pod)
@@ -362,10 +427,9 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         assert!(!has_sidecar(&pod), "{name} got the sidecar");
     }
 
-    // A DaemonSet's pod gets the sidecar from the webhook alone, a StatefulSet's too (the
-    // operator then also patches its template, and it rolls once). A Job's pod runs to
-    // completion: on this 1.20 cluster, without native sidecars, it gets no long-running
-    // container, and the Job finishes.
+    // A DaemonSet's pod gets the sidecar from the webhook, a StatefulSet's too. A Job's
+    // pod, and a CronJob's Job's, run to completion: on this 1.20 cluster, without native
+    // sidecars, they get no long-running container, and the Jobs finish.
     let template = |script: &str, restart: &str| {
         json!({
             "metadata": {"labels": {"app": "builder"}},
@@ -402,6 +466,29 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     jobs.create(&PostParams::default(), &job)
         .await
         .expect("create the Job");
+    // batch/v1beta1: this 1.20 API server has no batch/v1 CronJob. Every minute: its first
+    // Job starts at the next minute boundary, checked at the end of this test.
+    let cron_jobs: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &namespace,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("batch", "v1beta1", "CronJob"),
+            "cronjobs",
+        ),
+    );
+    let cron_job: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "batch/v1beta1", "kind": "CronJob",
+        "metadata": {"name": "nightly"},
+        "spec": {
+            "schedule": "* * * * *", "concurrencyPolicy": "Forbid",
+            "jobTemplate": {"spec": {"backoffLimit": 0, "template": template("echo done", "Never")}},
+        }
+    }))
+    .expect("cron job");
+    cron_jobs
+        .create(&PostParams::default(), &cron_job)
+        .await
+        .expect("create the CronJob");
     let mut store = template("exec sleep 1000000", "Always");
     store["metadata"]["labels"]["role"] = json!("store");
     let stateful_set: StatefulSet = serde_json::from_value(json!({
@@ -482,6 +569,19 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         answered.1.is_some_and(|n| n >= 1.0),
         "the unselected pod was answered: {answered:?}"
     );
+    // The status counts the running pods the SnapshotCache selects: the Deployment's, the
+    // bare one, the DaemonSet's and the StatefulSet's, all injected (the opted-out pod and
+    // the finished Job's do not count).
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    within(
+        Duration::from_secs(60),
+        "the SnapshotCache's status: 4 of 4 running pods injected",
+        async || {
+            let status = caches.get("builder").await.ok()?.status?;
+            (status.selected == 4 && status.injected == 4).then_some(())
+        },
+    )
+    .await;
 
     // Renewal: with a 45 s certificate the operator renews every ~30 s. Pods created (dry
     // run: admitted, never stored) until the Secret shows a new certificate all get the
@@ -574,6 +674,69 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         },
     )
     .await;
+
+    // The CronJob's first Job (scheduled at a minute boundary since it was created).
+    let scheduled = within(
+        Duration::from_secs(150),
+        "a Job of the CronJob to succeed",
+        async || {
+            let listed = jobs.list(&ListParams::default()).await.ok()?;
+            listed.items.into_iter().find(|job| {
+                job.owner_references().iter().any(|o| o.kind == "CronJob")
+                    && job.status.as_ref().and_then(|s| s.succeeded) == Some(1)
+            })
+        },
+    )
+    .await;
+    let scheduled_pods = workload_pods
+        .list(&ListParams::default().labels(&format!("job-name={}", scheduled.name_any())))
+        .await
+        .expect("the scheduled Job's pods");
+    assert!(
+        !scheduled_pods.items.is_empty() && scheduled_pods.items.iter().all(|p| !has_sidecar(p)),
+        "the CronJob's pod carries no long-running sidecar"
+    );
+
+    // Upgrading from the version that patched workloads: a Deployment as it left it (its
+    // server-side apply of the sidecar) loses the sidecar in the chart's post-upgrade hook.
+    let legacy = busybox_deployment("legacy", "exec sleep 1000000");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    deployments
+        .create(&PostParams::default(), &legacy)
+        .await
+        .expect("create the legacy Deployment");
+    let legacy_cache = caches.get("builder").await.expect("the SnapshotCache");
+    let environment = snapcache_operator::inject::Environment {
+        default_image: &sidecar_image(),
+        native_sidecars: false,
+    };
+    let old_intent = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "legacy"},
+        "spec": {"template": {"spec": {
+            "containers": [snapcache_operator::inject::sidecar_container(&legacy_cache.spec, &environment)],
+            "volumes": [snapcache_operator::inject::disk_volume(&legacy_cache.spec)],
+        }}},
+    });
+    deployments
+        .patch(
+            "legacy",
+            &PatchParams::apply(snapcache_operator::controller::FIELD_MANAGER).force(),
+            &Patch::Apply(&old_intent),
+        )
+        .await
+        .expect("apply the sidecar as the previous version did");
+    upgrade_chart(&release_namespace, "webhook: {certificateLifetime: 45s}\n");
+    let released = deployments
+        .get("legacy")
+        .await
+        .expect("the legacy Deployment");
+    let template = released.spec.expect("spec").template;
+    assert!(
+        !snapcache_operator::inject::is_injected(&template),
+        "the post-upgrade hook removed the sidecar"
+    );
+    let containers = template.spec.expect("pod spec").containers;
+    assert_eq!(containers.len(), 1, "the app container stays");
 }
 
 /// The chart README's scrape configs, pointed at this cluster's API server (Prometheus runs
@@ -767,7 +930,7 @@ async fn wrong_credentials_a_missing_bucket_and_a_missing_image_each_say_so_and_
     })
     .await;
 
-    let _operator = Operator::start(env.require("CLUSTER_KUBECONFIG"));
+    let operator = Operator::start(&client, &namespace).await;
     cache_and_reader(
         &client,
         &namespace,
@@ -850,4 +1013,5 @@ async fn wrong_credentials_a_missing_bucket_and_a_missing_image_each_say_so_and_
         "the bystander was never replaced"
     );
     assert!(!has_sidecar(&now.items[0]) && ready(&now.items[0], "app"));
+    operator.stop(&client).await;
 }

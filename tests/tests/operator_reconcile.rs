@@ -1,5 +1,6 @@
-//! The operator against the real kube-apiserver 1.20: SnapshotCaches become sidecars in
-//! the Deployments they select, follow spec and label changes, and go away on delete.
+//! The operator against the real kube-apiserver 1.20: each SnapshotCache's status counts
+//! the pods it selects and the ones carrying its sidecar, leadership moves between
+//! replicas, and the upgrade hook removes what the previous version patched in.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -13,11 +14,15 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::jiff::SignedDuration;
 use kube::Client;
+use kube::ResourceExt;
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use serde_json::json;
-use snapcache_operator::api::SnapshotCache;
+use snapcache_operator::api::{SnapshotCache, SnapshotCacheStatus};
+use snapcache_operator::controller::FIELD_MANAGER;
+use snapcache_operator::inject::{self, Environment};
+use snapcache_operator::upgrade::LEGACY_FINALIZER;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, binary};
 use snapcache_tests::{
     S3Server, TestEnv, create_bucket, create_namespace, eventually, install_snapshot_cache_crd,
@@ -95,34 +100,33 @@ async fn setup() -> (Client, String) {
     (client, namespace)
 }
 
-/// Deployment `builder` (label app=builder) with one container, as another manager made it.
-async fn create_builder(deployments: &Api<Deployment>) {
-    let deployment: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "builder", "labels": {"app": "builder"}},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": "builder"}},
-            "template": {
-                "metadata": {"labels": {"app": "builder"}},
-                "spec": {"containers": [{"name": "build", "image": "builder:1"}]}
-            }
-        }
+/// Pod `name` labelled app=builder, with the sidecar or without, running as far as its
+/// status says (no kubelet runs here: the test writes what one would).
+async fn create_running_pod(pods: &Api<Pod>, name: &str, sidecar: bool) {
+    let mut containers = vec![json!({"name": "build", "image": "builder:1"})];
+    if sidecar {
+        containers.push(json!({"name": SIDECAR, "image": "snapcache/sidecar:test"}));
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": "builder"}},
+        "spec": {"containers": containers}
     }))
-    .expect("deployment");
-    deployments
-        .create(&PostParams::default(), &deployment)
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
         .await
-        .expect("create deployment");
+        .expect("create pod");
+    let status = json!({"status": {"phase": "Running"}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
 }
 
-/// SnapshotCache `monorepo` selecting app=builder.
-async fn create_cache(caches: &Api<SnapshotCache>) {
+/// SnapshotCache `name` selecting app=builder.
+async fn create_cache_named(caches: &Api<SnapshotCache>, name: &str) {
     let cache: SnapshotCache = serde_json::from_value(json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
-        "metadata": {"name": "monorepo"},
-        "spec": {"selector": {"matchLabels": {"app": "builder"}}, "s3": {"bucket": "snapshots"},
-                 "sidecar": {"parallelGetWorkers": 4}}
+        "metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": {"app": "builder"}}, "s3": {"bucket": "snapshots"}}
     }))
     .expect("snapshot cache");
     caches
@@ -131,16 +135,20 @@ async fn create_cache(caches: &Api<SnapshotCache>) {
         .expect("create snapshot cache");
 }
 
-/// Waits for a Warning event with `reason` whose note contains `note`.
-async fn warning_event(client: &Client, namespace: &str, reason: &str, note: &str) {
+async fn create_cache(caches: &Api<SnapshotCache>) {
+    create_cache_named(caches, "monorepo").await;
+}
+
+/// Waits for an event with `reason` whose note contains `note`.
+async fn event(client: &Client, namespace: &str, type_: &str, reason: &str, note: &str) {
     let events: Api<Event> = Api::namespaced(client.clone(), namespace);
-    eventually(&format!("a {reason} warning event"), async || {
+    eventually(&format!("a {reason} event"), async || {
         let list = events.list(&ListParams::default()).await.ok()?;
         list.items
             .iter()
             .any(|e| {
                 e.reason.as_deref() == Some(reason)
-                    && e.type_.as_deref() == Some("Warning")
+                    && e.type_.as_deref() == Some(type_)
                     && e.note.as_deref().is_some_and(|text| text.contains(note))
             })
             .then_some(())
@@ -148,63 +156,108 @@ async fn warning_event(client: &Client, namespace: &str, reason: &str, note: &st
     .await;
 }
 
-fn sidecar_args(deployment: &Deployment) -> Option<Vec<String>> {
-    let pod = deployment.spec.as_ref()?.template.spec.as_ref()?;
-    pod.containers
+async fn warning_event(client: &Client, namespace: &str, reason: &str, note: &str) {
+    event(client, namespace, "Warning", reason, note).await;
+}
+
+/// Waits until SnapshotCache `name`'s status counts `selected` pods and `injected` of them.
+async fn counted(
+    caches: &Api<SnapshotCache>,
+    name: &str,
+    selected: i32,
+    injected: i32,
+) -> SnapshotCacheStatus {
+    eventually(
+        &format!("{name}: {injected} of {selected} selected pods injected"),
+        async || {
+            let status = caches.get(name).await.ok()?.status?;
+            (status.selected == selected && status.injected == injected).then_some(status)
+        },
+    )
+    .await
+}
+
+fn condition(status: &SnapshotCacheStatus, type_: &str) -> (String, String, String) {
+    let found = status
+        .conditions
         .iter()
-        .find(|c| c.name == SIDECAR)
-        .map(|c| c.args.clone().unwrap_or_default())
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status:?}"));
+    (
+        found.status.clone(),
+        found.reason.clone(),
+        found.message.clone(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_caches_become_sidecars_and_go_away_again() {
+async fn the_status_counts_the_selected_pods_and_names_those_needing_a_restart() {
     let (client, namespace) = setup().await;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
     let operator = Operator::start();
 
-    create_builder(&deployments).await;
+    // Running before the SnapshotCache existed: only a restart gives it the sidecar.
+    create_running_pod(&pods, "early", false).await;
     create_cache(&caches).await;
-
-    // Injected as a regular container: the API server is 1.20, before native sidecars.
-    let injected = eventually("the sidecar", async || {
-        let d = deployments.get("builder").await.ok()?;
-        sidecar_args(&d).map(|_| d)
-    })
+    let status = counted(&caches, "monorepo", 1, 0).await;
+    assert_eq!(status.pods_needing_restart, vec!["early".to_owned()]);
+    let (ready, _, message) = condition(&status, "Ready");
+    assert_eq!(ready, "True");
+    assert!(message.contains("1 need a restart"), "{message}");
+    event(
+        &client,
+        &namespace,
+        "Normal",
+        "PodsNeedRestart",
+        "Started before this SnapshotCache existed: early",
+    )
     .await;
-    let args = sidecar_args(&injected).unwrap_or_default();
-    assert!(
-        args.contains(&"--parallel-get-workers=4".to_owned()),
-        "{args:?}"
-    );
-    let spec = injected.spec.expect("spec");
-    assert_eq!(spec.replicas, Some(2), "fields of other managers stay");
-    let pod = spec.template.spec.expect("pod");
-    assert_eq!(pod.containers[0].image.as_deref(), Some("builder:1"));
 
-    let status = eventually("Ready status", async || {
-        let c = caches.get("monorepo").await.ok()?;
-        let status = c.status?;
-        let ready = status
+    // A pod the webhook injected (as a kubelet-less API server keeps it) is counted too.
+    create_running_pod(&pods, "injected", true).await;
+    counted(&caches, "monorepo", 2, 1).await;
+    // Relabelled out of the selector, the early pod stops counting.
+    let relabel = json!({"metadata": {"labels": {"app": "other"}}});
+    pods.patch("early", &PatchParams::default(), &Patch::Merge(&relabel))
+        .await
+        .expect("relabel");
+    let status = counted(&caches, "monorepo", 1, 1).await;
+    assert!(status.pods_needing_restart.is_empty(), "{status:?}");
+
+    // A second SnapshotCache selecting the same pods loses to the older one and says so.
+    create_cache_named(&caches, "newer").await;
+    let newer = eventually("the newer cache's SelectorOverlap condition", async || {
+        let status = caches.get("newer").await.ok()?.status?;
+        status
             .conditions
             .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        (ready && status.injected == 1).then_some(status)
+            .any(|c| c.type_ == "SelectorOverlap" && c.status == "True")
+            .then_some(status)
     })
     .await;
-    assert_eq!(
-        status.injected_workloads,
-        vec!["Deployment/builder".to_owned()]
+    let (_, reason, message) = condition(&newer, "SelectorOverlap");
+    assert_eq!(reason, "OlderSnapshotCacheWins");
+    assert!(message.contains("injected by monorepo"), "{message}");
+    assert_eq!((newer.selected, newer.injected), (0, 0));
+    let status = caches
+        .get("monorepo")
+        .await
+        .expect("cache")
+        .status
+        .expect("status");
+    assert_eq!(condition(&status, "SelectorOverlap").0, "False");
+    // The older one goes (no finalizer holds it): the newer one takes its pods over.
+    caches
+        .delete("monorepo", &DeleteParams::default())
+        .await
+        .expect("delete cache");
+    let newer = counted(&caches, "newer", 1, 1).await;
+    assert_eq!(condition(&newer, "SelectorOverlap").0, "False");
+    assert!(
+        caches.get_opt("monorepo").await.expect("get").is_none(),
+        "deleted at once"
     );
-    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
-    eventually("an Injected event", async || {
-        let list = events.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .any(|e| e.reason.as_deref() == Some("Injected"))
-            .then_some(())
-    })
-    .await;
 
     eventually("/readyz", async || {
         (operator.get("/readyz").await?.0 == 200).then_some(())
@@ -216,72 +269,126 @@ async fn snapshot_caches_become_sidecars_and_go_away_again() {
         "{metrics}"
     );
     assert!(metrics.contains("snapcache_operator_reconcile_duration_seconds_bucket"));
+}
 
-    // A spec change reaches the template.
-    let patch = json!({"spec": {"sidecar": {"parallelGetWorkers": 16}}});
-    caches
-        .patch("monorepo", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("patch cache");
-    eventually("the new worker count", async || {
-        let d = deployments.get("builder").await.ok()?;
-        sidecar_args(&d)?
-            .contains(&"--parallel-get-workers=16".to_owned())
-            .then_some(())
-    })
-    .await;
-
-    // Relabelled out of the selector: the sidecar goes.
-    let relabel = |app: &'static str| json!({"metadata": {"labels": {"app": app}}});
-    deployments
-        .patch(
-            "builder",
-            &PatchParams::default(),
-            &Patch::Merge(&relabel("other")),
-        )
-        .await
-        .expect("relabel");
-    eventually("the sidecar removed after relabelling", async || {
-        let d = deployments.get("builder").await.ok()?;
-        sidecar_args(&d).is_none().then_some(())
-    })
-    .await;
-    deployments
-        .patch(
-            "builder",
-            &PatchParams::default(),
-            &Patch::Merge(&relabel("builder")),
-        )
-        .await
-        .expect("relabel back");
-    eventually("the sidecar back", async || {
-        let d = deployments.get("builder").await.ok()?;
-        sidecar_args(&d).map(|_| ())
-    })
-    .await;
-
-    // Deleting the SnapshotCache removes every sidecar, then the finalizer lets it go.
-    caches
-        .delete("monorepo", &DeleteParams::default())
-        .await
-        .expect("delete cache");
-    eventually("the cache gone", async || {
-        caches
-            .get_opt("monorepo")
+/// The upgrade hook's command: what the previous version applied to a Deployment goes,
+/// every other manager's fields stay, and the old finalizer leaves the SnapshotCache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_workloads_removes_what_the_previous_version_patched_in() {
+    let (client, namespace) = setup().await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    for name in ["builder", "bystander"] {
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": {"app": name}},
+                    "spec": {"containers": [{"name": "build", "image": "builder:1"}]}
+                }
+            }
+        }))
+        .expect("deployment");
+        deployments
+            .create(&PostParams::default(), &deployment)
             .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await;
-    let d = deployments.get("builder").await.expect("deployment");
-    assert!(sidecar_args(&d).is_none(), "no sidecar after delete");
-    let pod = d.spec.and_then(|s| s.template.spec).expect("pod");
-    assert_eq!(pod.containers.len(), 1);
+            .expect("create deployment");
+    }
+    let cache: SnapshotCache = serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": "monorepo", "finalizers": [LEGACY_FINALIZER]},
+        "spec": {"selector": {"matchLabels": {"app": "builder"}}, "s3": {"bucket": "snapshots"}}
+    }))
+    .expect("snapshot cache");
+    let cache = caches
+        .create(&PostParams::default(), &cache)
+        .await
+        .expect("create snapshot cache");
+    // What the previous version's server-side apply sent.
+    let env = Environment {
+        default_image: "snapcache/sidecar:0.0.9",
+        native_sidecars: false,
+    };
+    let old_intent = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "builder"},
+        "spec": {"template": {"spec": {
+            "containers": [inject::sidecar_container(&cache.spec, &env)],
+            "volumes": [inject::disk_volume(&cache.spec)],
+        }}},
+    });
+    deployments
+        .patch(
+            "builder",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&old_intent),
+        )
+        .await
+        .expect("apply as the previous version did");
+    let template = |d: &Deployment| d.spec.clone().expect("spec").template;
+    let before = deployments.get("builder").await.expect("builder");
+    assert!(inject::is_injected(&template(&before)));
+    let bystander = deployments.get("bystander").await.expect("bystander");
+
+    let run = || {
+        Command::new(binary("snapcache-operator"))
+            .arg("release-workloads")
+            .env("KUBECONFIG", TestEnv::get().require("KUBECONFIG"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run release-workloads")
+    };
+    let first = run();
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "Deployment {namespace}/builder: removed the sidecar"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "SnapshotCache {namespace}/monorepo: removed finalizer"
+        )),
+        "{stdout}"
+    );
+    let after = deployments.get("builder").await.expect("builder");
+    let pod = template(&after).spec.expect("pod spec");
+    assert_eq!(pod.containers.len(), 1, "only the app container is left");
+    assert_eq!(pod.containers[0].image.as_deref(), Some("builder:1"));
     assert!(
         pod.volumes.unwrap_or_default().is_empty(),
         "the disk volume went too"
     );
+    assert_eq!(
+        after.spec.and_then(|s| s.replicas),
+        Some(2),
+        "other fields stay"
+    );
+    assert_eq!(
+        deployments
+            .get("bystander")
+            .await
+            .expect("bystander")
+            .metadata
+            .resource_version,
+        bystander.metadata.resource_version,
+        "a Deployment the old operator never patched is not touched"
+    );
+    let cache = caches.get("monorepo").await.expect("cache");
+    assert!(cache.finalizers().is_empty(), "{:?}", cache.finalizers());
+
+    // Again: nothing of this namespace left to do.
+    let second = run();
+    assert!(second.status.success());
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(!stdout.contains(&namespace), "{stdout}");
 }
 
 const LEASE: &str = "snapcache-operator";
@@ -322,7 +429,7 @@ async fn record(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_leader_election_one_replica_writes_and_another_takes_over() {
     let (client, namespace) = setup().await;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
     let replica = |identity: &'static str| {
         Operator::start_with(&[
@@ -350,12 +457,9 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
     let history = Arc::new(Mutex::new(vec![lease.clone()]));
     let recorder = record(&leases, &lease, history.clone()).await;
 
-    create_builder(&deployments).await;
+    create_running_pod(&pods, "builder-0", true).await;
     create_cache(&caches).await;
-    eventually("the sidecar from the leader", async || {
-        sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
-    })
-    .await;
+    counted(&caches, "monorepo", 1, 1).await;
 
     // The leader goes away; the follower takes the lease once it expires.
     let (old_leader, old_identity) = replicas.remove(leader);
@@ -399,18 +503,9 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
         Some(old.lease_transitions.unwrap_or(0) + 1),
         "one transition"
     );
-    let patch = json!({"spec": {"sidecar": {"parallelGetWorkers": 16}}});
-    caches
-        .patch("monorepo", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .expect("patch cache");
-    eventually("the new leader writing", async || {
-        let d = deployments.get("builder").await.ok()?;
-        sidecar_args(&d)?
-            .contains(&"--parallel-get-workers=16".to_owned())
-            .then_some(())
-    })
-    .await;
+    // Only the new leader can have written this.
+    create_running_pod(&pods, "builder-1", true).await;
+    counted(&caches, "monorepo", 2, 2).await;
 }
 
 /// A kube-apiserver (and etcd) of this test's own, so it can be stopped and restarted
@@ -536,14 +631,11 @@ async fn the_operator_recovers_from_an_api_server_restart() {
         &[],
         "info,kube_runtime::watcher=debug",
     );
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), "default");
-    create_builder(&deployments).await;
+    create_running_pod(&pods, "builder-0", true).await;
     create_cache(&caches).await;
-    eventually("the sidecar", async || {
-        sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
-    })
-    .await;
+    counted(&caches, "monorepo", 1, 1).await;
 
     let logged = operator.log().len();
     server.stop_apiserver();
@@ -562,26 +654,20 @@ async fn the_operator_recovers_from_an_api_server_restart() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     server.restart_apiserver();
-    let patch = json!({"spec": {"sidecar": {"parallelGetWorkers": 16}}});
     within(Duration::from_secs(60), "the API server back", async || {
-        caches
-            .patch("monorepo", &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .ok()
-            .map(|_| ())
+        pods.get_opt("builder-0").await.ok().map(|_| ())
     })
     .await;
+    create_running_pod(&pods, "builder-1", true).await;
     // The broken watches come back through kube_runtime's backoff (up to 30 s a step), and
     // the new API server answers their old resource versions with 410 Gone, which costs
     // another re-list: a recovery can take a minute. The deadline only bounds a hang.
     within(
         Duration::from_secs(180),
-        "the change applied by the same operator process",
+        "the new pod counted by the same operator process",
         async || {
-            let d = deployments.get("builder").await.ok()?;
-            sidecar_args(&d)?
-                .contains(&"--parallel-get-workers=16".to_owned())
-                .then_some(())
+            let status = caches.get("monorepo").await.ok()?.status?;
+            (status.selected == 2).then_some(())
         },
     )
     .await;
@@ -594,7 +680,7 @@ async fn the_operator_recovers_from_an_api_server_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_selector_the_schema_cannot_check_becomes_a_condition_and_others_go_on() {
     let (client, namespace) = setup().await;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
     let _operator = Operator::start();
     let broken: SnapshotCache = serde_json::from_value(json!({
@@ -608,7 +694,7 @@ async fn a_selector_the_schema_cannot_check_becomes_a_condition_and_others_go_on
         .create(&PostParams::default(), &broken)
         .await
         .expect("the schema lets it in");
-    create_builder(&deployments).await;
+    create_running_pod(&pods, "builder-0", true).await;
     create_cache(&caches).await;
     let condition = eventually("the InvalidSelector condition", async || {
         let status = caches.get("broken").await.ok()?.status?;
@@ -625,16 +711,14 @@ async fn a_selector_the_schema_cannot_check_becomes_a_condition_and_others_go_on
         condition.message
     );
     warning_event(&client, &namespace, "InvalidSelector", "selector").await;
-    eventually("the good SnapshotCache still injecting", async || {
-        sidecar_args(&deployments.get("builder").await.ok()?).map(|_| ())
-    })
-    .await;
+    // The good SnapshotCache goes on.
+    counted(&caches, "monorepo", 1, 1).await;
 }
 
-/// /readyz waits for every watch: a user who may watch SnapshotCaches but not the
-/// workloads keeps the operator unready until the workload watches can list.
+/// /readyz waits for every watch: a user who may watch SnapshotCaches but not pods keeps
+/// the operator unready until the pod watch can list.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_waits_for_the_workload_watches() {
+async fn readyz_waits_for_the_pod_watch() {
     let (client, namespace) = setup().await;
     let user = unique_name("readiness");
     let rule = |group: &str, resources: &[&str]| json!({"apiGroups": [group], "resources": resources, "verbs": ["get", "list", "watch"]});
@@ -683,53 +767,43 @@ async fn readyz_waits_for_the_workload_watches() {
         (operator.get("/healthz").await?.0 == 200).then_some(())
     })
     .await;
-    // How often each workload watch was refused so far.
+    // How often the pod watch was refused so far.
     let refusals = |log: &str| {
-        let count = |resource: &str| {
-            let refused = format!("{resource}.apps is forbidden");
-            log.lines().filter(|line| line.contains(&refused)).count()
-        };
-        (count("deployments"), count("statefulsets"))
+        log.lines()
+            .filter(|line| line.contains("pods is forbidden") && line.contains("watcher"))
+            .count()
     };
     // The situation under test, read from the operator's log rather than assumed after
-    // a pause: the SnapshotCache watch has listed, the workload watches were refused.
+    // a pause: the SnapshotCache watch has listed, the pod watch was refused.
     let first = eventually(
-        "the SnapshotCache watch listed and the workload watches refused",
+        "the SnapshotCache watch listed and the pod watch refused",
         async || {
             let log = operator.log();
             let reconciled = log
                 .lines()
                 .any(|line| line.contains("reconcile failed") && line.contains(&listed));
-            let (deployments, stateful_sets) = refusals(&log);
-            (reconciled && deployments > 0 && stateful_sets > 0)
-                .then_some((deployments, stateful_sets))
+            let refused = refusals(&log);
+            (reconciled && refused > 0).then_some(refused)
         },
     )
     .await;
     let (status, _) = operator.get("/readyz").await.expect("/readyz");
-    assert_eq!(status, 503, "ready while the workload watches cannot list");
-    // And still after both workload watches retried and were refused again (their
-    // retries back off, up to 30 s a step; the deadline only bounds a hang).
+    assert_eq!(status, 503, "ready while the pod watch cannot list");
+    // And still after the pod watch retried and was refused again (its retries back off,
+    // up to 30 s a step; the deadline only bounds a hang).
     within(
         Duration::from_secs(90),
-        "the workload watches refused again",
-        async || {
-            let (deployments, stateful_sets) = refusals(&operator.log());
-            (deployments > first.0 && stateful_sets > first.1).then_some(())
-        },
+        "the pod watch refused again",
+        async || (refusals(&operator.log()) > first).then_some(()),
     )
     .await;
     let (status, _) = operator.get("/readyz").await.expect("/readyz");
-    assert_eq!(status, 503, "ready while the workload watches cannot list");
-    grant(
-        &format!("{user}-workloads"),
-        json!([rule("apps", &["deployments", "statefulsets"])]),
-    )
-    .await;
-    // Once their next retry lists; the refusals above grew the retry delay.
+    assert_eq!(status, 503, "ready while the pod watch cannot list");
+    grant(&format!("{user}-pods"), json!([rule("", &["pods"])])).await;
+    // Once its next retry lists; the refusals above grew the retry delay.
     within(
         Duration::from_secs(90),
-        "/readyz once the workload watches listed",
+        "/readyz once the pod watch listed",
         async || (operator.get("/readyz").await?.0 == 200).then_some(()),
     )
     .await;
@@ -793,7 +867,6 @@ async fn what_the_sidecars_say_of_the_bucket_becomes_a_condition_and_an_event() 
         ),
     ] {
         let (client, namespace) = setup().await;
-        create_builder(&Api::namespaced(client.clone(), &namespace)).await;
         create_running_builder_pod(&client, &namespace, sidecar.admin.port()).await;
         let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
         create_cache(&caches).await;
