@@ -322,18 +322,31 @@ pub async fn publish_ca(
 
 /// The serving certificate rustls hands out, swapped in place on renewal; none until the
 /// first is loaded (a handshake then fails, and the API server applies the failure policy).
+/// It also keeps the CA that signed it, for the webhook configuration's caBundle.
 #[derive(Debug, Default)]
-pub struct Resolver(RwLock<Option<Arc<CertifiedKey>>>);
+pub struct Resolver {
+    key: RwLock<Option<Arc<CertifiedKey>>>,
+    ca_cert: RwLock<Option<String>>,
+}
 
 impl Resolver {
-    pub fn replace(&self, key: CertifiedKey) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(key));
+    pub fn replace(&self, key: CertifiedKey, ca_cert: &str) {
+        *self.key.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(key));
+        *self.ca_cert.write().unwrap_or_else(|p| p.into_inner()) = Some(ca_cert.to_owned());
+    }
+
+    /// PEM of the CA of the certificate served now.
+    pub fn ca_cert(&self) -> Option<String> {
+        self.ca_cert
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.key.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

@@ -11,5 +11,6 @@ pub mod controller;
 pub mod inject;
 pub mod lease;
 pub mod metrics;
+pub mod routing;
 pub mod upgrade;
 pub mod webhook;

@@ -9,6 +9,7 @@ use snapcache_operator::controller::{self, Context};
 use snapcache_operator::inject::supports_native_sidecars;
 use snapcache_operator::lease::{Leadership, LeaseElector};
 use snapcache_operator::metrics::Metrics;
+use snapcache_operator::routing::namespaces_carry_their_name;
 use snapcache_operator::webhook;
 
 fn main() -> ExitCode {
@@ -86,7 +87,15 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let native_sidecars = supports_native_sidecars(&version.major, &version.minor);
     tracing::info!(version = %version.git_version, native_sidecars, "snapcache operator starting");
     if args.webhook {
-        start_webhook(&client, &args, metrics.clone(), native_sidecars).await?;
+        let by_namespace_name = namespaces_carry_their_name(&version.major, &version.minor);
+        start_webhook(
+            &client,
+            &args,
+            metrics.clone(),
+            native_sidecars,
+            by_namespace_name,
+        )
+        .await?;
     }
     let leadership = if args.leader_election {
         let identity = args.identity.clone().unwrap_or_else(|| {
@@ -129,6 +138,7 @@ async fn start_webhook(
     args: &RunArgs,
     metrics: Metrics,
     native_sidecars: bool,
+    by_namespace_name: bool,
 ) -> Result<(), String> {
     let settings = certificates::Settings {
         namespace: args.lease_namespace.clone(),
@@ -147,13 +157,20 @@ async fn start_webhook(
                 settings.namespace, settings.secret
             )
         })?;
-    let router = webhook::Webhook::start(
+    let webhook = webhook::Webhook::start(
         client,
         metrics.clone(),
         args.sidecar_image.clone(),
         native_sidecars,
-    )
-    .router();
+    );
+    tokio::spawn(webhook::keep_entries(
+        client.clone(),
+        args.webhook_configuration.clone(),
+        webhook.clone(),
+        resolver.clone(),
+        by_namespace_name,
+    ));
+    let router = webhook.router();
     webhook::serve(args.webhook_listen, router, resolver.clone())
         .await
         .map_err(|e| {

@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -19,9 +21,11 @@ use axum::routing::post;
 use futures::StreamExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -31,6 +35,7 @@ use crate::api::SnapshotCache;
 use crate::certificates::{self, Resolver};
 use crate::inject::Environment;
 use crate::metrics::Metrics;
+use crate::routing;
 
 /// Every `reason` of an admission that failed, for metrics that start at 0.
 pub const ERROR_REASONS: [&str; 2] = ["patch", "not_synced"];
@@ -45,6 +50,8 @@ pub struct Webhook {
     pub native_sidecars: bool,
     /// Set once both watches delivered their first list.
     synced: Arc<AtomicBool>,
+    /// Woken by every change the SnapshotCache watch delivers.
+    pub caches_changed: Arc<Notify>,
 }
 
 impl Webhook {
@@ -57,20 +64,26 @@ impl Webhook {
     ) -> Webhook {
         let (caches, cache_writer) = reflector::store();
         let (namespaces, namespace_writer) = reflector::store();
+        let caches_changed = Arc::new(Notify::new());
+        let changed = caches_changed.clone();
         let cache_stream = reflector::reflector(
             cache_writer,
             watcher(
                 Api::<SnapshotCache>::all(client.clone()),
                 Default::default(),
             ),
-        );
+        )
+        .inspect(move |_| changed.notify_one());
         let namespace_stream = reflector::reflector(
             namespace_writer,
             watcher(Api::<Namespace>::all(client.clone()), Default::default()),
         );
         tokio::spawn(drain(cache_stream.boxed(), "SnapshotCache"));
         tokio::spawn(drain(namespace_stream.boxed(), "Namespace"));
-        Webhook::with_stores(caches, namespaces, metrics, default_image, native_sidecars)
+        let mut webhook =
+            Webhook::with_stores(caches, namespaces, metrics, default_image, native_sidecars);
+        webhook.caches_changed = caches_changed;
+        webhook
     }
 
     /// A webhook reading `caches` and `namespaces`, which answers once both are ready.
@@ -100,6 +113,7 @@ impl Webhook {
             default_image,
             native_sidecars,
             synced,
+            caches_changed: Arc::new(Notify::new()),
         }
     }
 
@@ -264,6 +278,70 @@ pub async fn serve(
     Ok(())
 }
 
+/// Keeps the entries of the MutatingWebhookConfiguration `name` one per SnapshotCache
+/// (`routing`): after each change the SnapshotCache watch delivers, and every minute, since
+/// a `helm upgrade` may put the chart's single entry back.
+pub async fn keep_entries(
+    client: kube::Client,
+    name: String,
+    webhook: Webhook,
+    resolver: Arc<Resolver>,
+    by_namespace_name: bool,
+) {
+    // A waiter that starts before the watch's first list is not always woken, so ask
+    // again every second (as the controller's readiness does).
+    while tokio::time::timeout(Duration::from_secs(1), webhook.caches.wait_until_ready())
+        .await
+        .is_err()
+    {}
+    loop {
+        let ca_bundle = resolver.ca_cert().map(|pem| ByteString(pem.into_bytes()));
+        let synced = sync_entries(
+            &client,
+            &name,
+            &webhook.caches,
+            ca_bundle,
+            by_namespace_name,
+        );
+        if let Err(err) = synced.await {
+            tracing::warn!(%name, %err, "webhook entries not updated; retrying");
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_secs(60), webhook.caches_changed.notified()).await;
+        // A burst of changes (a namespace of SnapshotCaches applied at once): one write.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One pass of `keep_entries`. The replace carries the resourceVersion it read, so a
+/// concurrent writer (another replica, the caBundle) makes it fail and retry, not clobber.
+async fn sync_entries(
+    client: &kube::Client,
+    name: &str,
+    caches: &Store<SnapshotCache>,
+    ca_bundle: Option<ByteString>,
+    by_namespace_name: bool,
+) -> Result<(), kube::Error> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let Some(mut configuration) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let caches: Vec<SnapshotCache> = caches.state().iter().map(|c| c.as_ref().clone()).collect();
+    let Some(entries) = routing::desired(&configuration, &caches, ca_bundle, by_namespace_name)
+    else {
+        return Ok(());
+    };
+    if configuration.webhooks.clone().unwrap_or_default() == entries {
+        return Ok(());
+    }
+    let count = entries.len();
+    configuration.webhooks = Some(entries);
+    api.replace(name, &PostParams::default(), &configuration)
+        .await?;
+    tracing::info!(%name, entries = count, "webhook entries now follow the SnapshotCaches");
+    Ok(())
+}
+
 /// Keeps the certificates current: renews them in the Secret when due, swaps the serving
 /// certificate in, and keeps the CA in the webhook configuration's caBundle.
 pub async fn keep_certificates(
@@ -289,7 +367,7 @@ pub async fn refresh(
     metrics: &Metrics,
 ) -> Result<(), certificates::Error> {
     let bundle = certificates::ensure(client, settings).await?;
-    resolver.replace(bundle.certified_key()?);
+    resolver.replace(bundle.certified_key()?, &bundle.ca_cert);
     metrics.set_certificate_expiry(bundle.not_after.as_second());
     certificates::publish_ca(client, settings, &bundle).await
 }

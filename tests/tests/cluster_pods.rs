@@ -312,7 +312,36 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
          wget -q -O /dev/null --header 'X-Cachew-Snapshot-Pin: etag:replaced' \
          --header 'Range: bytes=0-1023' {url}; sleep 1; done"
     );
-    cache_and_workload(&client, &namespace, "builder", s3, json!({}), &script).await;
+    create_cache(&client, &namespace, "builder", s3, json!({})).await;
+    // The operator narrows its webhook configuration to the pods each SnapshotCache
+    // selects; a pod created before the entry is there would be admitted without it.
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let entry = format!("builder.{namespace}.pods.snapcache.io");
+    let entries = within(
+        Duration::from_secs(30),
+        "the webhook entry of the SnapshotCache",
+        async || {
+            let configuration = configurations.get("snapcache").await.ok()?;
+            let names: Vec<String> = configuration
+                .webhooks?
+                .into_iter()
+                .map(|webhook| webhook.name)
+                .collect();
+            names.contains(&entry).then_some(names)
+        },
+    )
+    .await;
+    assert!(
+        !entries.contains(&"pods.snapcache.io".to_owned()),
+        "the chart's catch-all entry was replaced: {entries:?}"
+    );
+    Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .create(
+            &PostParams::default(),
+            &busybox_deployment("builder", &script),
+        )
+        .await
+        .expect("create deployment");
     let workload_pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let builder = pod_of(
         &workload_pods,
@@ -376,8 +405,10 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         "the heap panel shows pod {builder_name}: {heap:?}"
     );
 
-    // The webhook: a bare pod gets the sidecar at creation; an opted-out pod and a pod no
-    // SnapshotCache selects do not, and the API server never sends the opted-out one. The
+    // The webhook: a bare pod gets the sidecar at creation; an opted-out pod, a pod no
+    // SnapshotCache selects and a pod in a namespace without SnapshotCaches do not. The
+    // API server never sends the first two (objectSelector); the third it does send on
+    // this 1.20 cluster, whose namespaces lack kubernetes.io/metadata.name to filter by. The
     // API server reaches the operator pod through its Service without kube-proxy
     // (--enable-aggregator-routing resolves webhook Services to endpoints too).
     let opted_out = bare_pod(
@@ -386,6 +417,20 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         "exec sleep 1000000",
     );
     let unselected = bare_pod("unselected", &[("app", "other")], "exec sleep 1000000");
+    // Selected by labels, but in a namespace without SnapshotCaches.
+    let elsewhere = create_namespace(&client, "pods").await;
+    let stray = bare_pod("elsewhere", &[("app", "builder")], "exec sleep 1000000");
+    within(
+        Duration::from_secs(30),
+        "a pod created in another namespace (once its service account has a token)",
+        async || {
+            Api::<Pod>::namespaced(client.clone(), &elsewhere)
+                .create(&PostParams::default(), &stray)
+                .await
+                .ok()
+        },
+    )
+    .await;
     let script = format!(
         "mkdir -p /tmp; until wget -q -O /tmp/snapshot {url}; do sleep 0.2; done; \
          sha256sum /tmp/snapshot; exec sleep 1000000"
@@ -551,7 +596,8 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
             };
             let injected = count("injected", "")?;
             let job_pods = count("skipped", "runs_to_completion")?;
-            (injected >= 1.0 && job_pods >= 1.0).then(|| {
+            let elsewhere = count("skipped", "not_selected")?;
+            (injected >= 1.0 && job_pods >= 1.0 && elsewhere >= 1.0).then(|| {
                 (
                     count("skipped", "pod_opted_out"),
                     count("skipped", "not_selected"),
@@ -565,10 +611,16 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
         Some(0.0),
         "the API server sent the opted-out pod to the webhook"
     );
-    assert!(
-        answered.1.is_some_and(|n| n >= 1.0),
-        "the unselected pod was answered: {answered:?}"
+    assert_eq!(
+        answered.1,
+        Some(1.0),
+        "only the pod in the other namespace was sent and not selected, not the unselected one"
     );
+    let elsewhere_pod = Api::<Pod>::namespaced(client.clone(), &elsewhere)
+        .get("elsewhere")
+        .await
+        .expect("the pod in the other namespace");
+    assert!(!has_sidecar(&elsewhere_pod));
     // The status counts the running pods the SnapshotCache selects: the Deployment's, the
     // bare one, the DaemonSet's and the StatefulSet's, all injected (the opted-out pod and
     // the finished Job's do not count).
@@ -801,6 +853,21 @@ async fn cache_and_workload(
     sidecar: serde_json::Value,
     script: &str,
 ) {
+    create_cache(client, namespace, app, s3, sidecar).await;
+    Api::<Deployment>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &busybox_deployment(app, script))
+        .await
+        .expect("create deployment");
+}
+
+/// A SnapshotCache `app` selecting app=`app` in `namespace`, with these s3 and sidecar fields.
+async fn create_cache(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    s3: serde_json::Value,
+    sidecar: serde_json::Value,
+) {
     let cache: SnapshotCache = serde_json::from_value(json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
         "metadata": {"name": app},
@@ -811,10 +878,6 @@ async fn cache_and_workload(
         .create(&PostParams::default(), &cache)
         .await
         .expect("create snapshot cache");
-    Api::<Deployment>::namespaced(client.clone(), namespace)
-        .create(&PostParams::default(), &busybox_deployment(app, script))
-        .await
-        .expect("create deployment");
 }
 
 fn busybox_deployment(app: &str, script: &str) -> Deployment {

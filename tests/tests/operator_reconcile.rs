@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
@@ -22,6 +23,7 @@ use serde_json::json;
 use snapcache_operator::api::{SnapshotCache, SnapshotCacheStatus};
 use snapcache_operator::controller::FIELD_MANAGER;
 use snapcache_operator::inject::{self, Environment};
+use snapcache_operator::routing::TEMPLATE_ANNOTATION;
 use snapcache_operator::upgrade::LEGACY_FINALIZER;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, binary};
 use snapcache_tests::{
@@ -896,4 +898,80 @@ async fn what_the_sidecars_say_of_the_bucket_becomes_a_condition_and_an_event() 
             warning_event(&client, &namespace, reason, fix).await;
         }
     }
+}
+
+/// The webhook configuration follows the SnapshotCaches: the chart's entry (kept in an
+/// annotation) becomes one entry per SnapshotCache, narrowed to the pods it selects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_configuration_gets_one_entry_per_snapshot_cache() {
+    let (client, namespace) = setup().await;
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    let name = unique_name("entries");
+    let template = json!({
+        "name": "pods.snapcache.io",
+        "admissionReviewVersions": ["v1"], "sideEffects": "None", "timeoutSeconds": 5,
+        "failurePolicy": "Ignore", "matchPolicy": "Equivalent", "reinvocationPolicy": "IfNeeded",
+        "clientConfig": {"url": "https://127.0.0.1:1/mutate"},
+        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                   "resources": ["pods"], "scope": "Namespaced"}],
+        // Only this test's namespace, so the entries never reach another test's pods.
+        "namespaceSelector": {"matchLabels": {"snapcache.io/test-entries": name}},
+        "objectSelector": {"matchExpressions": [{"key": "snapcache.io/inject", "operator": "NotIn", "values": ["false"]}]},
+    });
+    let configuration: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": {TEMPLATE_ANNOTATION: template.to_string()}},
+        "webhooks": [template],
+    }))
+    .expect("configuration");
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    configurations
+        .create(&PostParams::default(), &configuration)
+        .await
+        .expect("create the webhook configuration");
+    let webhook = snapcache_tests::sidecar::free_addr();
+    let _operator = Operator::start_with(&[
+        "--webhook",
+        &format!("--webhook-listen={webhook}"),
+        &format!("--webhook-configuration={name}"),
+        &format!("--webhook-secret={name}"),
+        "--lease-namespace",
+        &namespace,
+    ]);
+    let entries = async |count: usize| {
+        eventually(&format!("{count} webhook entries"), async || {
+            let live = configurations.get(&name).await.ok()?;
+            let webhooks = live.webhooks.unwrap_or_default();
+            (webhooks.len() == count).then_some(webhooks)
+        })
+        .await
+    };
+    // No SnapshotCache: the API server calls nothing.
+    entries(0).await;
+    create_cache(&caches).await;
+    let only = entries(1).await;
+    assert_eq!(
+        only[0].name,
+        format!("monorepo.{namespace}.pods.snapcache.io")
+    );
+    let objects = serde_json::to_value(&only[0].object_selector).expect("json");
+    assert_eq!(objects["matchLabels"], json!({"app": "builder"}));
+    assert!(
+        only[0].client_config.ca_bundle.is_some(),
+        "the entry carries the operator's CA"
+    );
+    create_cache_named(&caches, "second").await;
+    entries(2).await;
+    caches
+        .delete("monorepo", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let left = entries(1).await;
+    assert_eq!(
+        left[0].name,
+        format!("second.{namespace}.pods.snapcache.io")
+    );
+    configurations
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete the webhook configuration");
 }

@@ -91,3 +91,45 @@ severity: {{ .severity | quote }}
 {{ $key }}: {{ $value | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+The webhook entry the MutatingWebhookConfiguration starts with, and the template of the
+per-SnapshotCache entries the operator keeps there (every defaulted field spelt out, so
+the operator's copies read back unchanged). The API server does not call it for
+opted-out namespaces and pods, nor for kube-system and the operator's own namespace
+(on Kubernetes 1.21+, where namespaces carry kubernetes.io/metadata.name).
+*/}}
+{{- define "snapcache.webhookEntry" -}}
+name: pods.snapcache.io
+admissionReviewVersions: ["v1"]
+sideEffects: None
+timeoutSeconds: {{ .Values.webhook.timeoutSeconds }}
+failurePolicy: {{ .Values.webhook.failurePolicy }}
+matchPolicy: Equivalent
+reinvocationPolicy: IfNeeded
+clientConfig:
+  service:
+    name: {{ include "snapcache.fullname" . }}-webhook
+    namespace: {{ .Release.Namespace }}
+    path: /mutate
+    port: 443
+rules:
+  - operations: ["CREATE"]
+    apiGroups: [""]
+    apiVersions: ["v1"]
+    resources: ["pods"]
+    scope: Namespaced
+namespaceSelector:
+  matchExpressions:
+    - key: snapcache.io/inject
+      operator: NotIn
+      values: ["false"]
+    - key: kubernetes.io/metadata.name
+      operator: NotIn
+      values: ["kube-system", {{ .Release.Namespace | quote }}]
+objectSelector:
+  matchExpressions:
+    - key: snapcache.io/inject
+      operator: NotIn
+      values: ["false"]
+{{- end }}
