@@ -23,7 +23,7 @@ pub struct Census {
     /// Selected pods without the sidecar that admission would inject now: they were
     /// created before the SnapshotCache, or while the webhook was unavailable.
     pub need_restart: Vec<String>,
-    /// Of those, the ones created before the SnapshotCache existed.
+    /// Of those, the ones created before the SnapshotCache existed (or in its second).
     pub started_before: Vec<String>,
     /// Pods its selector chooses that an older SnapshotCache injects, by that one's name.
     pub taken_by_older: BTreeMap<String, Vec<String>>,
@@ -63,8 +63,9 @@ pub fn take(
                 census.injected.push(name);
             }
             Decision::Inject { .. } => {
+                // Creation times count whole seconds: a pod of the same second may be older.
                 let created = pod.metadata.creation_timestamp.as_ref();
-                if created < cache.metadata.creation_timestamp.as_ref() {
+                if created <= cache.metadata.creation_timestamp.as_ref() {
                     census.started_before.push(name.clone());
                 }
                 census.selected.push(name.clone());
@@ -220,13 +221,20 @@ mod tests {
         let build = cache("build", 100, "build");
         let pods = [
             PodBuilder::new("older", "build", 50).0,
+            PodBuilder::new("same-second", "build", 100).0,
             PodBuilder::new("missed", "build", 150).0,
             PodBuilder::new("fine", "build", 150).with_sidecar().0,
         ];
         let census = alone(&build, &pods);
-        assert_eq!(census.selected, names(&["fine", "missed", "older"]));
-        assert_eq!(census.need_restart, names(&["missed", "older"]));
-        assert_eq!(census.started_before, names(&["older"]));
+        assert_eq!(
+            census.selected,
+            names(&["fine", "missed", "older", "same-second"])
+        );
+        assert_eq!(
+            census.need_restart,
+            names(&["missed", "older", "same-second"])
+        );
+        assert_eq!(census.started_before, names(&["older", "same-second"]));
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //!
 //! The serving certificate is renewed, signed by the same CA, once a third of its life is
 //! left, so the caBundle never changes during a renewal and no admission fails on it.
+//!
+//! With `--webhook-certificates=secret` a certificate manager (cert-manager) issues them
+//! instead: the operator only reads the Secret (`tls.crt`, `tls.key`, `ca.crt`), serves
+//! what it holds now, and puts its `ca.crt` into the caBundle.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -36,6 +40,70 @@ pub enum Error {
     Unusable(String, &'static str),
     #[error("loading the serving certificate: {0}")]
     Tls(#[from] rustls::Error),
+    #[error(
+        "the Secret {0} holds no usable {1}: has cert-manager issued it? (kubectl describe certificate)"
+    )]
+    NotIssued(String, &'static str),
+}
+
+/// Who makes the webhook's certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// The operator makes and renews a CA and a serving certificate in the Secret.
+    Operator,
+    /// Something else (cert-manager) issues them into the Secret; the operator reads it.
+    Secret,
+}
+
+/// What the webhook serves, and the CA the API server is told to trust.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Serving {
+    pub ca_cert: String,
+    pub cert: String,
+    pub key: String,
+    pub not_after: jiff::Timestamp,
+}
+
+impl Serving {
+    /// The serving certificate and key, as rustls takes them.
+    pub fn certified_key(&self) -> Result<CertifiedKey, Error> {
+        let chain = CertificateDer::pem_slice_iter(self.cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Error::Unusable("(in memory)".to_owned(), "tls.crt"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key.as_bytes())
+            .map_err(|_| Error::Unusable("(in memory)".to_owned(), "tls.key"))?;
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        Ok(CertifiedKey::from_der(chain, key, &provider)?)
+    }
+
+    /// What a certificate manager issued into a `kubernetes.io/tls` Secret; the expiry
+    /// comes from the certificate itself.
+    pub fn from_issued_secret(secret: &Secret) -> Result<Serving, Error> {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let field = |key: &'static str| {
+            secret
+                .data
+                .as_ref()
+                .and_then(|data| data.get(key))
+                .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
+                .filter(|text| !text.trim().is_empty())
+                .ok_or_else(|| Error::NotIssued(name.clone(), key))
+        };
+        let cert = field("tls.crt")?;
+        let not_after = x509_parser::pem::parse_x509_pem(cert.as_bytes())
+            .ok()
+            .and_then(|(_, pem)| {
+                let parsed = pem.parse_x509().ok()?;
+                jiff::Timestamp::from_second(parsed.validity().not_after.timestamp()).ok()
+            })
+            .ok_or_else(|| Error::NotIssued(name.clone(), "tls.crt"))?;
+        Ok(Serving {
+            ca_cert: field("ca.crt")?,
+            key: field("tls.key")?,
+            cert,
+            not_after,
+        })
+    }
 }
 
 /// Where the certificates live and whom they name.
@@ -52,6 +120,8 @@ pub struct Settings {
     pub extra_hosts: Vec<String>,
     /// Lifetime of a serving certificate.
     pub lifetime: Duration,
+    /// Who makes the certificates.
+    pub source: Source,
 }
 
 /// PEM text of a CA and of a serving certificate it signed.
@@ -73,7 +143,7 @@ impl Bundle {
     ) -> Result<Bundle, Error> {
         let ca_key = KeyPair::generate()?;
         let ca_cert = ca_params(now)?.self_signed(&ca_key)?;
-        Bundle::serving(
+        Bundle::sign(
             ca_cert.pem(),
             ca_key.serialize_pem(),
             dns_names,
@@ -89,7 +159,7 @@ impl Bundle {
         lifetime: Duration,
         now: jiff::Timestamp,
     ) -> Result<Bundle, Error> {
-        Bundle::serving(
+        Bundle::sign(
             self.ca_cert.clone(),
             self.ca_key.clone(),
             dns_names,
@@ -98,7 +168,7 @@ impl Bundle {
         )
     }
 
-    fn serving(
+    fn sign(
         ca_cert: String,
         ca_key: String,
         dns_names: &[String],
@@ -133,15 +203,14 @@ impl Bundle {
         left < jiff::SignedDuration::try_from(lifetime / 3).unwrap_or_default()
     }
 
-    /// The serving certificate and key, as rustls takes them.
-    pub fn certified_key(&self) -> Result<CertifiedKey, Error> {
-        let chain = CertificateDer::pem_slice_iter(self.cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| Error::Unusable("(in memory)".to_owned(), "tls.crt"))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key.as_bytes())
-            .map_err(|_| Error::Unusable("(in memory)".to_owned(), "tls.key"))?;
-        let provider = rustls::crypto::aws_lc_rs::default_provider();
-        Ok(CertifiedKey::from_der(chain, key, &provider)?)
+    /// What the webhook serves from this bundle.
+    pub fn serving(&self) -> Serving {
+        Serving {
+            ca_cert: self.ca_cert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            not_after: self.not_after,
+        }
     }
 
     fn to_secret(&self, settings: &Settings) -> Secret {
@@ -290,7 +359,7 @@ pub async fn ensure(client: &kube::Client, settings: &Settings) -> Result<Bundle
 pub async fn publish_ca(
     client: &kube::Client,
     settings: &Settings,
-    bundle: &Bundle,
+    ca_cert: &str,
 ) -> Result<(), Error> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let Some(mut configuration) = api.get_opt(&settings.webhook_configuration).await? else {
@@ -300,7 +369,7 @@ pub async fn publish_ca(
         );
         return Ok(());
     };
-    let ca = ByteString(bundle.ca_cert.as_bytes().to_vec());
+    let ca = ByteString(ca_cert.as_bytes().to_vec());
     let mut changed = false;
     for webhook in configuration.webhooks.iter_mut().flatten() {
         if webhook.client_config.ca_bundle.as_ref() != Some(&ca) {
@@ -362,6 +431,7 @@ mod tests {
             webhook_configuration: "w".to_owned(),
             extra_hosts: Vec::new(),
             lifetime: Duration::from_secs(3600),
+            source: Source::Operator,
         })
     }
 
@@ -371,7 +441,7 @@ mod tests {
         let bundle =
             Bundle::generate(&names(), Duration::from_secs(90 * 86400), now).expect("bundle");
         assert_eq!(names()[0], "snapcache-webhook.snapcache-system.svc");
-        bundle.certified_key().expect("rustls takes it");
+        bundle.serving().certified_key().expect("rustls takes it");
         assert!(bundle.cert.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(!bundle.due(Duration::from_secs(90 * 86400), now));
     }
@@ -399,6 +469,7 @@ mod tests {
             webhook_configuration: "w".to_owned(),
             extra_hosts: Vec::new(),
             lifetime: Duration::from_secs(3600),
+            source: Source::Operator,
         };
         let bundle = Bundle::generate(
             &dns_names(&settings),
@@ -409,6 +480,39 @@ mod tests {
         let back = Bundle::from_secret(&bundle.to_secret(&settings)).expect("read back");
         assert_eq!(back.cert, bundle.cert);
         assert_eq!(back.not_after.as_second(), bundle.not_after.as_second());
+    }
+
+    #[test]
+    fn an_issued_secret_serves_with_the_expiry_of_its_certificate() {
+        let now = jiff::Timestamp::now();
+        let lifetime = Duration::from_secs(30 * 86400);
+        let bundle = Bundle::generate(&names(), lifetime, now).expect("bundle");
+        let secret = |keys: &[&str]| Secret {
+            metadata: ObjectMeta {
+                name: Some("issued".to_owned()),
+                ..Default::default()
+            },
+            data: Some(
+                [
+                    ("tls.crt", &bundle.cert),
+                    ("tls.key", &bundle.key),
+                    ("ca.crt", &bundle.ca_cert),
+                ]
+                .into_iter()
+                .filter(|(key, _)| keys.contains(key))
+                .map(|(key, pem)| (key.to_owned(), ByteString(pem.as_bytes().to_vec())))
+                .collect(),
+            ),
+            ..Default::default()
+        };
+        let serving = Serving::from_issued_secret(&secret(&["tls.crt", "tls.key", "ca.crt"]))
+            .expect("issued");
+        assert_eq!(serving.not_after.as_second(), bundle.not_after.as_second());
+        assert_eq!(serving.ca_cert, bundle.ca_cert);
+        serving.certified_key().expect("rustls takes it");
+        let err = Serving::from_issued_secret(&secret(&["tls.crt", "tls.key"])).expect_err("no CA");
+        assert!(err.to_string().contains("ca.crt"), "{err}");
+        assert!(err.to_string().contains("cert-manager"), "{err}");
     }
 
     #[test]

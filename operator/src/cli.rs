@@ -79,6 +79,18 @@ pub struct RunArgs {
     #[arg(long = "webhook-host", value_delimiter = ',')]
     pub webhook_hosts: Vec<String>,
 
+    /// Who makes the webhook's certificates: `operator` (a CA and serving certificate it
+    /// renews itself) or `secret` (cert-manager or another issuer keeps `tls.crt`, `tls.key`
+    /// and `ca.crt` in --webhook-secret; the operator reads it every
+    /// --webhook-certificate-check).
+    #[arg(
+        long,
+        env = "SNAPCACHE_WEBHOOK_CERTIFICATES",
+        value_enum,
+        default_value = "operator"
+    )]
+    pub webhook_certificates: crate::certificates::Source,
+
     /// The Secret holding the webhook's CA and serving certificate (made when missing).
     #[arg(
         long,

@@ -146,6 +146,7 @@ async fn start_webhook(
         service: args.webhook_service.clone(),
         webhook_configuration: args.webhook_configuration.clone(),
         extra_hosts: args.webhook_hosts.clone(),
+        source: args.webhook_certificates,
         lifetime: args.webhook_certificate_lifetime,
     };
     let resolver = std::sync::Arc::new(certificates::Resolver::default());

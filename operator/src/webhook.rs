@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -366,10 +366,17 @@ pub async fn refresh(
     resolver: &Resolver,
     metrics: &Metrics,
 ) -> Result<(), certificates::Error> {
-    let bundle = certificates::ensure(client, settings).await?;
-    resolver.replace(bundle.certified_key()?, &bundle.ca_cert);
-    metrics.set_certificate_expiry(bundle.not_after.as_second());
-    certificates::publish_ca(client, settings, &bundle).await
+    let serving = match settings.source {
+        certificates::Source::Operator => certificates::ensure(client, settings).await?.serving(),
+        certificates::Source::Secret => {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
+            let secret = secrets.get(&settings.secret).await?;
+            certificates::Serving::from_issued_secret(&secret)?
+        }
+    };
+    resolver.replace(serving.certified_key()?, &serving.ca_cert);
+    metrics.set_certificate_expiry(serving.not_after.as_second());
+    certificates::publish_ca(client, settings, &serving.ca_cert).await
 }
 
 #[cfg(test)]

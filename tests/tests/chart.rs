@@ -137,6 +137,53 @@ fn rendered_manifests_validate_against_kubernetes_1_30() {
         .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["labels"]["grafana_dashboard"] == "1")
         .expect("the dashboard ConfigMap");
     assert!(dashboard["data"].as_object().is_some_and(|d| !d.is_empty()));
+    let hook = of_kind(&rendered, "Job");
+    assert_eq!(
+        hook["metadata"]["annotations"]["helm.sh/hook"],
+        "post-upgrade"
+    );
+    assert_eq!(
+        hook["spec"]["template"]["spec"]["containers"][0]["args"],
+        json!(["release-workloads"])
+    );
+
+    // cert-manager: with an issuer given, one Certificate from it; without, a self-signed
+    // CA and an Issuer signing with it. The operator then only reads the Secret.
+    let certificates = |documents: &[Value]| -> Vec<Value> {
+        documents
+            .iter()
+            .filter(|d| d["kind"] == "Certificate")
+            .cloned()
+            .collect()
+    };
+    let given = certificates(&rendered);
+    assert_eq!(given.len(), 1);
+    assert_eq!(given[0]["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    assert_eq!(
+        given[0]["spec"]["secretName"],
+        "snapcache-operator-webhook-tls"
+    );
+    let chain = documents(&render(&["--set", "webhook.certManager.enabled=true"]));
+    let made = certificates(&chain);
+    assert_eq!(made.len(), 2, "a CA and a serving certificate");
+    assert!(made.iter().any(|c| c["spec"]["isCA"] == true));
+    let args = &of_kind(&chain, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array()
+            .expect("args")
+            .contains(&json!("--webhook-certificates=secret")),
+        "{args}"
+    );
+    let role = chain
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "t-snapcache-webhook")
+        .expect("the webhook's Role");
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": [""], "resources": ["secrets"],
+                "resourceNames": ["t-snapcache-webhook-tls"], "verbs": ["get"]}]),
+        "with cert-manager the operator only reads its Secret"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::jiff::SignedDuration;
@@ -21,6 +21,7 @@ use kube::api::{
 };
 use serde_json::json;
 use snapcache_operator::api::{SnapshotCache, SnapshotCacheStatus};
+use snapcache_operator::certificates;
 use snapcache_operator::controller::FIELD_MANAGER;
 use snapcache_operator::inject::{self, Environment};
 use snapcache_operator::routing::TEMPLATE_ANNOTATION;
@@ -924,7 +925,7 @@ async fn the_webhook_configuration_gets_one_entry_per_snapshot_cache() {
     }))
     .expect("configuration");
     let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    configurations
+    let configuration = configurations
         .create(&PostParams::default(), &configuration)
         .await
         .expect("create the webhook configuration");
@@ -937,16 +938,24 @@ async fn the_webhook_configuration_gets_one_entry_per_snapshot_cache() {
         "--lease-namespace",
         &namespace,
     ]);
+    // The operator makes entries for every SnapshotCache of the cluster (other tests' too):
+    // these are this namespace's.
+    let suffix = format!(".{namespace}.pods.snapcache.io");
     let entries = async |count: usize| {
         eventually(&format!("{count} webhook entries"), async || {
             let live = configurations.get(&name).await.ok()?;
-            let webhooks = live.webhooks.unwrap_or_default();
-            (webhooks.len() == count).then_some(webhooks)
+            let ours: Vec<_> = live
+                .webhooks
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|webhook| webhook.name.ends_with(&suffix))
+                .collect();
+            let template_gone =
+                live.metadata.resource_version != configuration.metadata.resource_version;
+            (template_gone && ours.len() == count).then_some(ours)
         })
         .await
     };
-    // No SnapshotCache: the API server calls nothing.
-    entries(0).await;
     create_cache(&caches).await;
     let only = entries(1).await;
     assert_eq!(
@@ -970,6 +979,131 @@ async fn the_webhook_configuration_gets_one_entry_per_snapshot_cache() {
         left[0].name,
         format!("second.{namespace}.pods.snapcache.io")
     );
+    configurations
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete the webhook configuration");
+}
+
+/// A `kubernetes.io/tls` Secret as cert-manager leaves it: tls.crt, tls.key, ca.crt.
+fn issued_secret(name: &str, hosts: &[String]) -> (Secret, String) {
+    let bundle = certificates::Bundle::generate(
+        hosts,
+        Duration::from_secs(3600),
+        k8s_openapi::jiff::Timestamp::now(),
+    )
+    .expect("certificates");
+    let secret = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": bundle.cert, "tls.key": bundle.key, "ca.crt": bundle.ca_cert},
+    }))
+    .expect("secret");
+    (secret, bundle.ca_cert)
+}
+
+/// With `--webhook-certificates=secret` the operator serves what another issuer keeps in
+/// the Secret, never writes it, puts its CA into the caBundle, and follows a re-issue.
+/// The API server calls the webhook (failure policy Fail, so a TLS failure is an error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_serves_a_certificate_issued_into_its_secret() {
+    let (client, namespace) = setup().await;
+    let name = unique_name("issued");
+    let label = json!({"metadata": {"labels": {"snapcache.io/test-issued": name}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&namespace, &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .expect("label the namespace");
+    let webhook = snapcache_tests::sidecar::free_addr();
+    let template = json!({
+        "name": "pods.snapcache.io",
+        "admissionReviewVersions": ["v1"], "sideEffects": "None", "timeoutSeconds": 5,
+        "failurePolicy": "Fail", "matchPolicy": "Equivalent", "reinvocationPolicy": "IfNeeded",
+        "clientConfig": {"url": format!("https://{webhook}/mutate")},
+        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                   "resources": ["pods"], "scope": "Namespaced"}],
+        "namespaceSelector": {"matchLabels": {"snapcache.io/test-issued": name}},
+        "objectSelector": {},
+    });
+    let configuration: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": {TEMPLATE_ANNOTATION: template.to_string()}},
+        "webhooks": [template],
+    }))
+    .expect("configuration");
+    let configurations: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    configurations
+        .create(&PostParams::default(), &configuration)
+        .await
+        .expect("create the webhook configuration");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let hosts = vec![webhook.ip().to_string()];
+    let (secret, first_ca) = issued_secret(&name, &hosts);
+    let created = secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create the issued Secret");
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    create_cache(&caches).await;
+    let _operator = Operator::start_with(&[
+        "--webhook",
+        "--webhook-certificates=secret",
+        &format!("--webhook-listen={webhook}"),
+        &format!("--webhook-configuration={name}"),
+        &format!("--webhook-secret={name}"),
+        "--webhook-certificate-check=1s",
+        "--lease-namespace",
+        &namespace,
+    ]);
+    let ca_bundle = async |ca: &str| {
+        let wanted = k8s_openapi::ByteString(ca.as_bytes().to_vec());
+        eventually("the entry carrying the issued CA", async || {
+            let live = configurations.get(&name).await.ok()?;
+            let entry = format!("monorepo.{namespace}.pods.snapcache.io");
+            let ours = live.webhooks?.into_iter().find(|w| w.name == entry)?;
+            (ours.client_config.ca_bundle.as_ref() == Some(&wanted)).then_some(())
+        })
+        .await;
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let probe: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "probe", "labels": {"app": "builder"}},
+        "spec": {"containers": [{"name": "build", "image": "builder:1"}]}
+    }))
+    .expect("pod");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let injected = async || {
+        eventually("a pod admitted with the sidecar", async || {
+            let pod = pods.create(&dry_run, &probe).await.ok()?;
+            let containers = pod.spec?.containers;
+            containers.iter().any(|c| c.name == SIDECAR).then_some(())
+        })
+        .await;
+    };
+    ca_bundle(&first_ca).await;
+    injected().await;
+    assert_eq!(
+        secrets
+            .get(&name)
+            .await
+            .expect("secret")
+            .metadata
+            .resource_version,
+        created.metadata.resource_version,
+        "the operator never writes an issued Secret"
+    );
+
+    // Re-issued with another CA: the operator serves the new certificate and publishes
+    // the new CA, and the API server admits through it.
+    let (reissued, second_ca) = issued_secret(&name, &hosts);
+    secrets
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&reissued))
+        .await
+        .expect("re-issue");
+    ca_bundle(&second_ca).await;
+    injected().await;
     configurations
         .delete(&name, &DeleteParams::default())
         .await
