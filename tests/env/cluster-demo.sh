@@ -98,7 +98,16 @@ spec:
   selector: {matchLabels: {app: builder}}
   s3: {bucket: $BUCKET, endpoint: "$CLUSTER_S3_MOTO_ENDPOINT", credentialsSecret: s3-credentials}
   sidecar: {diskSize: 1Gi}
----
+EOF
+# The operator narrows its webhook to the pods each SnapshotCache selects: let the entry
+# exist before the Deployment's first pod is created.
+deadline=$((SECONDS + 30))
+until kubectl get mutatingwebhookconfiguration "$RELEASE" -o jsonpath='{.webhooks[*].name}' |
+  grep -qw "monorepo.$DEMO_NAMESPACE.pods.snapcache.io"; do
+  ((SECONDS < deadline)) || fail "the operator did not add the SnapshotCache's webhook entry"
+  sleep 0.2
+done
+kubectl -n "$DEMO_NAMESPACE" apply -f - <<EOF
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: builder, labels: {app: builder}}
@@ -124,7 +133,7 @@ spec:
               exec sleep 1000000
 EOF
 
-step "7/8 Waiting for the pod: the operator injects the sidecar, the app reads the snapshot"
+step "7/8 Waiting for the pod: the webhook injects the sidecar, the app reads the snapshot"
 app_has_read() {
   kubectl -n "$DEMO_NAMESPACE" logs deployment/builder -c app 2>/dev/null | grep -q 'snapshot.tar.zst$'
 }
