@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
 use crate::api::SnapshotCache;
+use crate::checkout;
 use crate::inject::{self, Environment};
 
 /// `snapcache.io/inject: "false"` on a pod or its namespace keeps the sidecar out.
@@ -33,19 +34,22 @@ pub enum Skip {
     /// It runs to completion on a cluster without native sidecars: a long-running sidecar
     /// container would keep its Job from ever finishing.
     RunsToCompletion,
-    /// It has a volume of the name the sidecar's disk tier needs.
+    /// It has a volume of a name the sidecar or a checkout needs.
     VolumeNameTaken,
+    /// Its `snapcache.io/checkout` annotation is malformed.
+    InvalidCheckout,
 }
 
 impl Skip {
     /// Every skip, for metrics that start each label at 0.
-    pub const ALL: [Skip; 6] = [
+    pub const ALL: [Skip; 7] = [
         Skip::PodOptedOut,
         Skip::NamespaceOptedOut,
         Skip::NotSelected,
         Skip::AlreadyInjected,
         Skip::RunsToCompletion,
         Skip::VolumeNameTaken,
+        Skip::InvalidCheckout,
     ];
 
     /// A bounded label for metrics and logs.
@@ -57,6 +61,7 @@ impl Skip {
             Skip::AlreadyInjected => "already_injected",
             Skip::RunsToCompletion => "runs_to_completion",
             Skip::VolumeNameTaken => "volume_name_taken",
+            Skip::InvalidCheckout => "invalid_checkout",
         }
     }
 }
@@ -93,49 +98,125 @@ pub fn decide(
         metadata: None,
         spec: pod.spec.clone(),
     };
-    if inject::is_injected(&template) {
-        return Decision::Skip(Skip::AlreadyInjected);
-    }
     let spec = pod.spec.clone().unwrap_or_default();
-    if spec
-        .volumes
+    let has_checkout = spec
+        .init_containers
         .iter()
         .flatten()
-        .any(|volume| volume.name == inject::VOLUME_NAME)
-    {
+        .any(|c| c.name == checkout::INIT_CONTAINER_NAME);
+    if inject::is_injected(&template) || has_checkout {
+        return Decision::Skip(Skip::AlreadyInjected);
+    }
+    let Ok(wanted) = checkout::wanted(pod.annotations()) else {
+        return Decision::Skip(Skip::InvalidCheckout);
+    };
+    let taken = |name: &str| spec.volumes.iter().flatten().any(|v| v.name == name);
+    if taken(inject::VOLUME_NAME) || (0..wanted.len()).any(|i| taken(&checkout::volume_name(i))) {
         return Decision::Skip(Skip::VolumeNameTaken);
     }
     let native = inject::native(cache.spec.injection, env);
     let runs_to_completion = matches!(spec.restart_policy.as_deref(), Some("Never" | "OnFailure"));
-    if runs_to_completion && !native {
+    // A long-running sidecar container would keep a Job from ever finishing.
+    let with_sidecar = native || !runs_to_completion;
+    if !with_sidecar && wanted.is_empty() {
         return Decision::Skip(Skip::RunsToCompletion);
     }
 
     let container = inject::sidecar_container(&cache.spec, env);
-    let mut operations = Vec::new();
-    if native {
-        // First among the init containers, as `inject` puts it.
-        let sidecar = serde_json::to_value(inject::native_sidecar(container)).unwrap_or_default();
-        operations.push(match &spec.init_containers {
-            Some(_) => add(&["spec", "initContainers", "0"], sidecar),
-            None => add(
-                &["spec", "initContainers"],
-                serde_json::Value::Array(vec![sidecar]),
-            ),
-        });
-    } else {
-        let sidecar = serde_json::to_value(container).unwrap_or_default();
-        operations.push(add(&["spec", "containers", "-"], sidecar));
+    let mut patch = Additions::new(&spec);
+    // The checkouts' mounts first, while the app containers are all there is.
+    let mounts = checkout::app_mounts(&wanted);
+    if !mounts.is_empty() {
+        for (index, app) in spec.containers.iter().enumerate() {
+            for mount in &mounts {
+                let path = ["spec", "containers", &index.to_string(), "volumeMounts"];
+                patch.push(&path, app.volume_mounts.is_some(), to_value(mount));
+            }
+        }
     }
-    let volume = serde_json::to_value(inject::disk_volume(&cache.spec)).unwrap_or_default();
-    operations.push(match &spec.volumes {
-        Some(_) => add(&["spec", "volumes", "-"], volume),
-        None => add(&["spec", "volumes"], serde_json::Value::Array(vec![volume])),
-    });
+    if with_sidecar {
+        if native {
+            patch.insert_init_container(to_value(&inject::native_sidecar(container.clone())));
+        } else {
+            patch.push(&["spec", "containers"], true, to_value(&container));
+        }
+    }
+    if !wanted.is_empty() {
+        // First of all: the user's own init containers may read the checkout.
+        let init = checkout::init_container(
+            &container,
+            &wanted,
+            checkout::optional(pod.annotations()),
+            checkout::app_user(&spec),
+        );
+        patch.insert_init_container(to_value(&init));
+    }
+    patch.push_volume(to_value(&inject::disk_volume(&cache.spec)));
+    for volume in checkout::volumes(&wanted) {
+        patch.push_volume(to_value(&volume));
+    }
     Decision::Inject {
         cache: cache.name_any(),
-        patch: Patch(operations),
+        patch: Patch(patch.operations),
     }
+}
+
+/// JSONPatch operations that only add, creating each list the pod does not have yet.
+struct Additions {
+    operations: Vec<PatchOperation>,
+    has_init_containers: bool,
+    has_volumes: bool,
+}
+
+impl Additions {
+    fn new(spec: &PodSpec) -> Additions {
+        Additions {
+            operations: Vec::new(),
+            has_init_containers: spec.init_containers.is_some(),
+            has_volumes: spec.volumes.is_some(),
+        }
+    }
+
+    /// Appends `value` to the list at `path`, creating the list when it does not exist
+    /// (`exists` false) and no earlier operation made it.
+    fn push(&mut self, path: &[&str], exists: bool, value: serde_json::Value) {
+        let created = self.operations.iter().any(|op| match op {
+            PatchOperation::Add(add) => add.path == PointerBuf::from_tokens(path.iter().copied()),
+            _ => false,
+        });
+        if exists || created {
+            let mut at = path.to_vec();
+            at.push("-");
+            self.operations.push(add(&at, value));
+        } else {
+            self.operations
+                .push(add(path, serde_json::Value::Array(vec![value])));
+        }
+    }
+
+    fn push_volume(&mut self, value: serde_json::Value) {
+        let exists = self.has_volumes;
+        self.push(&["spec", "volumes"], exists, value);
+        self.has_volumes = true;
+    }
+
+    /// Puts `value` first among the init containers.
+    fn insert_init_container(&mut self, value: serde_json::Value) {
+        if self.has_init_containers {
+            self.operations
+                .push(add(&["spec", "initContainers", "0"], value));
+        } else {
+            self.operations.push(add(
+                &["spec", "initContainers"],
+                serde_json::Value::Array(vec![value]),
+            ));
+            self.has_init_containers = true;
+        }
+    }
+}
+
+fn to_value<T: serde::Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_default()
 }
 
 /// The SnapshotCache that injects a pod with `labels`: of those whose selector chooses it,
@@ -445,6 +526,108 @@ mod tests {
         assert_eq!(
             operations[0]["value"]["name"],
             json!(inject::CONTAINER_NAME)
+        );
+    }
+
+    fn with_checkout(mut pod: Pod, value: &str) -> Pod {
+        pod.annotations_mut()
+            .insert(checkout::CHECKOUT_ANNOTATION.to_owned(), value.to_owned());
+        pod
+    }
+
+    #[test]
+    fn a_job_pod_asking_for_a_checkout_gets_the_init_container_but_no_sidecar_on_1_20() {
+        let mut spec = app_spec();
+        spec.restart_policy = Some("Never".to_owned());
+        let pod = with_checkout(
+            pod(&[("app", "build")], spec),
+            "github.com/org/repo=/src/repo",
+        );
+        let caches = [cache("c", 1, "build")];
+        let injected = inject_into(&pod, &caches, &env(false));
+        let spec = injected.spec.clone().expect("spec");
+        let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["app"], "no long-running sidecar");
+        let init = spec.init_containers.clone().expect("init containers");
+        assert_eq!(init[0].name, checkout::INIT_CONTAINER_NAME);
+        let mount = &spec.containers[0].volume_mounts.clone().expect("mounts")[0];
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.sub_path.as_deref()),
+            ("/src/repo", Some("tree"))
+        );
+        let volumes: Vec<String> = spec
+            .volumes
+            .expect("volumes")
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(volumes, [inject::VOLUME_NAME, "snapcache-checkout-0"]);
+        assert_eq!(
+            decide(&injected, &BTreeMap::new(), &caches, &env(false)),
+            Decision::Skip(Skip::AlreadyInjected)
+        );
+    }
+
+    #[test]
+    fn a_long_running_pod_gets_the_checkout_before_its_own_init_containers_and_the_sidecar() {
+        let mut spec = app_spec();
+        spec.init_containers = Some(vec![Container {
+            name: "setup".to_owned(),
+            ..Default::default()
+        }]);
+        let pod = with_checkout(
+            pod(&[("app", "build")], spec),
+            "github.com/org/a=/src/a,example.com/b=/src/b",
+        );
+        for native in [false, true] {
+            let injected = inject_into(&pod, &[cache("c", 1, "build")], &env(native));
+            let spec = injected.spec.expect("spec");
+            let init: Vec<&str> = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .map(|c| c.name.as_str())
+                .collect();
+            let containers: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+            if native {
+                assert_eq!(
+                    init,
+                    [
+                        checkout::INIT_CONTAINER_NAME,
+                        inject::CONTAINER_NAME,
+                        "setup"
+                    ]
+                );
+                assert_eq!(containers, ["app"]);
+            } else {
+                assert_eq!(init, [checkout::INIT_CONTAINER_NAME, "setup"]);
+                assert_eq!(containers, ["app", inject::CONTAINER_NAME]);
+            }
+            let app_mounts = spec.containers[0].volume_mounts.clone().expect("mounts");
+            assert_eq!(app_mounts.len(), 2, "both checkouts, in the app only");
+            assert!(spec.containers.iter().skip(1).all(|c| {
+                c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .all(|m| !m.name.starts_with("snapcache-checkout"))
+            }));
+        }
+    }
+
+    #[test]
+    fn a_malformed_checkout_annotation_leaves_the_pod_alone() {
+        let pod = with_checkout(
+            pod(&[("app", "build")], app_spec()),
+            "github.com/org/a=relative",
+        );
+        assert_eq!(
+            decide(
+                &pod,
+                &BTreeMap::new(),
+                &[cache("c", 1, "build")],
+                &env(false)
+            ),
+            Decision::Skip(Skip::InvalidCheckout)
         );
     }
 

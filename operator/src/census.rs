@@ -72,7 +72,9 @@ pub fn take(
                 census.need_restart.push(name);
             }
             // Admission leaves these without the sidecar on purpose; a restart changes nothing.
-            Decision::Skip(Skip::RunsToCompletion | Skip::VolumeNameTaken) => {
+            Decision::Skip(
+                Skip::RunsToCompletion | Skip::VolumeNameTaken | Skip::InvalidCheckout,
+            ) => {
                 census.selected.push(name);
             }
         }

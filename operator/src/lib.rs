@@ -6,6 +6,7 @@ pub mod api;
 pub mod bucket_health;
 pub mod census;
 pub mod certificates;
+pub mod checkout;
 pub mod cli;
 pub mod controller;
 pub mod inject;

@@ -20,6 +20,43 @@ pub enum Command {
     Fetch(FetchArgs),
     /// Publish a git repository as a snapshot tarball in S3.
     Publish(Box<PublishArgs>),
+    /// Check repositories out from their snapshots before the app starts (the init
+    /// container the operator injects): each appears complete at its directory, or the
+    /// command fails with the reason in the container's termination message.
+    #[command(after_help = CHECKOUT_EXIT_CODES)]
+    Checkout(Box<CheckoutArgs>),
+}
+
+const CHECKOUT_EXIT_CODES: &str = "Exit codes: 0 every checkout is in place (or failed with \
+--optional), 1 a checkout failed after retrying until --give-up-after, 2 bad usage.";
+
+/// `checkout --checkout REPO=DIR...`: S3 and disk tier flags as `serve` takes them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckoutArgs {
+    /// REPO=DIR: the snapshot of REPO ({host}/{path}) checked out at DIR, which must not
+    /// exist yet (its parent directory must); repeat for several.
+    #[arg(long = "checkout", required = true, value_parser = crate::checkout::parse_checkout)]
+    pub checkouts: Vec<crate::checkout::Checkout>,
+
+    /// Keep retrying a failed checkout (snapshot missing, S3 unreachable, digest
+    /// mismatch) for this long, backing off from 1s to 30s.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub give_up_after: std::time::Duration,
+
+    /// Exit 0 even when a checkout fails, so the app starts without it.
+    #[arg(long)]
+    pub optional: bool,
+
+    /// Where a failure's one-line reason goes (`kubectl describe pod` shows it).
+    #[arg(long, default_value = "/dev/termination-log")]
+    pub termination_message: std::path::PathBuf,
+
+    /// Print a JSON line per checkout (repository, directory, bytes, seconds, commit).
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub serve: ServeConfig,
 }
 
 const FETCH_EXIT_CODES: &str = "Exit codes: 0 success, 1 other failure, 2 bad usage, \

@@ -1,7 +1,9 @@
 //! snapcache sidecar: serves git snapshot tarballs on localhost from a per-pod
-//! disk tier backed by S3, plus the `fetch` client and the `publish` producer.
+//! disk tier backed by S3, plus the `fetch` client, the `checkout` init container and the
+//! `publish` producer.
 
 pub mod cgroup;
+pub mod checkout;
 pub mod cli;
 pub mod config;
 pub mod fetch;

@@ -2,7 +2,8 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use snapcache_sidecar::cli::{Cli, Command, FetchArgs, PublishArgs};
+use snapcache_sidecar::checkout;
+use snapcache_sidecar::cli::{CheckoutArgs, Cli, Command, FetchArgs, PublishArgs};
 use snapcache_sidecar::fetch::{self, FetchOptions, Progress, Quiet, TerminalProgress};
 use snapcache_sidecar::publish::{self, PublishError, PublishOptions, PublishSummary};
 
@@ -38,6 +39,51 @@ fn main() -> ExitCode {
         },
         Command::Fetch(args) => runtime.block_on(run_fetch(args)),
         Command::Publish(args) => runtime.block_on(run_publish(*args)),
+        Command::Checkout(args) => runtime.block_on(run_checkout(*args)),
+    }
+}
+
+async fn run_checkout(args: CheckoutArgs) -> ExitCode {
+    let patience = checkout::Patience {
+        give_up_after: args.give_up_after,
+        first_backoff: std::time::Duration::from_secs(1),
+        max_backoff: std::time::Duration::from_secs(30),
+    };
+    match checkout::run(args.serve, &args.checkouts, &patience).await {
+        Ok(Ok(done)) => {
+            for finished in done {
+                if args.json {
+                    match serde_json::to_string(&finished) {
+                        Ok(json) => println!("{json}"),
+                        Err(err) => eprintln!("error: printing the summary: {err}"),
+                    }
+                } else {
+                    eprintln!(
+                        "{} checked out at {}",
+                        finished.repo,
+                        finished.target.display()
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(failed)) => {
+            let message = failed.to_string();
+            eprintln!("error: {message}");
+            checkout::write_termination_message(&args.termination_message, &message);
+            if args.optional {
+                eprintln!("the checkout is optional (--optional): the app starts without it");
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            let message = format!("checkout could not start: {err:#}");
+            eprintln!("error: {message}");
+            checkout::write_termination_message(&args.termination_message, &message);
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -25,23 +25,26 @@ POD_SUBNET=172.30.213.0/24
 NODE_NAME=snapcache-node
 # The sysctls the kubelet and the bridge plugin set; stop puts back what it found.
 SYSCTLS=(vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward)
-IMAGES_VERSION=1
+IMAGES_VERSION=2
 IMAGES_CACHE="$SNAPCACHE_CACHE/cluster-images-$IMAGES_VERSION"
 PAUSE_IMAGE=localhost/snapcache/pause:3.4
 BUSYBOX_IMAGE=localhost/snapcache/busybox:1
+GIT_IMAGE=localhost/snapcache/git:1
 CGROUP_PARENT=kubepods
 
 install() {
   apt_install containerd runc containernetworking-plugins socat iptables busybox-static \
-    buildah gcc libc6-dev
+    buildah gcc libc6-dev git
   bash "$ENV_DIR/kube.sh" install
-  [[ -f $IMAGES_CACHE/pause.oci.tar && -f $IMAGES_CACHE/busybox.oci.tar ]] || build_images
+  [[ -f $IMAGES_CACHE/pause.oci.tar && -f $IMAGES_CACHE/busybox.oci.tar &&
+    -f $IMAGES_CACHE/git.oci.tar ]] || build_images
 }
 
-# The pause image from the Kubernetes source's pause.c (kube.sh keeps a copy), and a
-# busybox-static image for the workloads, both FROM scratch.
+# The pause image from the Kubernetes source's pause.c (kube.sh keeps a copy), a
+# busybox-static image for the workloads, and the same with Debian's git and the libraries
+# it links (for checkout tests), all FROM scratch.
 build_images() {
-  log "building the pause and busybox images (once)"
+  log "building the pause, busybox and git images (once)"
   local pause_c
   pause_c=$(bash "$ENV_DIR/kube.sh" pause_source)
   local partial="$IMAGES_CACHE.partial"
@@ -64,8 +67,20 @@ build_images() {
   "${buildah[@]}" copy "$container" "$partial/busybox/bin" /bin >/dev/null
   "${buildah[@]}" config --cmd '["sh"]' --env PATH=/bin "$container"
   "${buildah[@]}" commit --quiet "$container" "oci-archive:$partial/busybox.oci.tar:$BUSYBOX_IMAGE" >/dev/null
+  mkdir -p "$partial/git/usr/bin"
+  cp /usr/bin/git "$partial/git/usr/bin/git"
+  local library
+  for library in $(ldd /usr/bin/git | grep -o '/[^ ]*'); do
+    mkdir -p "$partial/git/$(dirname "$library")"
+    cp -L "$library" "$partial/git/$library"
+  done
+  container=$("${buildah[@]}" from scratch)
+  "${buildah[@]}" copy "$container" "$partial/busybox/bin" /bin >/dev/null
+  "${buildah[@]}" copy "$container" "$partial/git" / >/dev/null
+  "${buildah[@]}" config --cmd '["sh"]' --env PATH=/usr/bin:/bin --env HOME=/tmp "$container"
+  "${buildah[@]}" commit --quiet "$container" "oci-archive:$partial/git.oci.tar:$GIT_IMAGE" >/dev/null
   "${buildah[@]}" rm --all >/dev/null
-  rm -rf "$storage" "$partial/pause" "$partial/busybox"
+  rm -rf "$storage" "$partial/pause" "$partial/busybox" "$partial/git"
   rm -rf "$IMAGES_CACHE" && mv "$partial" "$IMAGES_CACHE"
 }
 
@@ -104,6 +119,7 @@ start() {
   forward_s3_servers "$state"
   export_env "$state" CLUSTER_NODE_IP "$NODE_IP"
   export_env "$state" CLUSTER_BUSYBOX_IMAGE "$BUSYBOX_IMAGE"
+  export_env "$state" CLUSTER_GIT_IMAGE "$GIT_IMAGE"
   log "cluster: node $NODE_NAME Ready at $NODE_IP"
 }
 
@@ -195,7 +211,7 @@ ctr_k8s() { local dir=$1; shift; ctr --address "$dir/containerd.sock" --namespac
 # The pause and busybox images, and the project's images from `make images` if built.
 import_images() {
   local dir=$1 archive
-  local archives=("$IMAGES_CACHE/pause.oci.tar" "$IMAGES_CACHE/busybox.oci.tar")
+  local archives=("$IMAGES_CACHE/pause.oci.tar" "$IMAGES_CACHE/busybox.oci.tar" "$IMAGES_CACHE/git.oci.tar")
   for archive in "$ENV_DIR"/../../target/images/snapcache-*.oci.tar; do
     [[ -f $archive ]] && archives+=("$archive")
   done

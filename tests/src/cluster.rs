@@ -3,16 +3,20 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
 
-use crate::{TestEnv, within};
+use crate::sidecar::{binary, free_addr};
+use crate::{TestEnv, unique_name, within};
 
 /// `helm install snapcache` of the chart into `namespace`, unchanged but for values: the
 /// images `make images` imported (pullPolicy Never), the API server at the node address
 /// (no kube-proxy here), and `extra_values` (YAML lines). Returns once the operator pod is
 /// Ready, with its name.
-pub async fn install_chart(client: &kube::Client, namespace: &str, extra_values: &str) -> String {
+pub async fn install_chart(client: &Client, namespace: &str, extra_values: &str) -> String {
     helm(&["install", "snapcache"], namespace, extra_values);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let operator = within(
@@ -103,4 +107,99 @@ pub fn ready(pod: &Pod, container: &str) -> bool {
         .as_ref()
         .and_then(|status| status.container_statuses.as_ref())
         .is_some_and(|statuses| statuses.iter().any(|s| s.name == container && s.ready))
+}
+
+/// The sidecar image `make images` left under target/images/ (cluster.sh imported it).
+pub fn sidecar_image() -> String {
+    format!(
+        "ghcr.io/snapcache/snapcache-sidecar:{}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// `snapcache-operator run` on the host against the cluster, killed when dropped. Its
+/// webhook listens on loopback, where the API server (on this host too) calls it by URL
+/// through a MutatingWebhookConfiguration of its own that only `namespace` reaches.
+#[derive(Debug)]
+pub struct Operator {
+    process: std::process::Child,
+    configuration: String,
+}
+
+impl Operator {
+    pub async fn start(client: &Client, namespace: &str) -> Operator {
+        let configuration = unique_name("host-webhook");
+        let webhook = free_addr();
+        let admin = free_addr();
+        // Fail, not Ignore: a pod created before the webhook answers is refused and
+        // retried by its controller, rather than admitted without the sidecar.
+        let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "metadata": {"name": configuration},
+            "webhooks": [{
+                "name": "pods.snapcache.io",
+                "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "timeoutSeconds": 5, "failurePolicy": "Fail", "reinvocationPolicy": "IfNeeded",
+                "clientConfig": {"url": format!("https://{webhook}/mutate")},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                           "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {"snapcache.io/test-webhook": configuration}},
+            }]
+        }))
+        .expect("webhook configuration");
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .create(&PostParams::default(), &mutating)
+            .await
+            .expect("create the webhook configuration");
+        let label = json!({"metadata": {"labels": {"snapcache.io/test-webhook": configuration}}});
+        Api::<Namespace>::all(client.clone())
+            .patch(namespace, &PatchParams::default(), &Patch::Merge(&label))
+            .await
+            .expect("label the namespace");
+        let process = std::process::Command::new(binary("snapcache-operator"))
+            .args(["run", "--sidecar-image", &sidecar_image()])
+            .arg(format!("--admin-listen={admin}"))
+            .args(["--webhook", &format!("--webhook-listen={webhook}")])
+            .arg(format!("--webhook-host={}", webhook.ip()))
+            .arg(format!("--webhook-secret={configuration}"))
+            .arg(format!("--webhook-configuration={configuration}"))
+            .arg(format!("--lease-namespace={namespace}"))
+            .env("KUBECONFIG", TestEnv::get().require("CLUSTER_KUBECONFIG"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start snapcache-operator");
+        let operator = Operator {
+            process,
+            configuration,
+        };
+        // The webhook serves before the controller starts, so a ready operator admits.
+        within(
+            Duration::from_secs(60),
+            "the host operator ready",
+            async || {
+                let response = reqwest::get(format!("http://{admin}/readyz")).await.ok()?;
+                response.status().is_success().then_some(())
+            },
+        )
+        .await;
+        operator
+    }
+
+    /// Stops the process and removes its webhook configuration.
+    pub async fn stop(mut self, client: &Client) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .delete(&self.configuration, &Default::default())
+            .await
+            .expect("delete the webhook configuration");
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }

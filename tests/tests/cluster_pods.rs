@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, LogParams, Patch, PatchParams,
@@ -17,9 +17,10 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::Digest;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{bare_pod, has_sidecar, install_chart, ready, upgrade_chart};
+use snapcache_tests::cluster::{
+    Operator, bare_pod, has_sidecar, install_chart, ready, sidecar_image, upgrade_chart,
+};
 use snapcache_tests::prometheus::{Prometheus, documented_scrape_configs};
-use snapcache_tests::sidecar::{binary, free_addr};
 use snapcache_tests::{
     S3Server, TestEnv, create_bucket, create_namespace, install_snapshot_cache_crd, put_snapshot,
     snapshot_bytes, unique_name, within,
@@ -28,100 +29,6 @@ use snapcache_tests::{
 const REPO: &str = "example.com/org/cluster";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const SIDECAR: &str = "snapcache-sidecar";
-
-/// The sidecar image `make images` left under target/images/ (cluster.sh imported it).
-fn sidecar_image() -> String {
-    format!(
-        "ghcr.io/snapcache/snapcache-sidecar:{}",
-        env!("CARGO_PKG_VERSION")
-    )
-}
-
-/// `snapcache-operator run` on the host against the cluster, killed when dropped. Its
-/// webhook listens on loopback, where the API server (on this host too) calls it by URL
-/// through a MutatingWebhookConfiguration of its own that only `namespace` reaches.
-struct Operator {
-    process: std::process::Child,
-    configuration: String,
-}
-
-impl Operator {
-    async fn start(client: &Client, namespace: &str) -> Operator {
-        let configuration = unique_name("host-webhook");
-        let webhook = free_addr();
-        let admin = free_addr();
-        // Fail, not Ignore: a pod created before the webhook answers is refused and
-        // retried by its controller, rather than admitted without the sidecar.
-        let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
-            "metadata": {"name": configuration},
-            "webhooks": [{
-                "name": "pods.snapcache.io",
-                "admissionReviewVersions": ["v1"], "sideEffects": "None",
-                "timeoutSeconds": 5, "failurePolicy": "Fail", "reinvocationPolicy": "IfNeeded",
-                "clientConfig": {"url": format!("https://{webhook}/mutate")},
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                           "resources": ["pods"], "scope": "Namespaced"}],
-                "namespaceSelector": {"matchLabels": {"snapcache.io/test-webhook": configuration}},
-            }]
-        }))
-        .expect("webhook configuration");
-        Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .create(&PostParams::default(), &mutating)
-            .await
-            .expect("create the webhook configuration");
-        let label = json!({"metadata": {"labels": {"snapcache.io/test-webhook": configuration}}});
-        Api::<Namespace>::all(client.clone())
-            .patch(namespace, &PatchParams::default(), &Patch::Merge(&label))
-            .await
-            .expect("label the namespace");
-        let process = std::process::Command::new(binary("snapcache-operator"))
-            .args(["run", "--sidecar-image", &sidecar_image()])
-            .arg(format!("--admin-listen={admin}"))
-            .args(["--webhook", &format!("--webhook-listen={webhook}")])
-            .arg(format!("--webhook-host={}", webhook.ip()))
-            .arg(format!("--webhook-secret={configuration}"))
-            .arg(format!("--webhook-configuration={configuration}"))
-            .arg(format!("--lease-namespace={namespace}"))
-            .env("KUBECONFIG", TestEnv::get().require("CLUSTER_KUBECONFIG"))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start snapcache-operator");
-        let operator = Operator {
-            process,
-            configuration,
-        };
-        // The webhook serves before the controller starts, so a ready operator admits.
-        within(
-            Duration::from_secs(60),
-            "the host operator ready",
-            async || {
-                let response = reqwest::get(format!("http://{admin}/readyz")).await.ok()?;
-                response.status().is_success().then_some(())
-            },
-        )
-        .await;
-        operator
-    }
-
-    /// Stops the process and removes its webhook configuration.
-    async fn stop(mut self, client: &Client) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-        Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .delete(&self.configuration, &Default::default())
-            .await
-            .expect("delete the webhook configuration");
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.process.kill();
-        let _ = self.process.wait();
-    }
-}
 
 /// Waits for a pod of Deployment `app` that `check` accepts.
 async fn pod_of(pods: &Api<Pod>, app: &str, what: &str, check: impl Fn(&Pod) -> bool) -> Pod {

@@ -98,7 +98,42 @@ fn saturating_i64(value: u64) -> i64 {
 /// Serves until SIGTERM or Ctrl-C, then lets in-flight responses finish for up to
 /// `shutdown_grace` before returning.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
-    let app = Arc::new(App::from_config(&config).await?);
+    let running = start(&config).await?;
+    shutdown_signal().await;
+    running.stop().await;
+    Ok(())
+}
+
+/// A server started by `start`: where it listens, and how to stop it.
+#[derive(Debug)]
+pub struct Running {
+    pub api: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    grace: std::time::Duration,
+}
+
+impl Running {
+    /// Stops accepting, and waits up to the shutdown grace for in-flight responses.
+    pub async fn stop(self) {
+        tracing::info!(grace = ?self.grace, "shutting down: finishing in-flight responses");
+        let _ = self.stop.send(true);
+        let drained = tokio::time::timeout(self.grace, async {
+            for server in self.servers {
+                let _ = server.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown grace expired; closing the remaining connections");
+        }
+    }
+}
+
+/// Binds both ports and serves on them until `Running::stop`.
+pub async fn start(config: &ServeConfig) -> anyhow::Result<Running> {
+    let app = Arc::new(App::from_config(config).await?);
     let api = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding the snapshot API to {} (--listen)", config.listen))?;
@@ -125,9 +160,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
              using lower caps (raise `ulimit -n` to keep the configured ones)"
         );
     }
+    let (api_addr, admin_addr) = (api.local_addr()?, admin.local_addr()?);
     tracing::info!(
-        listen = %api.local_addr()?,
-        admin = %admin.local_addr()?,
+        listen = %api_addr,
+        admin = %admin_addr,
         bucket = %config.s3.bucket,
         disk_dir = ?config.disk_dir,
         max_connections = caps.0,
@@ -162,18 +198,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         app.metrics.clone(),
         stopped(),
     ));
-    shutdown_signal().await;
-    tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight responses");
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
-        let _ = api_server.await;
-        let _ = admin_server.await;
+    Ok(Running {
+        api: api_addr,
+        admin: admin_addr,
+        stop: stop_tx,
+        servers: vec![api_server, admin_server],
+        grace: config.shutdown_grace,
     })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("shutdown grace expired; closing the remaining connections");
-    }
-    Ok(())
 }
 
 /// Descriptors kept for S3 connections, disk tier files and the listeners.

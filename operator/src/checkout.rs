@@ -1,0 +1,322 @@
+//! Ready checkouts, pure: which repositories a pod asks for, and the init container,
+//! volumes and mounts that put them in place before its app containers start.
+//!
+//! A pod asks with `snapcache.io/checkout: "github.com/org/repo=/workspace/repo"` (several
+//! comma-separated; a repository without `=DIR` lands at `/workspace/<last part>`). Each
+//! checkout gets an emptyDir; the init container (`snapcache-sidecar checkout`) renames a
+//! complete tree to `tree` in it, and every app container mounts that `tree` at the
+//! directory asked for, so it sees the whole repository or, before the rename, nothing.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, PodSpec, Volume, VolumeMount};
+
+/// Repositories to check out: `REPO[=DIR], ...`.
+pub const CHECKOUT_ANNOTATION: &str = "snapcache.io/checkout";
+/// `"true"`: the app starts even when a checkout fails.
+pub const OPTIONAL_ANNOTATION: &str = "snapcache.io/checkout-optional";
+pub const INIT_CONTAINER_NAME: &str = "snapcache-checkout";
+/// Where the init container mounts checkout volume `i`, as `MOUNT_ROOT/i`.
+const MOUNT_ROOT: &str = "/snapcache/checkouts";
+/// The directory of a checkout volume that holds the finished tree.
+const TREE: &str = "tree";
+/// Where a repository without `=DIR` goes.
+const DEFAULT_PARENT: &str = "/workspace";
+
+/// One repository a pod asks for, and where its app containers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub repo: String,
+    pub path: String,
+}
+
+/// The checkouts a pod's annotations ask for; empty when none. A malformed annotation
+/// says what is wrong with it.
+pub fn wanted(annotations: &BTreeMap<String, String>) -> Result<Vec<Wanted>, String> {
+    let Some(value) = annotations.get(CHECKOUT_ANNOTATION) else {
+        return Ok(Vec::new());
+    };
+    let mut all: Vec<Wanted> = Vec::new();
+    for item in value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        let (repo, path) = match item.split_once('=') {
+            Some((repo, path)) => (repo.trim().trim_matches('/'), path.trim().to_owned()),
+            None => {
+                let repo = item.trim_matches('/');
+                let last = repo.rsplit('/').next().unwrap_or(repo);
+                (repo, format!("{DEFAULT_PARENT}/{last}"))
+            }
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        if parts.len() < 2
+            || parts
+                .iter()
+                .any(|p| p.is_empty() || *p == "." || *p == "..")
+        {
+            return Err(format!(
+                "{CHECKOUT_ANNOTATION}: `{item}`: the repository must be {{host}}/{{path}}, e.g. github.com/org/repo"
+            ));
+        }
+        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        if !path.starts_with('/')
+            || segments
+                .iter()
+                .any(|s| s.is_empty() || *s == "." || *s == "..")
+        {
+            return Err(format!(
+                "{CHECKOUT_ANNOTATION}: `{item}`: the directory must be an absolute path like /workspace/repo, without `..`"
+            ));
+        }
+        if all.iter().any(|other| other.path == path) {
+            return Err(format!(
+                "{CHECKOUT_ANNOTATION}: two checkouts at {path}; give each its own directory"
+            ));
+        }
+        all.push(Wanted {
+            repo: repo.to_owned(),
+            path,
+        });
+    }
+    if all.is_empty() {
+        return Err(format!(
+            "{CHECKOUT_ANNOTATION} is empty: name at least one repository, e.g. github.com/org/repo=/workspace/repo"
+        ));
+    }
+    Ok(all)
+}
+
+/// Whether the pod lets its app start without its checkouts.
+pub fn optional(annotations: &BTreeMap<String, String>) -> bool {
+    annotations
+        .get(OPTIONAL_ANNOTATION)
+        .is_some_and(|value| value == "true")
+}
+
+pub fn volume_name(index: usize) -> String {
+    format!("snapcache-checkout-{index}")
+}
+
+/// An emptyDir per checkout.
+pub fn volumes(wanted: &[Wanted]) -> Vec<Volume> {
+    (0..wanted.len())
+        .map(|index| Volume {
+            name: volume_name(index),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// What each app container mounts: the finished tree of every checkout at its directory.
+pub fn app_mounts(wanted: &[Wanted]) -> Vec<VolumeMount> {
+    wanted
+        .iter()
+        .enumerate()
+        .map(|(index, checkout)| VolumeMount {
+            name: volume_name(index),
+            mount_path: checkout.path.clone(),
+            sub_path: Some(TREE.to_owned()),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The user and group the pod's app runs as, when its spec says: the first container's
+/// own, else the pod's. The checkout is made as that user, so the app owns its files (and
+/// git trusts the repository).
+pub fn app_user(spec: &PodSpec) -> (Option<i64>, Option<i64>) {
+    let container = spec
+        .containers
+        .first()
+        .and_then(|c| c.security_context.as_ref());
+    let pod = spec.security_context.as_ref();
+    let user = container
+        .and_then(|c| c.run_as_user)
+        .or_else(|| pod.and_then(|p| p.run_as_user));
+    let group = container
+        .and_then(|c| c.run_as_group)
+        .or_else(|| pod.and_then(|p| p.run_as_group));
+    (user, group)
+}
+
+/// The init container: `checkout` with the sidecar's own S3 and disk-tier flags, its
+/// environment (credentials) and disk volume, run as the app's user when known.
+pub fn init_container(
+    sidecar: &Container,
+    wanted: &[Wanted],
+    optional: bool,
+    app_user: (Option<i64>, Option<i64>),
+) -> Container {
+    let mut args = vec!["checkout".to_owned()];
+    args.extend(wanted.iter().enumerate().map(|(index, checkout)| {
+        format!("--checkout={}={MOUNT_ROOT}/{index}/{TREE}", checkout.repo)
+    }));
+    if optional {
+        args.push("--optional".to_owned());
+    }
+    // The sidecar's serve flags, but its ports: the checkout picks free loopback ones.
+    args.extend(
+        sidecar
+            .args
+            .iter()
+            .flatten()
+            .skip(1)
+            .filter(|arg| !arg.starts_with("--listen=") && !arg.starts_with("--admin-listen="))
+            .cloned(),
+    );
+    let mut mounts = sidecar.volume_mounts.clone().unwrap_or_default();
+    mounts.extend(wanted.iter().enumerate().map(|(index, _)| VolumeMount {
+        name: volume_name(index),
+        mount_path: format!("{MOUNT_ROOT}/{index}"),
+        ..Default::default()
+    }));
+    let mut security = sidecar.security_context.clone().unwrap_or_default();
+    if let Some(user) = app_user.0 {
+        security.run_as_user = Some(user);
+        security.run_as_non_root = Some(user != 0);
+    }
+    if let Some(group) = app_user.1 {
+        security.run_as_group = Some(group);
+    }
+    Container {
+        name: INIT_CONTAINER_NAME.to_owned(),
+        image: sidecar.image.clone(),
+        args: Some(args),
+        env: sidecar.env.clone(),
+        resources: sidecar.resources.clone(),
+        security_context: Some(security),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{PodSecurityContext, SecurityContext};
+
+    use super::*;
+
+    fn annotations(value: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(CHECKOUT_ANNOTATION.to_owned(), value.to_owned())])
+    }
+
+    fn checkout(repo: &str, path: &str) -> Wanted {
+        Wanted {
+            repo: repo.to_owned(),
+            path: path.to_owned(),
+        }
+    }
+
+    #[test]
+    fn one_or_several_checkouts_with_or_without_a_directory() {
+        assert_eq!(wanted(&BTreeMap::new()), Ok(vec![]));
+        assert_eq!(
+            wanted(&annotations("github.com/org/repo")),
+            Ok(vec![checkout("github.com/org/repo", "/workspace/repo")])
+        );
+        assert_eq!(
+            wanted(&annotations(
+                " github.com/org/a=/src/a , example.com/b=/src/b "
+            )),
+            Ok(vec![
+                checkout("github.com/org/a", "/src/a"),
+                checkout("example.com/b", "/src/b")
+            ])
+        );
+    }
+
+    #[test]
+    fn malformed_checkouts_say_what_is_wrong() {
+        for (value, says) in [
+            ("", "is empty"),
+            ("repo", "{host}/{path}"),
+            ("github.com/../etc=/w", "{host}/{path}"),
+            ("github.com/org/a=relative", "absolute path"),
+            ("github.com/org/a=/w/../etc", "without `..`"),
+            ("github.com/org/a=/", "absolute path"),
+            ("github.com/a/x=/w,github.com/b/x=/w", "two checkouts at /w"),
+        ] {
+            let err = wanted(&annotations(value)).expect_err(value);
+            assert!(err.contains(says), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_init_container_takes_the_sidecars_flags_and_runs_as_the_app() {
+        let sidecar = Container {
+            name: "snapcache-sidecar".to_owned(),
+            image: Some("sidecar:1".to_owned()),
+            args: Some(
+                [
+                    "serve",
+                    "--listen=127.0.0.1:8765",
+                    "--admin-listen=0.0.0.0:9765",
+                    "--s3-bucket=b",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
+            ),
+            security_context: Some(SecurityContext {
+                run_as_user: Some(65532),
+                run_as_non_root: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let wanted = [checkout("github.com/org/a", "/src/a")];
+        let init = init_container(&sidecar, &wanted, true, (Some(1000), Some(1000)));
+        assert_eq!(
+            init.args.expect("args"),
+            [
+                "checkout",
+                "--checkout=github.com/org/a=/snapcache/checkouts/0/tree",
+                "--optional",
+                "--s3-bucket=b"
+            ]
+        );
+        let security = init.security_context.expect("security");
+        assert_eq!(
+            (security.run_as_user, security.run_as_group),
+            (Some(1000), Some(1000))
+        );
+        let mounts = init.volume_mounts.expect("mounts");
+        assert_eq!(mounts[0].mount_path, "/snapcache/checkouts/0");
+        let root = init_container(&sidecar, &wanted, false, (Some(0), None));
+        assert_eq!(
+            root.security_context.and_then(|s| s.run_as_non_root),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn apps_mount_the_finished_tree_at_their_directory() {
+        let mounts = app_mounts(&[checkout("github.com/org/a", "/src/a")]);
+        assert_eq!(mounts[0].name, "snapcache-checkout-0");
+        assert_eq!(mounts[0].mount_path, "/src/a");
+        assert_eq!(mounts[0].sub_path.as_deref(), Some("tree"));
+    }
+
+    #[test]
+    fn the_app_user_is_the_first_containers_then_the_pods() {
+        let mut spec = PodSpec {
+            containers: vec![Container::default()],
+            security_context: Some(PodSecurityContext {
+                run_as_user: Some(2000),
+                run_as_group: Some(3000),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(app_user(&spec), (Some(2000), Some(3000)));
+        spec.containers[0].security_context = Some(SecurityContext {
+            run_as_user: Some(1000),
+            ..Default::default()
+        });
+        assert_eq!(app_user(&spec), (Some(1000), Some(3000)));
+        assert_eq!(app_user(&PodSpec::default()), (None, None));
+    }
+}

@@ -1,0 +1,248 @@
+//! `snapcache-sidecar checkout`: git working trees from snapshots, before the app starts.
+//!
+//! It runs as a pod's init container, where no sidecar serves yet: it starts the sidecar's
+//! own server in-process on loopback (same S3 reads, same disk tier) and downloads each
+//! snapshot through it as `fetch --extract` does: pinned parallel ranges, a restart on
+//! 412, verified, unpacked into a staging directory beside the target and renamed into
+//! place, so the app sees a complete tree or none. Failures are retried with backoff
+//! until a deadline; then the reason goes to the termination message the kubelet shows.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::config::ServeConfig;
+use crate::fetch::{self, FetchError, FetchOptions, FetchSummary, Quiet};
+use crate::server;
+
+/// One checkout: the snapshot `{host}/{path}` unpacked at `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkout {
+    pub repo: String,
+    pub target: PathBuf,
+}
+
+/// `REPO=DIR`, e.g. `github.com/org/repo=/workspace/repo`.
+pub fn parse_checkout(text: &str) -> Result<Checkout, String> {
+    let (repo, target) = text.split_once('=').ok_or_else(|| {
+        format!("`{text}`: expected REPO=DIR, e.g. github.com/org/repo=/workspace/repo")
+    })?;
+    let repo = repo.trim_matches('/');
+    if repo.is_empty()
+        || repo
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err(format!(
+            "`{text}`: REPO must be {{host}}/{{path}}, e.g. github.com/org/repo"
+        ));
+    }
+    let target = PathBuf::from(target);
+    if !target.is_absolute()
+        || target
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(format!(
+            "`{text}`: DIR must be an absolute path without `..`"
+        ));
+    }
+    Ok(Checkout {
+        repo: repo.to_owned(),
+        target,
+    })
+}
+
+/// How hard to try.
+#[derive(Debug, Clone)]
+pub struct Patience {
+    /// No new attempt starts after this much time.
+    pub give_up_after: Duration,
+    /// The wait after the first failure; it doubles up to `max_backoff`.
+    pub first_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// What one finished checkout did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Done {
+    pub repo: String,
+    pub target: PathBuf,
+    /// `None` when the target was complete already (a restarted init container).
+    pub fetched: Option<FetchSummary>,
+    pub attempts: u32,
+}
+
+/// Why a checkout failed, in one line for `kubectl describe pod`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "checkout of {repo} into {target} failed after {attempts} attempts over {seconds:.0}s: {last}"
+)]
+pub struct Failed {
+    pub repo: String,
+    pub target: String,
+    pub attempts: u32,
+    pub seconds: f64,
+    pub last: String,
+}
+
+/// Materializes every checkout through an in-process sidecar started from `config`.
+pub async fn run(
+    mut config: ServeConfig,
+    checkouts: &[Checkout],
+    patience: &Patience,
+) -> anyhow::Result<Result<Vec<Done>, Failed>> {
+    // Loopback only, on ports of the kernel's choosing: nothing outside this container
+    // should reach it, and the pod's sidecar may hold the usual ports later.
+    config.listen = "127.0.0.1:0".parse()?;
+    config.admin_listen = "127.0.0.1:0".parse()?;
+    let running = server::start(&config).await?;
+    let mut done = Vec::new();
+    let mut outcome = Ok(());
+    for checkout in checkouts {
+        let url = format!(
+            "http://{}/git/{}/snapshot.tar.zst",
+            running.api, checkout.repo
+        );
+        match one(&url, checkout, patience).await {
+            Ok(finished) => done.push(finished),
+            Err(failed) => {
+                outcome = Err(failed);
+                break;
+            }
+        }
+    }
+    running.stop().await;
+    Ok(outcome.map(|()| done))
+}
+
+/// One checkout, retried with backoff until `patience` runs out.
+async fn one(url: &str, checkout: &Checkout, patience: &Patience) -> Result<Done, Failed> {
+    if checkout.target.exists() {
+        // Renamed into place only once complete: an earlier run of this container did it.
+        return Ok(Done {
+            repo: checkout.repo.clone(),
+            target: checkout.target.clone(),
+            fetched: None,
+            attempts: 0,
+        });
+    }
+    let started = Instant::now();
+    let mut backoff = patience.first_backoff;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let options = fetch_options(url, &checkout.target);
+        let result = fetch::fetch(&options, &Quiet).await;
+        // The tarball was only the download's scratch copy; the tree is what stays.
+        let _ = std::fs::remove_file(&options.output);
+        let error = match result {
+            Ok(summary) => {
+                tracing::info!(
+                    repo = %checkout.repo, target = %checkout.target.display(),
+                    bytes = summary.bytes, seconds = summary.seconds,
+                    restarts = summary.restarts, commit = ?summary.commit,
+                    "checked out"
+                );
+                return Ok(Done {
+                    repo: checkout.repo.clone(),
+                    target: checkout.target.clone(),
+                    fetched: Some(summary),
+                    attempts,
+                });
+            }
+            Err(err) => err,
+        };
+        let elapsed = started.elapsed();
+        if elapsed + backoff > patience.give_up_after {
+            return Err(Failed {
+                repo: checkout.repo.clone(),
+                target: checkout.target.display().to_string(),
+                attempts,
+                seconds: elapsed.as_secs_f64(),
+                last: describe(&error),
+            });
+        }
+        tracing::warn!(
+            repo = %checkout.repo, error = %error, retry_in = ?backoff,
+            "checkout failed; retrying"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(patience.max_backoff);
+    }
+}
+
+/// The error as a user reads it, with what to check.
+fn describe(error: &FetchError) -> String {
+    match error {
+        FetchError::NotFound(_) => {
+            "no snapshot of this repository in the bucket: has it been published \
+             (snapcache-sidecar publish), and is the SnapshotCache's spec.s3 right?"
+                .to_owned()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// What `fetch --extract` does, with the scratch tarball beside the target.
+fn fetch_options(url: &str, target: &Path) -> FetchOptions {
+    let name = target
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    FetchOptions {
+        url: url.to_owned(),
+        output: target.with_file_name(format!(".{name}.snapshot.tar.zst")),
+        workers: 8,
+        chunk_size: 16 << 20,
+        max_restarts: 3,
+        chunk_attempts: 5,
+        chunk_timeout: Duration::from_secs(60),
+        extract: Some(target.to_owned()),
+    }
+}
+
+/// Writes `message` where the kubelet reads a container's termination message; a path
+/// that cannot be written (outside a pod) is skipped.
+pub fn write_termination_message(path: &Path, message: &str) {
+    if let Err(err) = std::fs::write(path, message) {
+        tracing::debug!(path = %path.display(), %err, "no termination message written");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkout_names_a_repository_and_an_absolute_directory() {
+        assert_eq!(
+            parse_checkout("github.com/org/repo=/workspace/repo"),
+            Ok(Checkout {
+                repo: "github.com/org/repo".to_owned(),
+                target: PathBuf::from("/workspace/repo"),
+            })
+        );
+        for bad in [
+            "github.com/org/repo",
+            "=/workspace",
+            "github.com/../x=/w",
+            "github.com/org/repo=relative",
+            "github.com/org/repo=/w/../etc",
+        ] {
+            assert!(parse_checkout(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_scratch_tarball_sits_beside_the_target_in_the_same_volume() {
+        let options = fetch_options("http://x", Path::new("/snapcache/checkouts/0/tree"));
+        assert_eq!(
+            options.output,
+            PathBuf::from("/snapcache/checkouts/0/.tree.snapshot.tar.zst")
+        );
+        assert_eq!(
+            options.extract,
+            Some(PathBuf::from("/snapcache/checkouts/0/tree"))
+        );
+    }
+}
