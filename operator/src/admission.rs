@@ -107,7 +107,7 @@ pub fn decide(
     if inject::is_injected(&template) || has_checkout {
         return Decision::Skip(Skip::AlreadyInjected);
     }
-    let Ok(wanted) = checkout::wanted(pod.annotations()) else {
+    let Ok(wanted) = checkout::wanted(pod.annotations(), &cache.spec.checkout) else {
         return Decision::Skip(Skip::InvalidCheckout);
     };
     let taken = |name: &str| spec.volumes.iter().flatten().any(|v| v.name == name);
@@ -147,6 +147,7 @@ pub fn decide(
             &container,
             &wanted,
             checkout::optional(pod.annotations()),
+            cache.spec.checkout.give_up_after.as_deref(),
             checkout::app_user(&spec),
         );
         patch.insert_init_container(to_value(&init));
@@ -287,6 +288,7 @@ mod tests {
                 },
                 sidecar: Default::default(),
                 injection: InjectionMode::Auto,
+                checkout: Default::default(),
             },
         );
         cache.metadata.creation_timestamp = Some(Time(

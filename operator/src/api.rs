@@ -41,6 +41,31 @@ pub struct SnapshotCacheSpec {
     /// `container`: a regular container; `auto` (default): native when the cluster has it.
     #[serde(default)]
     pub injection: InjectionMode,
+    /// Ready checkouts for the pods it selects (a pod's `snapcache.io/checkout`
+    /// annotation takes precedence).
+    #[serde(default, skip_serializing_if = "CheckoutSpec::is_empty")]
+    pub checkout: CheckoutSpec,
+}
+
+/// Git checkouts made before a pod's app containers start.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckoutSpec {
+    /// `REPO=DIR` (or `REPO`, at /workspace/<last part>) for pods without their own
+    /// `snapcache.io/checkout` annotation, e.g. `github.com/org/repo=/workspace/repo`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<String>,
+    /// How long a failing checkout is retried before the pod's init container fails with
+    /// the reason, e.g. `2m` (default 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub give_up_after: Option<String>,
+}
+
+impl CheckoutSpec {
+    pub fn is_empty(&self) -> bool {
+        self.repositories.is_empty() && self.give_up_after.is_none()
+    }
 }
 
 /// The S3 bucket holding the snapshots.

@@ -125,6 +125,7 @@ mod tests {
                 },
                 sidecar: Default::default(),
                 injection: Default::default(),
+                checkout: Default::default(),
             },
         );
         cache.metadata.creation_timestamp = Some(time(created_at));

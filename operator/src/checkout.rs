@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, PodSpec, Volume, VolumeMount};
 
+use crate::api::CheckoutSpec;
+
 /// Repositories to check out: `REPO[=DIR], ...`.
 pub const CHECKOUT_ANNOTATION: &str = "snapcache.io/checkout";
 /// `"true"`: the app starts even when a checkout fails.
@@ -30,11 +32,17 @@ pub struct Wanted {
     pub path: String,
 }
 
-/// The checkouts a pod's annotations ask for; empty when none. A malformed annotation
-/// says what is wrong with it.
-pub fn wanted(annotations: &BTreeMap<String, String>) -> Result<Vec<Wanted>, String> {
-    let Some(value) = annotations.get(CHECKOUT_ANNOTATION) else {
-        return Ok(Vec::new());
+/// The checkouts a pod asks for with its annotation, else those its SnapshotCache sets
+/// (`spec.checkout.repositories`); empty when neither does. A malformed one says what is
+/// wrong with it.
+pub fn wanted(
+    annotations: &BTreeMap<String, String>,
+    defaults: &CheckoutSpec,
+) -> Result<Vec<Wanted>, String> {
+    let value = match annotations.get(CHECKOUT_ANNOTATION) {
+        Some(value) => value.clone(),
+        None if defaults.repositories.is_empty() => return Ok(Vec::new()),
+        None => defaults.repositories.join(","),
     };
     let mut all: Vec<Wanted> = Vec::new();
     for item in value
@@ -148,6 +156,7 @@ pub fn init_container(
     sidecar: &Container,
     wanted: &[Wanted],
     optional: bool,
+    give_up_after: Option<&str>,
     app_user: (Option<i64>, Option<i64>),
 ) -> Container {
     let mut args = vec!["checkout".to_owned()];
@@ -156,6 +165,9 @@ pub fn init_container(
     }));
     if optional {
         args.push("--optional".to_owned());
+    }
+    if let Some(limit) = give_up_after {
+        args.push(format!("--give-up-after={limit}"));
     }
     // The sidecar's serve flags, but its ports: the checkout picks free loopback ones.
     args.extend(
@@ -213,19 +225,42 @@ mod tests {
 
     #[test]
     fn one_or_several_checkouts_with_or_without_a_directory() {
-        assert_eq!(wanted(&BTreeMap::new()), Ok(vec![]));
         assert_eq!(
-            wanted(&annotations("github.com/org/repo")),
+            wanted(&BTreeMap::new(), &CheckoutSpec::default()),
+            Ok(vec![])
+        );
+        assert_eq!(
+            wanted(
+                &annotations("github.com/org/repo"),
+                &CheckoutSpec::default()
+            ),
             Ok(vec![checkout("github.com/org/repo", "/workspace/repo")])
         );
         assert_eq!(
-            wanted(&annotations(
-                " github.com/org/a=/src/a , example.com/b=/src/b "
-            )),
+            wanted(
+                &annotations(" github.com/org/a=/src/a , example.com/b=/src/b "),
+                &CheckoutSpec::default()
+            ),
             Ok(vec![
                 checkout("github.com/org/a", "/src/a"),
                 checkout("example.com/b", "/src/b")
             ])
+        );
+    }
+
+    #[test]
+    fn the_snapshot_caches_checkouts_apply_to_pods_without_their_own() {
+        let defaults = CheckoutSpec {
+            repositories: vec!["github.com/org/a=/src/a".to_owned()],
+            give_up_after: None,
+        };
+        assert_eq!(
+            wanted(&BTreeMap::new(), &defaults),
+            Ok(vec![checkout("github.com/org/a", "/src/a")])
+        );
+        assert_eq!(
+            wanted(&annotations("example.com/b"), &defaults),
+            Ok(vec![checkout("example.com/b", "/workspace/b")])
         );
     }
 
@@ -240,7 +275,7 @@ mod tests {
             ("github.com/org/a=/", "absolute path"),
             ("github.com/a/x=/w,github.com/b/x=/w", "two checkouts at /w"),
         ] {
-            let err = wanted(&annotations(value)).expect_err(value);
+            let err = wanted(&annotations(value), &CheckoutSpec::default()).expect_err(value);
             assert!(err.contains(says), "{value}: {err}");
         }
     }
@@ -268,13 +303,20 @@ mod tests {
             ..Default::default()
         };
         let wanted = [checkout("github.com/org/a", "/src/a")];
-        let init = init_container(&sidecar, &wanted, true, (Some(1000), Some(1000)));
+        let init = init_container(
+            &sidecar,
+            &wanted,
+            true,
+            Some("2m"),
+            (Some(1000), Some(1000)),
+        );
         assert_eq!(
             init.args.expect("args"),
             [
                 "checkout",
                 "--checkout=github.com/org/a=/snapcache/checkouts/0/tree",
                 "--optional",
+                "--give-up-after=2m",
                 "--s3-bucket=b"
             ]
         );
@@ -285,7 +327,7 @@ mod tests {
         );
         let mounts = init.volume_mounts.expect("mounts");
         assert_eq!(mounts[0].mount_path, "/snapcache/checkouts/0");
-        let root = init_container(&sidecar, &wanted, false, (Some(0), None));
+        let root = init_container(&sidecar, &wanted, false, None, (Some(0), None));
         assert_eq!(
             root.security_context.and_then(|s| s.run_as_non_root),
             Some(false)

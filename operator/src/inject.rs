@@ -323,6 +323,7 @@ mod tests {
                 ..Default::default()
             },
             injection: mode,
+            checkout: Default::default(),
         }
     }
 

@@ -45,19 +45,16 @@ fn publish_this_repository(bucket: &str) -> String {
     git(std::path::Path::new(repository), &["rev-parse", "HEAD"])
 }
 
-/// A Job whose pod asks for a checkout: its app runs as uid 1000, checks that git sees the
-/// published commit and a clean tree at each directory, and writes into the checkout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
+/// A namespace with the Garage credentials, a SnapshotCache `ci` selecting app=ci with
+/// `checkout` as its spec.checkout, and a host operator injecting it.
+async fn namespace_with_cache(
+    client: &kube::Client,
+    bucket: &str,
+    checkout: serde_json::Value,
+) -> (String, Operator) {
     let env = TestEnv::get();
-    let client = env.cluster_client().await.expect("cluster client");
-    install_snapshot_cache_crd(&client).await;
     let garage = env.s3_server("garage");
-    let bucket = unique_name("checkout");
-    create_bucket(&garage.client(), &bucket).await;
-    let commit = publish_this_repository(&bucket);
-
-    let namespace = create_namespace(&client, "checkout").await;
+    let namespace = create_namespace(client, "checkout").await;
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": "s3-credentials"},
         "stringData": {"AWS_ACCESS_KEY_ID": garage.access_key_id,
@@ -76,6 +73,7 @@ async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
             "s3": {"bucket": bucket, "endpoint": env.require("CLUSTER_S3_GARAGE_ENDPOINT"),
                    "credentialsSecret": "s3-credentials"},
             "sidecar": {"diskSize": "2Gi"},
+            "checkout": checkout,
         }
     }))
     .expect("snapshot cache");
@@ -83,7 +81,78 @@ async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
         .create(&PostParams::default(), &cache)
         .await
         .expect("create snapshot cache");
-    let operator = Operator::start(&client, &namespace).await;
+    let operator = Operator::start(client, &namespace).await;
+    (namespace, operator)
+}
+
+/// A Job `name` whose pod (app=ci, annotations `annotations`) runs `script` in the git
+/// image as uid 1000.
+fn job(name: &str, annotations: serde_json::Value, script: &str) -> Job {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": {"app": "ci"}, "annotations": annotations},
+                "spec": {
+                    "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "app", "image": TestEnv::get().require("CLUSTER_GIT_IMAGE"),
+                        "imagePullPolicy": "Never", "command": ["sh", "-c", script],
+                        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
+                    }]
+                }
+            }
+        }
+    }))
+    .expect("job")
+}
+
+/// Waits for Job `name` to succeed or fail; its pod, with the app container's log.
+async fn finished(client: &kube::Client, namespace: &str, name: &str) -> (bool, Pod, String) {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let status = within(
+        Duration::from_secs(180),
+        &format!("Job {name} to finish"),
+        async || {
+            let status = jobs.get(name).await.ok()?.status?;
+            (status.succeeded == Some(1) || status.failed == Some(1)).then_some(status)
+        },
+    )
+    .await;
+    let listed = pods
+        .list(&ListParams::default().labels(&format!("job-name={name}")))
+        .await
+        .expect("the Job's pods");
+    let pod = listed.items.into_iter().next().expect("the Job's pod");
+    let pod_name = pod.metadata.name.clone().expect("pod name");
+    let log = pods
+        .logs(
+            &pod_name,
+            &LogParams {
+                container: Some("app".into()),
+                ..LogParams::default()
+            },
+        )
+        .await
+        .unwrap_or_default();
+    (status.succeeded == Some(1), pod, log)
+}
+
+/// A Job whose pod asks for a checkout: its app runs as uid 1000, checks that git sees the
+/// published commit and a clean tree at each directory, and writes into the checkout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
+    let env = TestEnv::get();
+    let client = env.cluster_client().await.expect("cluster client");
+    install_snapshot_cache_crd(&client).await;
+    let garage = env.s3_server("garage");
+    let bucket = unique_name("checkout");
+    create_bucket(&garage.client(), &bucket).await;
+    let commit = publish_this_repository(&bucket);
+
+    let (namespace, operator) = namespace_with_cache(&client, &bucket, json!({})).await;
 
     // Two checkouts of one repository, at two directories; the first command checks both.
     let script = format!(
@@ -94,57 +163,15 @@ async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
          echo written > /src/repo/written-by-the-app; \
          echo \"CHECKED OUT $(git -C /src/repo rev-parse HEAD) as $(id -u)\""
     );
-    let job: Job = serde_json::from_value(json!({
-        "metadata": {"name": "build"},
-        "spec": {
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {
-                    "labels": {"app": "ci"},
-                    "annotations": {"snapcache.io/checkout":
-                        format!("{REPO}=/src/repo,{REPO}=/src/again")},
-                },
-                "spec": {
-                    "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "app", "image": env.require("CLUSTER_GIT_IMAGE"),
-                        "imagePullPolicy": "Never", "command": ["sh", "-c", script],
-                        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
-                    }]
-                }
-            }
-        }
-    }))
-    .expect("job");
+    let annotations =
+        json!({"snapcache.io/checkout": format!("{REPO}=/src/repo,{REPO}=/src/again")});
     let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
-    jobs.create(&PostParams::default(), &job)
+    jobs.create(&PostParams::default(), &job("build", annotations, &script))
         .await
         .expect("create the Job");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let finished = within(Duration::from_secs(180), "the Job to finish", async || {
-        let status = jobs.get("build").await.ok()?.status?;
-        (status.succeeded == Some(1) || status.failed == Some(1)).then_some(status)
-    })
-    .await;
-    let listed = pods
-        .list(&ListParams::default().labels("job-name=build"))
-        .await
-        .expect("the Job's pods");
-    let pod = listed.items.first().expect("the Job's pod");
-    let name = pod.metadata.name.clone().expect("pod name");
-    let log = pods
-        .logs(
-            &name,
-            &LogParams {
-                container: Some("app".into()),
-                ..LogParams::default()
-            },
-        )
-        .await
-        .unwrap_or_default();
-    assert_eq!(
-        finished.succeeded,
-        Some(1),
+    let (succeeded, pod, log) = finished(&client, &namespace, "build").await;
+    assert!(
+        succeeded,
         "the Job failed; app log:\n{log}\npod status: {:?}",
         pod.status
     );
@@ -156,6 +183,77 @@ async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
     assert!(
         spec.containers.iter().all(|c| c.name == "app"),
         "no long-running sidecar in a Job's pod on 1.20"
+    );
+    operator.stop(&client).await;
+}
+
+/// A snapshot that does not exist: retried until spec.checkout.giveUpAfter, then the pod
+/// fails with the reason in the init container's termination message, and its app never
+/// runs. With `snapcache.io/checkout-optional: "true"` the app starts without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs() {
+    let env = TestEnv::get();
+    let client = env.cluster_client().await.expect("cluster client");
+    install_snapshot_cache_crd(&client).await;
+    let garage = env.s3_server("garage");
+    let bucket = unique_name("checkout");
+    create_bucket(&garage.client(), &bucket).await;
+    let (namespace, operator) =
+        namespace_with_cache(&client, &bucket, json!({"giveUpAfter": "3s"})).await;
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
+    let missing = json!({"snapcache.io/checkout": "example.com/nobody/missing=/src/missing"});
+    jobs.create(
+        &PostParams::default(),
+        &job("required", missing.clone(), "echo APP RAN"),
+    )
+    .await
+    .expect("create the Job");
+    let mut optional = missing;
+    optional["snapcache.io/checkout-optional"] = json!("true");
+    let script = "echo APP RAN; ls -A /src/missing | wc -l";
+    jobs.create(&PostParams::default(), &job("optional", optional, script))
+        .await
+        .expect("create the optional Job");
+
+    let (succeeded, pod, log) = finished(&client, &namespace, "required").await;
+    assert!(!succeeded, "the Job succeeded without its checkout: {log}");
+    let status = pod.status.expect("pod status");
+    let init = status
+        .init_container_statuses
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.name == "snapcache-checkout")
+        .expect("the checkout init container's status");
+    let terminated = init.state.and_then(|s| s.terminated).expect("terminated");
+    let message = terminated.message.unwrap_or_default();
+    assert_ne!(terminated.exit_code, 0);
+    assert!(
+        message.contains("checkout of example.com/nobody/missing")
+            && message.contains("no snapshot of this repository"),
+        "the reason the user sees: {message}"
+    );
+    let app = status
+        .container_statuses
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.name == "app")
+        .expect("the app container's status");
+    let ran = app
+        .state
+        .as_ref()
+        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+        || app
+            .last_state
+            .as_ref()
+            .is_some_and(|s| s.terminated.is_some());
+    assert!(!ran, "the app container ran without its checkout: {app:?}");
+    assert!(!log.contains("APP RAN"), "{log}");
+
+    let (succeeded, _, log) = finished(&client, &namespace, "optional").await;
+    assert!(succeeded, "the optional Job failed: {log}");
+    assert!(
+        log.contains("APP RAN\n0"),
+        "the app started with an empty directory: {log}"
     );
     operator.stop(&client).await;
 }
