@@ -2,9 +2,10 @@
 # cluster-demo.sh: what `make cluster-demo` runs. On a real one-node cluster (cluster.sh):
 # `helm install` of the chart runs the operator as a pod from its image; a snapshot of this
 # repository is published to S3 (moto); a SnapshotCache and a Deployment follow, the
-# operator injects the sidecar, and the app container reads the snapshot from
-# 127.0.0.1:8765. Prints the app's log, a few sidecar metrics and each step's time, then
-# stops everything and leaves the host as it was.
+# operator's webhook injects the sidecar, and the app container reads the snapshot from
+# 127.0.0.1:8765; then a Job starts with the repository checked out and completes. Prints
+# the logs, a few sidecar metrics and each step's time, then stops everything and leaves
+# the host as it was.
 source "$(dirname "$0")/lib.sh"
 
 RELEASE=snapcache
@@ -36,13 +37,13 @@ fail() { printf '\ncluster-demo FAILED: %s\n' "$*" >&2; exit 1; }
 ROOT=$(git -C "$ENV_DIR" rev-parse --show-toplevel)
 if [[ ${1:-} != inside ]]; then
   trap report EXIT
-  step "1/8 Installing moto, helm, containerd, the CNI plugins and Kubernetes 1.20.2 (built once from Debian's source, about 15 minutes; cached after)"
+  step "1/9 Installing moto, helm, containerd, the CNI plugins and Kubernetes 1.20.2 (built once from Debian's source, about 15 minutes; cached after)"
   apt_install curl git
   bash "$ENV_DIR/python.sh" install
   bash "$ENV_DIR/helm.sh" install
   bash "$ENV_DIR/cluster.sh" install
   bash "$ENV_DIR/images.sh" install
-  step "2/8 Building the binaries and the images of the sidecar and the operator (dev profile)"
+  step "2/9 Building the binaries and the images of the sidecar and the operator (dev profile)"
   (cd "$ROOT" && cargo build --locked -p snapcache-sidecar -p snapcache-operator)
   SNAPCACHE_IMAGE_PROFILE=dev bash "$ENV_DIR/images.sh" build
   trap - EXIT
@@ -63,7 +64,7 @@ BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/snapcache-sidecar
 kubectl() { command kubectl --kubeconfig "$CLUSTER_KUBECONFIG" "$@"; }
 kubectl get nodes -o wide
 
-step "4/8 helm install $RELEASE charts/snapcache -n $RELEASE_NAMESPACE (the operator runs as a pod)"
+step "4/9 helm install $RELEASE charts/snapcache -n $RELEASE_NAMESPACE (the operator runs as a pod)"
 # No kube-proxy here: the operator reaches the API server at the node address.
 "$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" install "$RELEASE" "$ROOT/charts/snapcache" \
   -n "$RELEASE_NAMESPACE" --create-namespace --set image.pullPolicy=Never \
@@ -74,7 +75,7 @@ kubectl -n "$RELEASE_NAMESPACE" rollout status deployment/"$RELEASE" --timeout=1
   fail "the operator pod did not become ready: $(kubectl -n "$RELEASE_NAMESPACE" logs deployment/"$RELEASE" --tail=20)"
 kubectl -n "$RELEASE_NAMESPACE" get pods -o wide
 
-step "5/8 Publishing a snapshot of this repository to S3 (moto): snapcache-sidecar publish"
+step "5/9 Publishing a snapshot of this repository to S3 (moto): snapcache-sidecar publish"
 export AWS_ACCESS_KEY_ID=$MOTO_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$MOTO_SECRET_ACCESS_KEY
 export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/snapcache-cluster-demo.XXXXXX")
@@ -85,7 +86,7 @@ RUST_LOG=warn "$BIN" publish --repo "$ROOT" --ref HEAD --name "$NAME" --s3-bucke
   fail "publish failed"
 echo "published: $(cat "$WORK/published.json")"
 
-step "6/8 A Secret, a SnapshotCache and a Deployment whose app reads the snapshot from 127.0.0.1:8765"
+step "6/9 A Secret, a SnapshotCache and a Deployment whose app reads the snapshot from 127.0.0.1:8765"
 kubectl create namespace "$DEMO_NAMESPACE"
 kubectl -n "$DEMO_NAMESPACE" create secret generic s3-credentials \
   --from-literal=AWS_ACCESS_KEY_ID="$MOTO_ACCESS_KEY_ID" \
@@ -133,7 +134,7 @@ spec:
               exec sleep 1000000
 EOF
 
-step "7/8 Waiting for the pod: the webhook injects the sidecar, the app reads the snapshot"
+step "7/9 Waiting for the pod: the webhook injects the sidecar, the app reads the snapshot"
 app_has_read() {
   kubectl -n "$DEMO_NAMESPACE" logs deployment/builder -c app 2>/dev/null | grep -q 'snapshot.tar.zst$'
 }
@@ -149,10 +150,43 @@ kubectl -n "$DEMO_NAMESPACE" logs deployment/builder -c app
 echo "--- the SnapshotCache:"
 kubectl -n "$DEMO_NAMESPACE" get snapshotcache monorepo
 
-step "8/8 A few lines of the sidecar's metrics (its admin port, on the pod's address)"
+step "8/9 A few lines of the sidecar's metrics (its admin port, on the pod's address)"
 pod_ip=$(kubectl -n "$DEMO_NAMESPACE" get pods -l app=builder \
   -o 'jsonpath={.items[?(@.status.phase=="Running")].status.podIP}' | awk '{print $1}')
 curl -sf "http://$pod_ip:9765/metrics" |
   grep -E '^snapcache_(response_bytes_total|s3_read_bytes_total|disk_tier_entries|s3_up|ready|heap_resident_bytes)' ||
   fail "no metrics from the sidecar at $pod_ip:9765"
-printf '\ncluster demo OK: the operator pod injected the sidecar, and the app read the published snapshot from it\n'
+step "9/9 A Job that starts with this repository checked out (the webhook's init container) and completes"
+kubectl -n "$DEMO_NAMESPACE" apply -f - <<EOF
+apiVersion: batch/v1
+kind: Job
+metadata: {name: ci}
+spec:
+  backoffLimit: 0
+  template:
+    metadata:
+      labels: {app: builder}
+      annotations:
+        snapcache.io/checkout: $NAME=/workspace/snapcache
+    spec:
+      restartPolicy: Never
+      containers:
+        - name: app
+          image: $CLUSTER_GIT_IMAGE
+          imagePullPolicy: Never
+          securityContext: {runAsUser: 1000, runAsGroup: 1000}
+          command:
+            - sh
+            - -c
+            - |
+              cd /workspace/snapcache
+              echo "first command, as uid \$(id -u): the checkout is at \$(git rev-parse HEAD)"
+              git log --oneline -3
+              echo "uncommitted changes: \$(git status --porcelain | wc -l)"
+EOF
+kubectl -n "$DEMO_NAMESPACE" wait --for=condition=complete job/ci --timeout=180s ||
+  fail "the Job did not complete: $(kubectl -n "$DEMO_NAMESPACE" describe pods -l job-name=ci | tail -n 30)"
+kubectl -n "$DEMO_NAMESPACE" get job ci
+echo "--- the Job's log:"
+kubectl -n "$DEMO_NAMESPACE" logs job/ci -c app
+printf '\ncluster demo OK: the operator pod injected the sidecar, the app read the published snapshot from it, and a Job started with the repository checked out\n'
