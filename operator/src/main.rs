@@ -76,6 +76,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("asking the API server for its version: {e}"))?;
     let metrics = Metrics::new().map_err(|e| format!("metrics: {e}"))?;
+    if args.webhook {
+        metrics.await_webhook();
+    }
     snapcache_operator::metrics::serve(args.admin_listen, metrics.clone())
         .await
         .map_err(|e| {

@@ -1,5 +1,6 @@
 //! The operator's admin port: `/metrics`, `/healthz`, and `/readyz` (ready once the
-//! SnapshotCache watch has delivered its first list).
+//! controller's watches and, with `--webhook`, the webhook's have delivered their first
+//! lists, so the webhook Service never sends a review to a replica that cannot answer it).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +25,8 @@ pub struct Metrics {
     admission_duration: Histogram,
     certificate_expiry: IntGauge,
     ready: Arc<AtomicBool>,
+    /// False from `await_webhook` until the webhook's watches have synced.
+    webhook_synced: Arc<AtomicBool>,
 }
 
 impl Metrics {
@@ -107,6 +110,7 @@ impl Metrics {
             admission_duration,
             certificate_expiry,
             ready: Arc::default(),
+            webhook_synced: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -139,6 +143,15 @@ impl Metrics {
         self.ready.store(true, Ordering::SeqCst);
     }
 
+    /// Makes /readyz wait for `set_webhook_synced` too; call before serving the admin port.
+    pub fn await_webhook(&self) {
+        self.webhook_synced.store(false, Ordering::SeqCst);
+    }
+
+    pub fn set_webhook_synced(&self) {
+        self.webhook_synced.store(true, Ordering::SeqCst);
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
@@ -157,13 +170,18 @@ pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
         .route(
             "/readyz",
             get(move || async move {
-                if probed.ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "ready\n")
-                } else {
+                if !probed.ready.load(Ordering::SeqCst) {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "the SnapshotCache watch has not synced yet\n",
+                        "the controller's watches have not synced yet\n",
                     )
+                } else if !probed.webhook_synced.load(Ordering::SeqCst) {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the webhook's watches have not synced yet\n",
+                    )
+                } else {
+                    (StatusCode::OK, "ready\n")
                 }
             }),
         );

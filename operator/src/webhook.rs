@@ -95,8 +95,12 @@ impl Webhook {
         native_sidecars: bool,
     ) -> Webhook {
         let synced = Arc::new(AtomicBool::new(false));
-        let (flag, cache_reader, namespace_reader) =
-            (synced.clone(), caches.clone(), namespaces.clone());
+        let (flag, cache_reader, namespace_reader, readiness) = (
+            synced.clone(),
+            caches.clone(),
+            namespaces.clone(),
+            metrics.clone(),
+        );
         tokio::spawn(async move {
             let both = futures::future::try_join(
                 cache_reader.wait_until_ready(),
@@ -104,6 +108,7 @@ impl Webhook {
             );
             if both.await.is_ok() {
                 flag.store(true, Ordering::SeqCst);
+                readiness.set_webhook_synced();
             }
         });
         Webhook {

@@ -101,6 +101,27 @@ pub fn bare_pod(name: &str, labels: &[(&str, &str)], script: &str) -> Pod {
     .expect("pod")
 }
 
+/// Returns once a pod with `labels` created in `namespace` gets the sidecar (dry-run
+/// creates, so nothing is stored). A SnapshotCache takes effect once the webhooks' watches
+/// have it: a workload created before that would start without the sidecar, for good.
+pub async fn until_injecting(client: &Client, namespace: &str, labels: &[(&str, &str)]) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let probe = bare_pod("injection-probe", labels, "exec sleep 1000000");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    within(
+        Duration::from_secs(60),
+        &format!("pods labelled {labels:?} in {namespace} to get the sidecar"),
+        async || {
+            let created = pods.create(&dry_run, &probe).await.ok()?;
+            has_sidecar(&created).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Whether `pod`'s container `container` is ready.
 pub fn ready(pod: &Pod, container: &str) -> bool {
     pod.status

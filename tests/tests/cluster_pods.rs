@@ -18,7 +18,8 @@ use serde_json::json;
 use sha2::Digest;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
-    Operator, bare_pod, has_sidecar, install_chart, ready, sidecar_image, upgrade_chart,
+    Operator, bare_pod, has_sidecar, install_chart, ready, sidecar_image, until_injecting,
+    upgrade_chart,
 };
 use snapcache_tests::prometheus::{Prometheus, documented_scrape_configs};
 use snapcache_tests::{
@@ -70,6 +71,7 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
         .await
         .expect("create snapshot cache");
     let operator = Operator::start(&client, &namespace).await;
+    until_injecting(&client, &namespace, &[("app", "reader")]).await;
 
     let url = format!("http://127.0.0.1:8765/git/{REPO}/snapshot.tar.zst");
     let script = format!(
@@ -761,6 +763,7 @@ async fn cache_and_workload(
     script: &str,
 ) {
     create_cache(client, namespace, app, s3, sidecar).await;
+    until_injecting(client, namespace, &[("app", app)]).await;
     Api::<Deployment>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), &busybox_deployment(app, script))
         .await
