@@ -81,13 +81,7 @@ impl Serving {
     pub fn from_issued_secret(secret: &Secret) -> Result<Serving, Error> {
         let name = secret.metadata.name.clone().unwrap_or_default();
         let field = |key: &'static str| {
-            secret
-                .data
-                .as_ref()
-                .and_then(|data| data.get(key))
-                .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
-                .filter(|text| !text.trim().is_empty())
-                .ok_or_else(|| Error::NotIssued(name.clone(), key))
+            text_field(secret, key).ok_or_else(|| Error::NotIssued(name.clone(), key))
         };
         let cert = field("tls.crt")?;
         let not_after = x509_parser::pem::parse_x509_pem(cert.as_bytes())
@@ -246,12 +240,7 @@ impl Bundle {
     fn from_secret(secret: &Secret) -> Result<Bundle, Error> {
         let name = secret.metadata.name.clone().unwrap_or_default();
         let field = |key: &'static str| {
-            secret
-                .data
-                .as_ref()
-                .and_then(|data| data.get(key))
-                .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
-                .ok_or_else(|| Error::Unusable(name.clone(), key))
+            text_field(secret, key).ok_or_else(|| Error::Unusable(name.clone(), key))
         };
         let not_after = secret
             .metadata
@@ -268,6 +257,16 @@ impl Bundle {
             not_after,
         })
     }
+}
+
+/// The Secret's `key`, when it holds non-blank UTF-8 text.
+fn text_field(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
+        .filter(|text| !text.trim().is_empty())
 }
 
 /// The CA: a name, the right to sign serving certificates, ten years.
