@@ -1,6 +1,7 @@
 //! `fetch --extract`: zstd-decompress and untar while the download runs, into a
 //! staging directory renamed into place at the end; then apply the delta bundle.
 
+use std::collections::HashSet;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -97,8 +98,133 @@ fn unpack(reader: ChannelReader, dir: &Path) -> io::Result<()> {
     let mut archive = tar::Archive::new(decoder);
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
-    // `unpack` refuses entries that would land outside `dir`.
-    archive.unpack(dir)
+    unpack_inside(&mut archive, dir)
+}
+
+/// Unpacks `archive` into `dir`, a fresh directory of ours, refusing any entry that could
+/// land outside it: an absolute path or `..`, a path under a symlink, a hard link to
+/// outside. Every symlink in `dir` is one the archive made, so remembering those stands in
+/// for the tar crate's canonicalization of each entry's parent (16 failing `readlink`s a
+/// file on a large tree), and remembering the directories made saves a `mkdir` a file.
+/// Directories get their modes and times last, deepest first, as tar itself does.
+pub fn unpack_inside<R: Read>(archive: &mut tar::Archive<R>, dir: &Path) -> io::Result<()> {
+    let mut symlinks: HashSet<PathBuf> = HashSet::new();
+    let mut made: HashSet<PathBuf> = HashSet::new();
+    let mut directories = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let relative = inside(&entry.path()?)?;
+        if relative.as_os_str().is_empty() {
+            continue;
+        }
+        if let Some(link) = relative.ancestors().skip(1).find(|a| symlinks.contains(*a)) {
+            return Err(refused(
+                &relative,
+                &format!("it lies under the symlink {}", link.display()),
+            ));
+        }
+        let target = dir.join(&relative);
+        if let Some(parent) = relative.parent() {
+            make_parents(dir, parent, &mut made)?;
+        }
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            if made.insert(relative.clone()) {
+                make_dir(&target)?;
+            }
+            directories.push((
+                relative,
+                entry.header().mode().ok(),
+                entry.header().mtime().ok(),
+            ));
+            continue;
+        }
+        if kind.is_hard_link() {
+            let source = entry
+                .link_name()?
+                .ok_or_else(|| refused(&relative, "a hard link without a target"))?;
+            let source = inside(&source)?;
+            if source.ancestors().any(|a| symlinks.contains(a)) {
+                return Err(refused(&relative, "a hard link through a symlink"));
+            }
+            std::fs::hard_link(dir.join(source), &target)?;
+            continue;
+        }
+        if kind.is_symlink() {
+            symlinks.insert(relative.clone());
+        } else {
+            symlinks.remove(&relative);
+        }
+        // Files are created anew (an existing entry, symlink or not, is replaced, never
+        // written through); symlinks are made, not followed.
+        entry.unpack(&target)?;
+    }
+    directories.sort_by(|a, b| b.0.cmp(&a.0));
+    for (relative, mode, mtime) in directories {
+        let path = dir.join(&relative);
+        if let Some(mode) = mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))?;
+        }
+        if let Some(mtime) = mtime {
+            let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+            std::fs::File::open(&path)?.set_modified(when)?;
+        }
+    }
+    Ok(())
+}
+
+/// `path` as plain components below the extraction directory; `.` and leading `/` are
+/// dropped, as tar does; `..` is refused.
+fn inside(path: &Path) -> io::Result<PathBuf> {
+    let mut relative = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::Normal(part) => relative.push(part),
+            std::path::Component::CurDir
+            | std::path::Component::RootDir
+            | std::path::Component::Prefix(_) => {}
+            std::path::Component::ParentDir => return Err(refused(path, "it contains `..`")),
+        }
+    }
+    Ok(relative)
+}
+
+/// Makes `parent` (relative to `dir`) and its ancestors unless made already.
+fn make_parents(dir: &Path, parent: &Path, made: &mut HashSet<PathBuf>) -> io::Result<()> {
+    if parent.as_os_str().is_empty() || made.contains(parent) {
+        return Ok(());
+    }
+    if let Some(grandparent) = parent.parent() {
+        make_parents(dir, grandparent, made)?;
+    }
+    make_dir(&dir.join(parent))?;
+    made.insert(parent.to_owned());
+    Ok(())
+}
+
+/// Makes a directory; one there already is fine, anything else of that name is not.
+fn make_dir(path: &Path) -> io::Result<()> {
+    match std::fs::create_dir(path) {
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+            if std::fs::symlink_metadata(path)?.is_dir() {
+                Ok(())
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a directory", path.display()),
+                ))
+            }
+        }
+        other => other,
+    }
+}
+
+fn refused(path: &Path, why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the snapshot's entry {} is refused: {why}", path.display()),
+    )
 }
 
 /// Reads the chunks a channel delivers as one byte stream.
@@ -240,5 +366,144 @@ mod tests {
             Some("refs/heads/dev")
         );
         assert_eq!(bundle_head("", "refs/heads/main"), None);
+    }
+
+    /// An entry of `kind` named `name` byte for byte (the tar crate's builder refuses
+    /// `..`, which these tests need), with `data` and, for links, `link`.
+    fn raw_entry(
+        builder: &mut tar::Builder<Vec<u8>>,
+        kind: tar::EntryType,
+        name: &str,
+        link: &str,
+        data: &[u8],
+    ) {
+        let mut header = tar::Header::new_gnu();
+        let gnu = header.as_gnu_mut().expect("a GNU header");
+        gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+        gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        header.set_entry_type(kind);
+        header.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+        header.set_size(data.len() as u64);
+        header.set_cksum();
+        builder.append(&header, data).expect("append");
+    }
+
+    fn unpack_bytes(archive: Vec<u8>, dir: &Path) -> io::Result<()> {
+        let mut archive = tar::Archive::new(archive.as_slice());
+        archive.set_preserve_permissions(true);
+        archive.set_preserve_mtime(true);
+        unpack_inside(&mut archive, dir)
+    }
+
+    #[test]
+    fn a_tree_unpacks_with_its_modes_links_and_nested_directories() {
+        let source = tempfile::tempdir().expect("source");
+        std::fs::create_dir_all(source.path().join("a/b/c")).expect("dirs");
+        std::fs::write(source.path().join("a/b/c/leaf.txt"), b"leaf").expect("leaf");
+        std::fs::write(source.path().join("run.sh"), b"#!/bin/sh\n").expect("script");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            source.path().join("run.sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        std::os::unix::fs::symlink("a/b/c/leaf.txt", source.path().join("link")).expect("link");
+        let mut builder = tar::Builder::new(Vec::new());
+        builder.follow_symlinks(false);
+        builder.mode(tar::HeaderMode::Complete);
+        builder.append_dir_all(".", source.path()).expect("archive");
+        let archive = builder.into_inner().expect("bytes");
+
+        let out = tempfile::tempdir().expect("out");
+        unpack_bytes(archive, out.path()).expect("unpack");
+        let read = |path: &str| std::fs::read(out.path().join(path)).expect(path);
+        assert_eq!(read("a/b/c/leaf.txt"), b"leaf");
+        assert_eq!(read("link"), b"leaf", "the symlink points where it did");
+        assert_eq!(
+            std::fs::read_link(out.path().join("link")).expect("a symlink"),
+            PathBuf::from("a/b/c/leaf.txt")
+        );
+        let mode = std::fs::metadata(out.path().join("run.sh"))
+            .expect("script")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
+
+    #[test]
+    fn entries_that_would_land_outside_are_refused_and_write_nothing_there() {
+        let outside = tempfile::tempdir().expect("outside");
+        let outside_path = outside.path().display().to_string();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("dot-dot", {
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, tar::EntryType::Regular, "../escaped", "", b"x");
+                b.into_inner().expect("bytes")
+            }),
+            ("through a symlink", {
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, tar::EntryType::Symlink, "link", &outside_path, b"");
+                raw_entry(&mut b, tar::EntryType::Regular, "link/escaped", "", b"x");
+                b.into_inner().expect("bytes")
+            }),
+            ("a directory through a symlink", {
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(&mut b, tar::EntryType::Symlink, "link", &outside_path, b"");
+                raw_entry(&mut b, tar::EntryType::Directory, "link/sub", "", b"");
+                b.into_inner().expect("bytes")
+            }),
+            ("a hard link to outside", {
+                let mut b = tar::Builder::new(Vec::new());
+                raw_entry(
+                    &mut b,
+                    tar::EntryType::Link,
+                    "escaped",
+                    "../../etc/passwd",
+                    b"",
+                );
+                b.into_inner().expect("bytes")
+            }),
+        ];
+        for (what, archive) in cases {
+            let parent = tempfile::tempdir().expect("parent");
+            let dir = parent.path().join("tree");
+            std::fs::create_dir(&dir).expect("dir");
+            let err = unpack_bytes(archive, &dir).expect_err(what);
+            assert!(err.to_string().contains("refused"), "{what}: {err}");
+            assert!(!parent.path().join("escaped").exists(), "{what}");
+            let left: Vec<_> = std::fs::read_dir(outside.path())
+                .expect("outside")
+                .collect();
+            assert!(left.is_empty(), "{what}: wrote outside: {left:?}");
+        }
+    }
+
+    #[test]
+    fn a_file_replacing_a_symlink_is_written_in_its_place_not_through_it() {
+        let outside = tempfile::tempdir().expect("outside");
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"untouched").expect("victim");
+        let mut b = tar::Builder::new(Vec::new());
+        raw_entry(
+            &mut b,
+            tar::EntryType::Symlink,
+            "name",
+            &victim.display().to_string(),
+            b"",
+        );
+        raw_entry(&mut b, tar::EntryType::Regular, "name", "", b"new");
+        let out = tempfile::tempdir().expect("out");
+        unpack_bytes(b.into_inner().expect("bytes"), out.path()).expect("unpack");
+        assert_eq!(std::fs::read(&victim).expect("victim"), b"untouched");
+        assert_eq!(
+            std::fs::read(out.path().join("name")).expect("name"),
+            b"new"
+        );
+        assert!(
+            !std::fs::symlink_metadata(out.path().join("name"))
+                .expect("meta")
+                .file_type()
+                .is_symlink()
+        );
     }
 }
