@@ -167,7 +167,14 @@ impl Webhook {
             native_sidecars: self.native_sidecars,
         };
         match admission::decide(pod, &namespace_labels, &caches, &env) {
-            Decision::Skip(skip) => (unchanged, "skipped", skip.reason()),
+            Decision::Skip(skip) => {
+                // Rare once the entries narrow what is sent: each one is worth a line.
+                tracing::info!(
+                    namespace, pod = %pod_name(request), reason = skip.reason(),
+                    dry_run = request.dry_run, "admitted without the sidecar"
+                );
+                (unchanged, "skipped", skip.reason())
+            }
             Decision::Inject { cache, patch } => match unchanged.clone().with_patch(patch) {
                 Ok(patched) => {
                     tracing::info!(
