@@ -133,8 +133,6 @@ async fn one(url: &str, checkout: &Checkout, patience: &Patience) -> Result<Done
         attempts += 1;
         let options = fetch_options(url, &checkout.target);
         let result = fetch::fetch(&options, &Quiet).await;
-        // The tarball was only the download's scratch copy; the tree is what stays.
-        let _ = std::fs::remove_file(&options.output);
         let error = match result {
             Ok(summary) => {
                 tracing::info!(
@@ -183,15 +181,11 @@ fn describe(error: &FetchError) -> String {
     }
 }
 
-/// What `fetch --extract` does, with the scratch tarball beside the target.
+/// What `fetch --extract` does, keeping no copy of the tarball.
 fn fetch_options(url: &str, target: &Path) -> FetchOptions {
-    let name = target
-        .file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default();
     FetchOptions {
         url: url.to_owned(),
-        output: target.with_file_name(format!(".{name}.snapshot.tar.zst")),
+        output: None,
         workers: 8,
         chunk_size: 16 << 20,
         max_restarts: 3,
@@ -234,12 +228,9 @@ mod tests {
     }
 
     #[test]
-    fn the_scratch_tarball_sits_beside_the_target_in_the_same_volume() {
+    fn a_checkout_keeps_no_copy_of_the_tarball() {
         let options = fetch_options("http://x", Path::new("/snapcache/checkouts/0/tree"));
-        assert_eq!(
-            options.output,
-            PathBuf::from("/snapcache/checkouts/0/.tree.snapshot.tar.zst")
-        );
+        assert_eq!(options.output, None);
         assert_eq!(
             options.extract,
             Some(PathBuf::from("/snapcache/checkouts/0/tree"))

@@ -70,8 +70,9 @@ pub struct FetchArgs {
     pub url: String,
 
     /// Where to write the snapshot; it appears only once complete and verified.
-    #[arg(short, long)]
-    pub output: std::path::PathBuf,
+    /// Optional with --extract.
+    #[arg(short, long, required_unless_present = "extract")]
+    pub output: Option<std::path::PathBuf>,
 
     /// Concurrent ranged requests.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]

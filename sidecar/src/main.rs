@@ -119,7 +119,12 @@ async fn run_fetch(args: FetchArgs) -> ExitCode {
                     summary.seconds,
                     summary.restarts,
                     summary.retries,
-                    options.output.display()
+                    options
+                        .output
+                        .as_ref()
+                        .or(options.extract.as_ref())
+                        .map(|path| path.display().to_string())
+                        .unwrap_or_default()
                 );
             }
             ExitCode::SUCCESS

@@ -109,7 +109,7 @@ async fn fetch_restarts_when_the_object_is_replaced_mid_download() {
     let dir = tempfile::tempdir().expect("tempdir");
     let options = FetchOptions {
         url: sidecar.url(PATH),
-        output: dir.path().join("out"),
+        output: Some(dir.path().join("out")),
         workers: 2,
         chunk_size: 256 * 1024,
         max_restarts: 3,
@@ -125,7 +125,7 @@ async fn fetch_restarts_when_the_object_is_replaced_mid_download() {
     replacer.join().expect("replacer");
     assert_eq!(summary.restarts, 1);
     assert_eq!(
-        std::fs::read(&options.output).expect("output"),
+        std::fs::read(dir.path().join("out")).expect("output"),
         new,
         "the new revision, whole"
     );
@@ -253,7 +253,7 @@ async fn a_missing_snapshot_exits_with_the_not_found_code() {
     let error = fetch(
         &FetchOptions {
             url,
-            output: dir.path().join("out"),
+            output: Some(dir.path().join("out")),
             workers: 1,
             chunk_size: 1024,
             max_restarts: 0,
@@ -347,6 +347,18 @@ async fn fetch_extract_gives_a_clean_checkout_at_the_snapshot_commit() {
     assert_eq!(
         names,
         vec!["checkout".to_owned(), "snapshot.tar.zst".to_owned()]
+    );
+
+    // Without -o only the checkout is written: no copy of the tarball anywhere.
+    let only = tempfile::tempdir().expect("tempdir");
+    let target = only.path().join("checkout").display().to_string();
+    let url = sidecar.url(PATH);
+    let summary = json_summary(&run_fetch(&[&url, "--extract", &target, "--json"]));
+    assert_eq!(summary["commit"], commit.as_str());
+    assert_eq!(leftovers(only.path()), vec!["checkout".to_owned()]);
+    assert_eq!(
+        git(&only.path().join("checkout"), &["status", "--porcelain"]),
+        ""
     );
 }
 

@@ -30,7 +30,8 @@ use crate::window::Window;
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
     pub url: String,
-    pub output: PathBuf,
+    /// Where the verified tarball goes; none when it is only extracted.
+    pub output: Option<PathBuf>,
     pub workers: usize,
     pub chunk_size: u64,
     pub max_restarts: u32,
@@ -252,6 +253,11 @@ fn validate(options: &FetchOptions) -> Result<(), FetchError> {
             "`{}`: only http:// URLs are supported (the sidecar listens on localhost)",
             options.url
         )));
+    }
+    if options.output.is_none() && options.extract.is_none() {
+        return Err(FetchError::Usage(
+            "give -o FILE, --extract DIR, or both".into(),
+        ));
     }
     if options.workers == 0 || options.chunk_size == 0 {
         return Err(FetchError::Usage(

@@ -1,5 +1,6 @@
-//! Where downloaded chunks go, in order: a temporary file beside the output, the
-//! running SHA-256, and the extractor. Nothing reaches the output path unverified.
+//! Where downloaded chunks go, in order: a temporary file beside the output (when there
+//! is one), the running SHA-256, and the extractor. Nothing reaches the output path or the
+//! extraction directory unverified.
 
 use std::fs::File;
 use std::io::Write;
@@ -14,10 +15,10 @@ use super::{AttemptError, FetchError, FetchOptions};
 
 /// One attempt's output; dropped unfinished, it removes what it wrote.
 pub struct Sink {
-    temp_path: PathBuf,
-    output: PathBuf,
-    /// The file, and the running SHA-256 when there is a digest to check it against.
-    state: Option<(File, Option<Sha256>)>,
+    /// The file in progress and where it goes once verified; none when only extracting.
+    file: Option<(PathBuf, PathBuf)>,
+    /// The open file, and the running SHA-256 when there is a digest to check it against.
+    state: Option<(Option<File>, Option<Sha256>)>,
     written: u64,
     extractor: Option<Extractor>,
     finished: bool,
@@ -30,14 +31,21 @@ impl Sink {
         size: Option<u64>,
         hash: bool,
     ) -> Result<Sink, FetchError> {
-        let temp_path = sibling(&options.output, "partial");
-        let file = File::create(&temp_path)
-            .map_err(|e| FetchError::Failed(format!("creating {}: {e}", temp_path.display())))?;
-        if let Some(size) = size {
-            // Reserve the space up front so a full disk fails now, not at 90%.
-            file.set_len(size)
-                .map_err(|e| FetchError::Failed(format!("reserving {size} bytes: {e}")))?;
-        }
+        let file = match &options.output {
+            Some(output) => {
+                let temp_path = sibling(output, "partial");
+                let file = File::create(&temp_path).map_err(|e| {
+                    FetchError::Failed(format!("creating {}: {e}", temp_path.display()))
+                })?;
+                if let Some(size) = size {
+                    // Reserve the space up front so a full disk fails now, not at 90%.
+                    file.set_len(size)
+                        .map_err(|e| FetchError::Failed(format!("reserving {size} bytes: {e}")))?;
+                }
+                Some((file, temp_path, output.clone()))
+            }
+            None => None,
+        };
         let extractor = match &options.extract {
             Some(dir) => Some(
                 Extractor::start(dir)
@@ -45,10 +53,13 @@ impl Sink {
             ),
             None => None,
         };
+        let (open, paths) = match file {
+            Some((file, temp_path, output)) => (Some(file), Some((temp_path, output))),
+            None => (None, None),
+        };
         Ok(Sink {
-            temp_path,
-            output: options.output.clone(),
-            state: Some((file, hash.then(Sha256::new))),
+            file: paths,
+            state: Some((open, hash.then(Sha256::new))),
             written: 0,
             extractor,
             finished: false,
@@ -67,7 +78,9 @@ impl Sink {
             .ok_or_else(|| failed("the output file was lost after an earlier error".into()))?;
         let chunk = bytes.clone();
         let (file, hasher) = tokio::task::spawn_blocking(move || {
-            file.write_all(&chunk)?;
+            if let Some(file) = &mut file {
+                file.write_all(&chunk)?;
+            }
             if let Some(hasher) = &mut hasher {
                 hasher.update(&chunk);
             }
@@ -75,7 +88,7 @@ impl Sink {
         })
         .await
         .map_err(|e| failed(format!("write task: {e}")))?
-        .map_err(|e| failed(format!("writing {}: {e}", self.temp_path.display())))?;
+        .map_err(|e| failed(format!("writing the download: {e}")))?;
         self.state = Some((file, hasher));
         self.written += bytes.len() as u64;
         if let Some(extractor) = &mut self.extractor {
@@ -117,21 +130,21 @@ impl Sink {
             }
             (None, _) => {}
         }
-        file.sync_all().map_err(|e| {
-            FetchError::Failed(format!("syncing {}: {e}", self.temp_path.display()))
-        })?;
+        if let Some(file) = file {
+            file.sync_all()
+                .map_err(|e| FetchError::Failed(format!("syncing the download: {e}")))?;
+        }
         if let Some(extractor) = self.extractor.take() {
             extractor
                 .finish()
                 .await
                 .map_err(|e| FetchError::Failed(format!("extracting the snapshot: {e}")))?;
         }
-        std::fs::rename(&self.temp_path, &self.output).map_err(|e| {
-            FetchError::Failed(format!(
-                "moving the download to {}: {e}",
-                self.output.display()
-            ))
-        })?;
+        if let Some((temp_path, output)) = &self.file {
+            std::fs::rename(temp_path, output).map_err(|e| {
+                FetchError::Failed(format!("moving the download to {}: {e}", output.display()))
+            })?;
+        }
         self.finished = true;
         Ok(())
     }
@@ -139,8 +152,8 @@ impl Sink {
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        if !self.finished {
-            let _ = std::fs::remove_file(&self.temp_path);
+        if let (false, Some((temp_path, _))) = (self.finished, &self.file) {
+            let _ = std::fs::remove_file(temp_path);
         }
     }
 }
