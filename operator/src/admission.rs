@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
@@ -123,20 +123,22 @@ pub fn decide(
     }
 
     let container = inject::sidecar_container(&cache.spec, env);
-    let mut patch = Additions::new(&spec);
+    let mut patch = Additions::default();
+    let had_init_containers = spec.init_containers.is_some();
     // The checkouts' mounts first, while the app containers are all there is.
     let mounts = checkout::app_mounts(&wanted);
-    if !mounts.is_empty() {
-        for (index, app) in spec.containers.iter().enumerate() {
-            for mount in &mounts {
-                let path = ["spec", "containers", &index.to_string(), "volumeMounts"];
-                patch.push(&path, app.volume_mounts.is_some(), to_value(mount));
-            }
+    for (index, app) in spec.containers.iter().enumerate() {
+        for mount in &mounts {
+            let path = ["spec", "containers", &index.to_string(), "volumeMounts"];
+            patch.push(&path, app.volume_mounts.is_some(), to_value(mount));
         }
     }
     if with_sidecar {
         if native {
-            patch.insert_init_container(to_value(&inject::native_sidecar(container.clone())));
+            patch.insert_init_container(
+                had_init_containers,
+                to_value(&inject::native_sidecar(container.clone())),
+            );
         } else {
             patch.push(&["spec", "containers"], true, to_value(&container));
         }
@@ -150,11 +152,17 @@ pub fn decide(
             cache.spec.checkout.give_up_after.as_deref(),
             checkout::app_user(&spec),
         );
-        patch.insert_init_container(to_value(&init));
+        patch.insert_init_container(had_init_containers, to_value(&init));
     }
-    patch.push_volume(to_value(&inject::disk_volume(&cache.spec)));
+    let volumes = ["spec", "volumes"];
+    let had_volumes = spec.volumes.is_some();
+    patch.push(
+        &volumes,
+        had_volumes,
+        to_value(&inject::disk_volume(&cache.spec)),
+    );
     for volume in checkout::volumes(&wanted) {
-        patch.push_volume(to_value(&volume));
+        patch.push(&volumes, had_volumes, to_value(&volume));
     }
     Decision::Inject {
         cache: cache.name_any(),
@@ -163,56 +171,44 @@ pub fn decide(
 }
 
 /// JSONPatch operations that only add, creating each list the pod does not have yet.
+#[derive(Default)]
 struct Additions {
     operations: Vec<PatchOperation>,
-    has_init_containers: bool,
-    has_volumes: bool,
 }
 
 impl Additions {
-    fn new(spec: &PodSpec) -> Additions {
-        Additions {
-            operations: Vec::new(),
-            has_init_containers: spec.init_containers.is_some(),
-            has_volumes: spec.volumes.is_some(),
-        }
+    /// Whether the list at `path` is there: the pod had it (`existed`), or an earlier
+    /// operation made it.
+    fn has_list(&self, path: &[&str], existed: bool) -> bool {
+        let pointer = PointerBuf::from_tokens(path.iter().copied());
+        existed
+            || self.operations.iter().any(|op| match op {
+                PatchOperation::Add(add) => add.path == pointer,
+                _ => false,
+            })
     }
 
-    /// Appends `value` to the list at `path`, creating the list when it does not exist
-    /// (`exists` false) and no earlier operation made it.
-    fn push(&mut self, path: &[&str], exists: bool, value: serde_json::Value) {
-        let created = self.operations.iter().any(|op| match op {
-            PatchOperation::Add(add) => add.path == PointerBuf::from_tokens(path.iter().copied()),
-            _ => false,
-        });
-        if exists || created {
+    /// Appends `value` to the list at `path`, creating the list when it is not there.
+    fn push(&mut self, path: &[&str], existed: bool, value: serde_json::Value) {
+        let operation = if self.has_list(path, existed) {
             let mut at = path.to_vec();
             at.push("-");
-            self.operations.push(add(&at, value));
+            add(&at, value)
         } else {
-            self.operations
-                .push(add(path, serde_json::Value::Array(vec![value])));
-        }
+            add(path, serde_json::Value::Array(vec![value]))
+        };
+        self.operations.push(operation);
     }
 
-    fn push_volume(&mut self, value: serde_json::Value) {
-        let exists = self.has_volumes;
-        self.push(&["spec", "volumes"], exists, value);
-        self.has_volumes = true;
-    }
-
-    /// Puts `value` first among the init containers.
-    fn insert_init_container(&mut self, value: serde_json::Value) {
-        if self.has_init_containers {
-            self.operations
-                .push(add(&["spec", "initContainers", "0"], value));
+    /// Puts `value` first among the init containers, creating the list when it is not there.
+    fn insert_init_container(&mut self, existed: bool, value: serde_json::Value) {
+        let path = ["spec", "initContainers"];
+        let operation = if self.has_list(&path, existed) {
+            add(&["spec", "initContainers", "0"], value)
         } else {
-            self.operations.push(add(
-                &["spec", "initContainers"],
-                serde_json::Value::Array(vec![value]),
-            ));
-            self.has_init_containers = true;
-        }
+            add(&path, serde_json::Value::Array(vec![value]))
+        };
+        self.operations.push(operation);
     }
 }
 
@@ -258,7 +254,7 @@ fn add(path: &[&str], value: serde_json::Value) -> PatchOperation {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use k8s_openapi::api::core::v1::{Container, PodSpec, Volume};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
     use proptest::prelude::*;
@@ -274,7 +270,8 @@ mod tests {
         }
     }
 
-    fn cache(name: &str, created_at: i64, app: &str) -> SnapshotCache {
+    /// SnapshotCache `name`, created at second `created_at`, selecting app=`app`.
+    pub(crate) fn cache(name: &str, created_at: i64, app: &str) -> SnapshotCache {
         let mut cache = SnapshotCache::new(
             name,
             SnapshotCacheSpec {

@@ -9,9 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams};
-use kube::core::Selector;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 
 use crate::inject::{ADMIN_PORT_NAME, CONTAINER_NAME};
 
@@ -182,35 +180,12 @@ pub fn judge(bucket: &str, answers: &[Answer]) -> BucketCondition {
     )
 }
 
-/// Asks a few running pods that the `selectors` choose and that carry the sidecar.
-pub async fn ask_sidecars(
-    client: &Client,
-    http: &reqwest::Client,
-    namespace: &str,
-    selectors: &[Selector],
-    bucket: &str,
-) -> BucketCondition {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let mut targets = BTreeMap::new();
-    for selector in selectors {
-        let listed = match pods
-            .list(&ListParams::default().labels_from(selector))
-            .await
-        {
-            Ok(listed) => listed,
-            Err(err) => {
-                return BucketCondition::unknown(
-                    "CannotListPods",
-                    format!("cannot list the injected pods to ask their sidecars: {err}"),
-                );
-            }
-        };
-        for pod in listed {
-            if let Some(address) = sidecar_admin_address(&pod) {
-                targets.insert(pod.name_any(), address);
-            }
-        }
-    }
+/// Asks a few of `pods` that run and carry the sidecar (the caller listed them).
+pub async fn ask_sidecars(http: &reqwest::Client, pods: &[Pod], bucket: &str) -> BucketCondition {
+    let targets: BTreeMap<String, String> = pods
+        .iter()
+        .filter_map(|pod| Some((pod.name_any(), sidecar_admin_address(pod)?)))
+        .collect();
     let asks = targets
         .into_iter()
         .take(PODS_ASKED)

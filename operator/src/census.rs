@@ -95,11 +95,11 @@ fn is_running(pod: &Pod) -> bool {
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
     use super::*;
     use crate::admission::OPT_OUT_LABEL;
-    use crate::api::{S3Spec, SnapshotCacheSpec};
+    use crate::admission::tests::cache;
     use crate::inject;
 
     const ENV: Environment<'static> = Environment {
@@ -109,27 +109,6 @@ mod tests {
 
     fn time(second: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(second).expect("timestamp"))
-    }
-
-    fn cache(name: &str, created_at: i64, app: &str) -> SnapshotCache {
-        let mut cache = SnapshotCache::new(
-            name,
-            SnapshotCacheSpec {
-                selector: LabelSelector {
-                    match_labels: Some(BTreeMap::from([("app".to_owned(), app.to_owned())])),
-                    ..Default::default()
-                },
-                s3: S3Spec {
-                    bucket: "snapshots".to_owned(),
-                    ..Default::default()
-                },
-                sidecar: Default::default(),
-                injection: Default::default(),
-                checkout: Default::default(),
-            },
-        );
-        cache.metadata.creation_timestamp = Some(time(created_at));
-        cache
     }
 
     struct PodBuilder(Pod);

@@ -171,14 +171,7 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
     }
     let ready = Condition::new("Ready", "True", "Selecting", message);
     let overlap = overlap_condition(&census.taken_by_older);
-    let bucket = bucket_health::ask_sidecars(
-        &ctx.client,
-        &ctx.http,
-        &namespace,
-        &[selector],
-        &cache.spec.s3.bucket,
-    )
-    .await;
+    let bucket = bucket_health::ask_sidecars(&ctx.http, &selected, &cache.spec.s3.bucket).await;
     warn_of_new_bucket_failure(ctx, cache, &bucket).await;
     // The sidecars' view of the bucket changes without any watched object changing; while
     // none can tell yet (their pods are starting), look again soon.

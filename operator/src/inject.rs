@@ -99,22 +99,6 @@ pub fn disk_volume(spec: &SnapshotCacheSpec) -> Volume {
     }
 }
 
-/// Only the fields the operator owns on a workload's pod spec, the sidecar and its
-/// volume: what its server-side apply sends.
-pub fn owned_pod_spec(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> serde_json::Value {
-    let pod = inject(&PodTemplateSpec::default(), spec, env)
-        .spec
-        .unwrap_or_default();
-    let mut owned = serde_json::to_value(&pod).unwrap_or_default();
-    if let Some(fields) = owned.as_object_mut()
-        && pod.containers.is_empty()
-    {
-        // A native sidecar owns no regular container: claim none.
-        fields.remove("containers");
-    }
-    owned
-}
-
 /// The template without the sidecar and its volume.
 pub fn remove(template: &PodTemplateSpec) -> PodTemplateSpec {
     let mut clean = template.clone();
@@ -490,17 +474,6 @@ mod tests {
             security.capabilities.and_then(|c| c.drop),
             Some(vec!["ALL".to_owned()])
         );
-    }
-
-    #[test]
-    fn the_owned_fields_are_the_sidecar_and_its_volume_only() {
-        let container = owned_pod_spec(&spec(InjectionMode::Container), &env(false));
-        assert_eq!(container["containers"][0]["name"], CONTAINER_NAME);
-        assert_eq!(container["containers"].as_array().map(Vec::len), Some(1));
-        assert_eq!(container["volumes"][0]["name"], VOLUME_NAME);
-        let native = owned_pod_spec(&spec(InjectionMode::Native), &env(true));
-        assert!(native.get("containers").is_none(), "{native}");
-        assert_eq!(native["initContainers"][0]["restartPolicy"], "Always");
     }
 
     #[test]

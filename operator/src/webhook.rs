@@ -10,8 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -29,6 +27,7 @@ use kube::api::{Api, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
+use tokio::sync::Notify;
 
 use crate::admission::{self, Decision};
 use crate::api::SnapshotCache;
@@ -51,7 +50,7 @@ pub struct Webhook {
     /// Set once both watches delivered their first list.
     synced: Arc<AtomicBool>,
     /// Woken by every change the SnapshotCache watch delivers.
-    pub caches_changed: Arc<Notify>,
+    caches_changed: Arc<Notify>,
 }
 
 impl Webhook {
@@ -80,16 +79,22 @@ impl Webhook {
         );
         tokio::spawn(drain(cache_stream.boxed(), "SnapshotCache"));
         tokio::spawn(drain(namespace_stream.boxed(), "Namespace"));
-        let mut webhook =
-            Webhook::with_stores(caches, namespaces, metrics, default_image, native_sidecars);
-        webhook.caches_changed = caches_changed;
-        webhook
+        Webhook::with_stores(
+            caches,
+            namespaces,
+            caches_changed,
+            metrics,
+            default_image,
+            native_sidecars,
+        )
     }
 
-    /// A webhook reading `caches` and `namespaces`, which answers once both are ready.
+    /// A webhook reading `caches` and `namespaces`, which answers once both are ready;
+    /// `caches_changed` wakes the upkeep of the webhook configuration's entries.
     pub fn with_stores(
         caches: Store<SnapshotCache>,
         namespaces: Store<Namespace>,
+        caches_changed: Arc<Notify>,
         metrics: Metrics,
         default_image: String,
         native_sidecars: bool,
@@ -118,7 +123,7 @@ impl Webhook {
             default_image,
             native_sidecars,
             synced,
-            caches_changed: Arc::new(Notify::new()),
+            caches_changed,
         }
     }
 
@@ -438,6 +443,7 @@ mod tests {
         let webhook = Webhook::with_stores(
             cache_store,
             namespace_store,
+            Arc::default(),
             metrics.clone(),
             "snapcache/sidecar:test".to_owned(),
             false,

@@ -45,6 +45,16 @@ fn publish_this_repository(bucket: &str) -> String {
     git(std::path::Path::new(repository), &["rev-parse", "HEAD"])
 }
 
+/// A client of the node's cluster (the CRD installed) and a new Garage bucket.
+async fn cluster_and_bucket() -> (kube::Client, String) {
+    let env = TestEnv::get();
+    let client = env.cluster_client().await.expect("cluster client");
+    install_snapshot_cache_crd(&client).await;
+    let bucket = unique_name("checkout");
+    create_bucket(&env.s3_server("garage").client(), &bucket).await;
+    (client, bucket)
+}
+
 /// A namespace with the Garage credentials, a SnapshotCache `ci` selecting app=ci with
 /// `checkout` as its spec.checkout, and a host operator injecting it.
 async fn namespace_with_cache(
@@ -145,12 +155,7 @@ async fn finished(client: &kube::Client, namespace: &str, name: &str) -> (bool, 
 /// published commit and a clean tree at each directory, and writes into the checkout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
-    let env = TestEnv::get();
-    let client = env.cluster_client().await.expect("cluster client");
-    install_snapshot_cache_crd(&client).await;
-    let garage = env.s3_server("garage");
-    let bucket = unique_name("checkout");
-    create_bucket(&garage.client(), &bucket).await;
+    let (client, bucket) = cluster_and_bucket().await;
     let commit = publish_this_repository(&bucket);
 
     let (namespace, operator) = namespace_with_cache(&client, &bucket, json!({})).await;
@@ -193,12 +198,7 @@ async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
 /// runs. With `snapcache.io/checkout-optional: "true"` the app starts without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs() {
-    let env = TestEnv::get();
-    let client = env.cluster_client().await.expect("cluster client");
-    install_snapshot_cache_crd(&client).await;
-    let garage = env.s3_server("garage");
-    let bucket = unique_name("checkout");
-    create_bucket(&garage.client(), &bucket).await;
+    let (client, bucket) = cluster_and_bucket().await;
     let (namespace, operator) =
         namespace_with_cache(&client, &bucket, json!({"giveUpAfter": "3s"})).await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
