@@ -101,22 +101,29 @@ pub fn bare_pod(name: &str, labels: &[(&str, &str)], script: &str) -> Pod {
     .expect("pod")
 }
 
-/// Returns once a pod with `labels` created in `namespace` gets the sidecar (dry-run
-/// creates, so nothing is stored). A SnapshotCache takes effect once the webhooks' watches
-/// have it: a workload created before that would start without the sidecar, for good.
-pub async fn until_injecting(client: &Client, namespace: &str, labels: &[(&str, &str)]) {
+/// Returns once a pod with `labels` created in `namespace` is admitted with the sidecar
+/// (`sidecar` true) or without it (dry-run creates, so nothing is stored). A SnapshotCache
+/// created or deleted takes effect once every webhook's watch has it: a workload created
+/// before that would run as it was admitted, for good.
+pub async fn until_admitted(
+    client: &Client,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    sidecar: bool,
+) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let probe = bare_pod("injection-probe", labels, "exec sleep 1000000");
+    let probe = bare_pod("admission-probe", labels, "exec sleep 1000000");
     let dry_run = PostParams {
         dry_run: true,
         ..PostParams::default()
     };
+    let outcome = if sidecar { "with" } else { "without" };
     within(
         Duration::from_secs(60),
-        &format!("pods labelled {labels:?} in {namespace} to get the sidecar"),
+        &format!("pods labelled {labels:?} in {namespace} admitted {outcome} the sidecar"),
         async || {
             let created = pods.create(&dry_run, &probe).await.ok()?;
-            has_sidecar(&created).then_some(())
+            (has_sidecar(&created) == sidecar).then_some(())
         },
     )
     .await;

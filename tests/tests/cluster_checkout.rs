@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ListParams, LogParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{Operator, until_injecting};
+use snapcache_tests::cluster::{Operator, until_admitted};
 use snapcache_tests::git::git;
 use snapcache_tests::sidecar::binary;
 use snapcache_tests::{
@@ -92,7 +92,7 @@ async fn namespace_with_cache(
         .await
         .expect("create snapshot cache");
     let operator = Operator::start(client, &namespace).await;
-    until_injecting(client, &namespace, &[("app", "ci")]).await;
+    until_admitted(client, &namespace, &[("app", "ci")], true).await;
     (namespace, operator)
 }
 

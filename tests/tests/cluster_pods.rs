@@ -18,7 +18,7 @@ use serde_json::json;
 use sha2::Digest;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
-    Operator, bare_pod, has_sidecar, install_chart, ready, sidecar_image, until_injecting,
+    Operator, bare_pod, has_sidecar, install_chart, ready, sidecar_image, until_admitted,
     upgrade_chart,
 };
 use snapcache_tests::prometheus::{Prometheus, documented_scrape_configs};
@@ -71,7 +71,7 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
         .await
         .expect("create snapshot cache");
     let operator = Operator::start(&client, &namespace).await;
-    until_injecting(&client, &namespace, &[("app", "reader")]).await;
+    until_admitted(&client, &namespace, &[("app", "reader")], true).await;
 
     let url = format!("http://127.0.0.1:8765/git/{REPO}/snapshot.tar.zst");
     let script = format!(
@@ -145,6 +145,8 @@ async fn an_injected_pod_reads_its_snapshot_from_the_sidecar_on_localhost() {
         },
     )
     .await;
+    // Every webhook must have seen the deletion before the rollout's pods are admitted.
+    until_admitted(&client, &namespace, &[("app", "reader")], false).await;
     let still = pods.get(&name).await.expect("the injected pod");
     assert!(
         still.metadata.deletion_timestamp.is_none() && has_sidecar(&still),
@@ -773,7 +775,7 @@ async fn cache_and_workload(
     script: &str,
 ) {
     create_cache(client, namespace, app, s3, sidecar).await;
-    until_injecting(client, namespace, &[("app", app)]).await;
+    until_admitted(client, namespace, &[("app", app)], true).await;
     Api::<Deployment>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), &busybox_deployment(app, script))
         .await
