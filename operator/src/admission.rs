@@ -153,6 +153,16 @@ pub fn decide(
             checkout::app_user(&spec),
         );
         patch.insert_init_container(had_init_containers, to_value(&init));
+        // So the operator can watch these pods alone for their checkouts' outcomes.
+        let label = crate::checkout_outcome::CHECKOUT_LABEL;
+        if pod.metadata.labels.is_some() {
+            patch.add(&["metadata", "labels", label], "true".into());
+        } else {
+            patch.add(
+                &["metadata", "labels"],
+                serde_json::json!({ label: "true" }),
+            );
+        }
     }
     let volumes = ["spec", "volumes"];
     let had_volumes = spec.volumes.is_some();
@@ -198,6 +208,11 @@ impl Additions {
             add(path, serde_json::Value::Array(vec![value]))
         };
         self.operations.push(operation);
+    }
+
+    /// Adds `value` at `path`.
+    fn add(&mut self, path: &[&str], value: serde_json::Value) {
+        self.operations.push(add(path, value));
     }
 
     /// Puts `value` first among the init containers, creating the list when it is not there.

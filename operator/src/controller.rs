@@ -26,6 +26,7 @@ use crate::admission;
 use crate::api::SnapshotCache;
 use crate::bucket_health::{self, BucketCondition};
 use crate::census::{self, Census};
+use crate::checkout_outcome::{self, CHECKOUT_LABEL};
 use crate::inject::Environment;
 use crate::lease::Leadership;
 use crate::metrics::Metrics;
@@ -436,6 +437,41 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+/// Counts each checkout init container's termination once, on the leader. Only pods the
+/// webhook labelled are watched, whole (their status says how the checkout ended); those
+/// that had finished before a (re)list are remembered, not counted again.
+pub async fn count_checkouts(client: Client, metrics: Metrics, leadership: Leadership) {
+    let config = watcher::Config::default().labels(&format!("{CHECKOUT_LABEL}=true"));
+    let mut counted = std::collections::HashSet::new();
+    let mut events = watcher(Api::<Pod>::all(client), config)
+        .default_backoff()
+        .boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => counted.clear(),
+            Ok(watcher::Event::InitApply(pod)) => {
+                if let Some(outcome) = checkout_outcome::outcome(&pod) {
+                    counted.insert(outcome.key);
+                }
+            }
+            Ok(watcher::Event::Apply(pod)) => {
+                if let Some(outcome) = checkout_outcome::outcome(&pod)
+                    && counted.insert(outcome.key.clone())
+                    && leadership.is_leader()
+                {
+                    metrics.checkout_finished(&outcome);
+                }
+            }
+            Ok(watcher::Event::Delete(pod)) => {
+                let uid = pod.metadata.uid.unwrap_or_default();
+                counted.retain(|key: &String| !key.starts_with(&format!("{uid}/")));
+            }
+            Ok(watcher::Event::InitDone) => {}
+            Err(err) => tracing::debug!(%err, "checkout outcome watch"),
+        }
+    }
 }
 
 /// The objects of a watch as they change, for `watches_stream`; `synced` fires once the

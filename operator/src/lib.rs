@@ -7,6 +7,7 @@ pub mod bucket_health;
 pub mod census;
 pub mod certificates;
 pub mod checkout;
+pub mod checkout_outcome;
 pub mod cli;
 pub mod controller;
 pub mod inject;

@@ -121,6 +121,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
         metrics.set_leader(true);
         Leadership::always()
     };
+    tokio::spawn(controller::count_checkouts(
+        client.clone(),
+        metrics.clone(),
+        leadership.clone(),
+    ));
     let ctx = std::sync::Arc::new(Context {
         leadership,
         recorder: kube::runtime::events::Recorder::new(client.clone(), controller::reporter()),

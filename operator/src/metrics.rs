@@ -10,8 +10,11 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::checkout_outcome::{CheckoutResult, FAILURE_REASONS, Outcome};
 
 /// Reconcile counters and durations; `reason` has a fixed set of values.
 #[derive(Debug, Clone)]
@@ -24,6 +27,7 @@ pub struct Metrics {
     admissions: IntCounterVec,
     admission_duration: Histogram,
     certificate_expiry: IntGauge,
+    checkouts: Checkouts,
     ready: Arc<AtomicBool>,
     /// False from `await_webhook` until the webhook's watches have synced.
     webhook_synced: Arc<AtomicBool>,
@@ -100,6 +104,7 @@ impl Metrics {
         registry.register(Box::new(admissions.clone()))?;
         registry.register(Box::new(admission_duration.clone()))?;
         registry.register(Box::new(certificate_expiry.clone()))?;
+        let checkouts = Checkouts::register(&registry)?;
         Ok(Metrics {
             registry,
             reconciles,
@@ -109,6 +114,7 @@ impl Metrics {
             admissions,
             admission_duration,
             certificate_expiry,
+            checkouts,
             ready: Arc::default(),
             webhook_synced: Arc::new(AtomicBool::new(true)),
         })
@@ -129,6 +135,28 @@ impl Metrics {
     pub fn admitted(&self, result: &str, reason: &str, seconds: f64) {
         self.admissions.with_label_values(&[result, reason]).inc();
         self.admission_duration.observe(seconds);
+    }
+
+    /// One pod's checkout init container has finished.
+    pub fn checkout_finished(&self, outcome: &Outcome) {
+        let c = &self.checkouts;
+        c.duration.observe(outcome.seconds);
+        match &outcome.result {
+            CheckoutResult::Succeeded(fetched) => {
+                c.finished.with_label_values(&["succeeded", ""]).inc();
+                for repo in fetched {
+                    c.bytes.inc_by(repo.bytes);
+                    c.restarts.inc_by(u64::from(repo.restarts));
+                    c.bundles_applied.inc_by(u64::from(repo.bundle_applied));
+                }
+            }
+            CheckoutResult::Failed { reason } => {
+                c.finished.with_label_values(&["failed", reason]).inc();
+            }
+            CheckoutResult::OptionalFailed => {
+                c.finished.with_label_values(&["optional_failed", ""]).inc();
+            }
+        }
     }
 
     pub fn set_certificate_expiry(&self, unix_seconds: i64) {
@@ -157,6 +185,69 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// What pods' checkout init containers did, counted by the leader as they finish.
+#[derive(Debug, Clone)]
+struct Checkouts {
+    finished: IntCounterVec,
+    duration: Histogram,
+    bytes: IntCounter,
+    restarts: IntCounter,
+    bundles_applied: IntCounter,
+}
+
+impl Checkouts {
+    fn register(registry: &Registry) -> Result<Checkouts, prometheus::Error> {
+        let finished = IntCounterVec::new(
+            Opts::new(
+                "snapcache_operator_checkouts_total",
+                "Finished checkout init containers by result (succeeded, failed, \
+                 optional_failed) and reason (why failed: not_found, kept_changing, corrupt, \
+                 s3_unreachable, usage, other).",
+            ),
+            &["result", "reason"],
+        )?;
+        finished.with_label_values(&["succeeded", ""]);
+        finished.with_label_values(&["optional_failed", ""]);
+        for reason in FAILURE_REASONS {
+            finished.with_label_values(&["failed", reason]);
+        }
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "snapcache_operator_checkout_duration_seconds",
+                "Checkout init container run time, start to exit (whole seconds, as the \
+                 kubelet reports them).",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+        )?;
+        let bytes = IntCounter::new(
+            "snapcache_operator_checkout_bytes_total",
+            "Snapshot bytes the finished checkouts downloaded.",
+        )?;
+        let restarts = IntCounter::new(
+            "snapcache_operator_checkout_restarts_total",
+            "Checkout downloads restarted because the snapshot changed meanwhile (412).",
+        )?;
+        let bundles_applied = IntCounter::new(
+            "snapcache_operator_checkout_bundles_applied_total",
+            "Checkouts brought to the newest commit with a delta bundle.",
+        )?;
+        registry.register(Box::new(finished.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(restarts.clone()))?;
+        registry.register(Box::new(bundles_applied.clone()))?;
+        Ok(Checkouts {
+            finished,
+            duration,
+            bytes,
+            restarts,
+            bundles_applied,
+        })
     }
 }
 

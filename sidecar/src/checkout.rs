@@ -1,7 +1,7 @@
 //! `snapcache-sidecar checkout`: git working trees from snapshots, before the app starts.
 //!
 //! It runs as a pod's init container, where no sidecar serves yet: it starts the sidecar's
-//! own server in-process on loopback (same S3 reads, same disk tier) and downloads each
+//! own server in-process on loopback (same S3 reads; no disk tier) and downloads each
 //! snapshot through it as `fetch --extract` does: pinned parallel ranges, a restart on
 //! 412, verified, unpacked into a staging directory beside the target and renamed into
 //! place, so the app sees a complete tree or none. Failures are retried with backoff
@@ -83,6 +83,9 @@ pub struct Failed {
     pub attempts: u32,
     pub seconds: f64,
     pub last: String,
+    /// The last error's `fetch` exit code, which names the reason (3 not found, 5
+    /// corrupt, 6 S3 unreachable...): the container exits with it.
+    pub exit_code: u8,
 }
 
 /// Materializes every checkout through an in-process sidecar started from `config`.
@@ -95,6 +98,10 @@ pub async fn run(
     // should reach it, and the pod's sidecar may hold the usual ports later.
     config.listen = "127.0.0.1:0".parse()?;
     config.admin_listen = "127.0.0.1:0".parse()?;
+    hold_memory_within_bound(&mut config);
+    // Straight from S3 into the tree: a copy of the tarball on the disk tier would double
+    // what the checkout writes, and the pod's next read of it is no checkout's business.
+    config.disk_dir = None;
     let running = server::start(&config).await?;
     let mut done = Vec::new();
     let mut outcome = Ok(());
@@ -113,6 +120,22 @@ pub async fn run(
     }
     running.stop().await;
     Ok(outcome.map(|()| done))
+}
+
+/// A checkout's transfer buffers: S3 parts, the download window, and files queued for
+/// the writer threads (5 MiB, see `fetch::extract`).
+/// With the process's own ~20 MiB this keeps a checkout under 64 MiB peak RSS at any
+/// snapshot size (the checkout benchmark holds it), inside the sidecar's memory limit.
+const S3_PART_SIZE: u64 = 2 << 20;
+const S3_BUFFERS: u64 = 16 << 20;
+const DOWNLOAD_WORKERS: usize = 4;
+const DOWNLOAD_CHUNK_SIZE: u64 = 4 << 20;
+
+/// Smaller parts and budgets than a long-running sidecar's; settings below them stay.
+fn hold_memory_within_bound(config: &mut ServeConfig) {
+    config.parallel_get_chunk_size = config.parallel_get_chunk_size.min(S3_PART_SIZE);
+    let s3_budget = config.parallel_get_budget.unwrap_or(S3_BUFFERS);
+    config.parallel_get_budget = Some(s3_budget.min(S3_BUFFERS));
 }
 
 /// One checkout, retried with backoff until `patience` runs out.
@@ -158,6 +181,7 @@ async fn one(url: &str, checkout: &Checkout, patience: &Patience) -> Result<Done
                 attempts,
                 seconds: elapsed.as_secs_f64(),
                 last: describe(&error),
+                exit_code: error.exit_code(),
             });
         }
         tracing::warn!(
@@ -177,6 +201,11 @@ fn describe(error: &FetchError) -> String {
              (snapcache-sidecar publish), and is the SnapshotCache's spec.s3 right?"
                 .to_owned()
         }
+        FetchError::Unavailable(_) => {
+            "S3 is unreachable from this pod: check the SnapshotCache's spec.s3.endpoint, \
+             its credentials Secret, and network policies"
+                .to_owned()
+        }
         other => other.to_string(),
     }
 }
@@ -186,13 +215,34 @@ fn fetch_options(url: &str, target: &Path) -> FetchOptions {
     FetchOptions {
         url: url.to_owned(),
         output: None,
-        workers: 8,
-        chunk_size: 16 << 20,
+        workers: DOWNLOAD_WORKERS,
+        chunk_size: DOWNLOAD_CHUNK_SIZE,
         max_restarts: 3,
         chunk_attempts: 5,
         chunk_timeout: Duration::from_secs(60),
         extract: Some(target.to_owned()),
     }
+}
+
+/// The termination message of a checkout that succeeded: what each one fetched, so
+/// `kubectl describe pod` (and the operator's metrics) see it.
+pub fn success_message(done: &[Done]) -> String {
+    let each: Vec<serde_json::Value> = done
+        .iter()
+        .map(|finished| {
+            let fetched = finished.fetched.as_ref();
+            serde_json::json!({
+                "repo": finished.repo,
+                "commit": fetched.and_then(|f| f.commit.as_deref()),
+                "bytes": fetched.map_or(0, |f| f.bytes),
+                "seconds": fetched.map_or(0.0, |f| (f.seconds * 1000.0).round() / 1000.0),
+                "restarts": fetched.map_or(0, |f| f.restarts),
+                "bundle_applied": fetched.is_some_and(|f| f.bundle_applied),
+                "attempts": finished.attempts,
+            })
+        })
+        .collect();
+    serde_json::json!({ "checkouts": each }).to_string()
 }
 
 /// Writes `message` where the kubelet reads a container's termination message; a path

@@ -28,7 +28,9 @@ pub enum Command {
 }
 
 const CHECKOUT_EXIT_CODES: &str = "Exit codes: 0 every checkout is in place (or failed with \
---optional), 1 a checkout failed after retrying until --give-up-after, 2 bad usage.";
+--optional), 2 bad usage; a checkout that failed after retrying until --give-up-after exits \
+with its last error's fetch code: 3 snapshot not found, 4 it kept changing, 5 corrupt \
+(digest mismatch or does not unpack), 6 S3 unreachable, 1 anything else.";
 
 /// `checkout --checkout REPO=DIR...`: S3 and disk tier flags as `serve` takes them.
 #[derive(Debug, Clone, clap::Args)]
@@ -61,7 +63,8 @@ pub struct CheckoutArgs {
 
 const FETCH_EXIT_CODES: &str = "Exit codes: 0 success, 1 other failure, 2 bad usage, \
 3 snapshot not found, 4 gave up after restarts (the snapshot kept changing), \
-5 verification failed (digest or size mismatch).";
+5 verification failed (digest or size mismatch, or a snapshot that does not unpack), \
+6 the server cannot reach its storage (S3) right now.";
 
 /// `fetch URL -o FILE`: probe, parallel pinned ranges, restart on 412, verify.
 #[derive(Debug, Clone, clap::Args)]
@@ -78,8 +81,9 @@ pub struct FetchArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub workers: u16,
 
-    /// Size of each ranged request, e.g. 16MiB.
-    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    /// Size of each ranged request, e.g. 4MiB. At most workers x chunk size of the
+    /// download is in memory at once (32 MiB by default).
+    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     pub chunk_size: u64,
 
     /// Restarts allowed when the snapshot changes during the download (412).

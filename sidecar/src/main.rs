@@ -51,6 +51,8 @@ async fn run_checkout(args: CheckoutArgs) -> ExitCode {
     };
     match checkout::run(args.serve, &args.checkouts, &patience).await {
         Ok(Ok(done)) => {
+            let summary = checkout::success_message(&done);
+            checkout::write_termination_message(&args.termination_message, &summary);
             for finished in done {
                 if args.json {
                     match serde_json::to_string(&finished) {
@@ -75,7 +77,7 @@ async fn run_checkout(args: CheckoutArgs) -> ExitCode {
                 eprintln!("the checkout is optional (--optional): the app starts without it");
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(failed.exit_code)
             }
         }
         Err(err) => {

@@ -4,13 +4,14 @@
 source "$(dirname "$0")/lib.sh"
 cd "$ENV_DIR/../.."
 
-apt_install curl openssl aria2 wrk apache2-utils
+apt_install curl openssl aria2 wrk apache2-utils zstd time git
 bash "$ENV_DIR/garage.sh" install
 bash "$ENV_DIR/nginx.sh" install
-cargo build --release --locked -p snapcache-sidecar -p snapcache-tests --bin snapcache-sidecar --bin snapcache-bench
+cargo build --release --locked -p snapcache-sidecar -p snapcache-operator -p snapcache-tests \
+  --bin snapcache-sidecar --bin snapcache-operator --bin snapcache-bench
 components=garage,nginx
-# The webhook part runs the chart on the one-node cluster, from release images.
-if [[ -z ${BENCH:-} || ,$BENCH, == *,webhook,* ]]; then
+# The webhook and checkout parts run pods on the one-node cluster, from release images.
+if [[ -z ${BENCH:-} || ,$BENCH, == *,webhook,* || ,$BENCH, == *,checkout,* ]]; then
   bash "$ENV_DIR/kube.sh" install
   bash "$ENV_DIR/cluster.sh" install
   bash "$ENV_DIR/helm.sh" install

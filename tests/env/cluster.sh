@@ -120,6 +120,9 @@ start() {
   export_env "$state" CLUSTER_NODE_IP "$NODE_IP"
   export_env "$state" CLUSTER_BUSYBOX_IMAGE "$BUSYBOX_IMAGE"
   export_env "$state" CLUSTER_GIT_IMAGE "$GIT_IMAGE"
+  # Where the kubelet keeps pod volumes: tests look into a failed pod's emptyDir, which
+  # --keep-terminated-pod-volumes leaves there until the pod is deleted.
+  export_env "$state" CLUSTER_KUBELET_DIR "$dir/kubelet"
   log "cluster: node $NODE_NAME Ready at $NODE_IP"
 }
 
@@ -246,6 +249,10 @@ authorization: {mode: AlwaysAllow}
 # The kubelet's own iptables chains would outlive it; nothing here needs them.
 makeIPTablesUtilChains: false
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}
+# The images are imported, not pulled: one garbage-collected between two pods is gone for
+# good. This disk's reserved blocks count as used, so the default 85% is reached early.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 volumePluginDir: $dir/kubelet/volume-plugins
 resolvConf: /etc/resolv.conf
@@ -254,7 +261,8 @@ EOF
     --config="$dir/kubelet.yaml" --kubeconfig="$NODE_KUBECONFIG" \
     --container-runtime=remote --container-runtime-endpoint="unix://$dir/containerd.sock" \
     --root-dir="$dir/kubelet" --cert-dir="$dir/kubelet/pki" --node-ip="$NODE_IP" \
-    --hostname-override="$NODE_NAME" --pod-infra-container-image="$PAUSE_IMAGE" --v=1
+    --hostname-override="$NODE_NAME" --pod-infra-container-image="$PAUSE_IMAGE" --v=1 \
+    --keep-terminated-pod-volumes
 }
 
 # Each S3 server the run started, also on the node address for the pods (socat).

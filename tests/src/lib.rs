@@ -113,6 +113,14 @@ pub struct S3Server {
 }
 
 impl S3Server {
+    /// The `host:port` its endpoint names.
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        self.endpoint
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap_or_else(|e| panic!("S3 endpoint {}: {e}", self.endpoint))
+    }
+
     /// An aws-sdk-s3 client for this server (path-style, region us-east-1).
     pub fn client(&self) -> aws_sdk_s3::Client {
         install_crypto_provider();
@@ -195,6 +203,7 @@ mod tests {
 }
 
 pub mod cluster;
+pub mod generated_repo;
 pub mod git;
 pub mod large;
 pub mod prometheus;

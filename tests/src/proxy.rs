@@ -11,7 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
-/// Forwards 127.0.0.1:port to `upstream` while up; refuses connections while down.
+/// Forwards 127.0.0.1:port (or another address of this host) to `upstream` while up;
+/// refuses connections while down.
 /// Counts the bytes clients send upstream, so a test can prove no request was made.
 #[derive(Debug)]
 pub struct CutProxy {
@@ -28,6 +29,8 @@ pub struct CutProxy {
 #[derive(Debug)]
 struct Downstream {
     sent: AtomicU64,
+    /// GET requests forwarded upstream so far.
+    gets: AtomicU64,
     limit: watch::Sender<u64>,
     gets_held: watch::Sender<bool>,
 }
@@ -36,6 +39,7 @@ impl Default for Downstream {
     fn default() -> Downstream {
         Downstream {
             sent: AtomicU64::new(0),
+            gets: AtomicU64::new(0),
             limit: watch::channel(u64::MAX).0,
             gets_held: watch::channel(false).0,
         }
@@ -61,7 +65,12 @@ impl Downstream {
 
 impl CutProxy {
     pub async fn start(upstream: SocketAddr) -> CutProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        CutProxy::start_on(std::net::Ipv4Addr::LOCALHOST.into(), upstream).await
+    }
+
+    /// A proxy listening on `ip` (e.g. the test cluster's node address, for pods).
+    pub async fn start_on(ip: std::net::IpAddr, upstream: SocketAddr) -> CutProxy {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let proxy = CutProxy {
             addr,
@@ -77,12 +86,7 @@ impl CutProxy {
 
     /// A proxy in front of one of the test S3 servers.
     pub async fn in_front_of(server: &crate::S3Server) -> CutProxy {
-        let upstream = server
-            .endpoint
-            .trim_start_matches("http://")
-            .parse()
-            .unwrap_or_else(|e| panic!("S3 endpoint {}: {e}", server.endpoint));
-        CutProxy::start(upstream).await
+        CutProxy::start(server.socket_addr()).await
     }
 
     pub fn url(&self) -> String {
@@ -113,6 +117,11 @@ impl CutProxy {
     pub fn release(&self) {
         self.downstream.limit.send_replace(u64::MAX);
         self.downstream.gets_held.send_replace(false);
+    }
+
+    /// GET requests that have passed to the server so far.
+    pub fn gets_forwarded(&self) -> u64 {
+        self.downstream.gets.load(Ordering::SeqCst)
     }
 
     /// Bytes the server has sent back through the proxy so far.
@@ -183,6 +192,7 @@ async fn relay(
             sent.fetch_add(n as u64, Ordering::SeqCst);
             if buffer[..n].starts_with(b"GET ") {
                 carried_get.store(true, Ordering::SeqCst);
+                downstream.gets.fetch_add(1, Ordering::SeqCst);
             }
             if server_write.write_all(&buffer[..n]).await.is_err() {
                 break;

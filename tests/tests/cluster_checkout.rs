@@ -12,6 +12,7 @@ use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{Operator, until_admitted};
 use snapcache_tests::git::git;
+use snapcache_tests::proxy::CutProxy;
 use snapcache_tests::sidecar::binary;
 use snapcache_tests::{
     TestEnv, create_bucket, create_namespace, install_snapshot_cache_crd, unique_name, within,
@@ -21,28 +22,9 @@ const REPO: &str = "example.com/snapcache/self";
 
 /// Publishes this project's own repository (HEAD) to `bucket` on Garage; its commit.
 fn publish_this_repository(bucket: &str) -> String {
-    let env = TestEnv::get();
-    let garage = env.s3_server("garage");
-    let repository = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let work = tempfile::tempdir().expect("work dir");
-    let published = Command::new(binary("snapcache-sidecar"))
-        .args([
-            "publish", "--repo", repository, "--ref", "HEAD", "--name", REPO,
-        ])
-        .args(["--s3-bucket", bucket, "--s3-endpoint", &garage.endpoint])
-        .arg("--work-dir")
-        .arg(work.path())
-        .env("AWS_ACCESS_KEY_ID", &garage.access_key_id)
-        .env("AWS_SECRET_ACCESS_KEY", &garage.secret_access_key)
-        .env("AWS_REGION", "us-east-1")
-        .output()
-        .expect("run publish");
-    assert!(
-        published.status.success(),
-        "publish: {}",
-        String::from_utf8_lossy(&published.stderr)
-    );
-    git(std::path::Path::new(repository), &["rev-parse", "HEAD"])
+    let repository = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    publish(repository, bucket, REPO);
+    git(repository, &["rev-parse", "HEAD"])
 }
 
 /// A client of the node's cluster (the CRD installed) and a new Garage bucket.
@@ -60,6 +42,17 @@ async fn cluster_and_bucket() -> (kube::Client, String) {
 async fn namespace_with_cache(
     client: &kube::Client,
     bucket: &str,
+    checkout: serde_json::Value,
+) -> (String, Operator) {
+    let endpoint = TestEnv::get().require("CLUSTER_S3_GARAGE_ENDPOINT");
+    namespace_at_endpoint(client, bucket, endpoint, checkout).await
+}
+
+/// `namespace_with_cache` with pods reaching S3 (Garage) at `endpoint`.
+async fn namespace_at_endpoint(
+    client: &kube::Client,
+    bucket: &str,
+    endpoint: &str,
     checkout: serde_json::Value,
 ) -> (String, Operator) {
     let env = TestEnv::get();
@@ -80,7 +73,7 @@ async fn namespace_with_cache(
         "metadata": {"name": "ci"},
         "spec": {
             "selector": {"matchLabels": {"app": "ci"}},
-            "s3": {"bucket": bucket, "endpoint": env.require("CLUSTER_S3_GARAGE_ENDPOINT"),
+            "s3": {"bucket": bucket, "endpoint": endpoint,
                    "credentialsSecret": "s3-credentials"},
             "sidecar": {"diskSize": "2Gi"},
             "checkout": checkout,
@@ -256,5 +249,291 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
         log.contains("APP RAN\n0"),
         "the app started with an empty directory: {log}"
     );
+    operator.stop(&client).await;
+}
+
+/// A repository at `dir` whose one file, `blob.bin`, is 40 MiB of bytes from `seed`:
+/// its snapshot is larger than a checkout holds in flight, so a replacement shows.
+fn commit_large_file(dir: &std::path::Path, seed: u64) -> String {
+    if !dir.join(".git").exists() {
+        git(dir, &["init", "--quiet", "--initial-branch=main"]);
+        git(dir, &["config", "user.email", "test@example.com"]);
+        git(dir, &["config", "user.name", "test"]);
+    }
+    std::fs::write(
+        dir.join("blob.bin"),
+        snapcache_tests::snapshot_bytes(40 << 20, seed),
+    )
+    .expect("write blob.bin");
+    git(dir, &["add", "blob.bin"]);
+    git(dir, &["commit", "--quiet", "-m", &format!("seed {seed}")]);
+    git(dir, &["rev-parse", "HEAD"])
+}
+
+/// `publish` of the repository at `dir` to `bucket` as `name`.
+fn publish(dir: &std::path::Path, bucket: &str, name: &str) {
+    let garage = TestEnv::get().s3_server("garage");
+    let work = tempfile::tempdir().expect("work dir");
+    let published = Command::new(binary("snapcache-sidecar"))
+        .args(["publish", "--ref", "HEAD", "--name", name, "--repo"])
+        .arg(dir)
+        .args(["--s3-bucket", bucket, "--s3-endpoint", &garage.endpoint])
+        .arg("--work-dir")
+        .arg(work.path())
+        .env("AWS_ACCESS_KEY_ID", &garage.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &garage.secret_access_key)
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .expect("run publish");
+    assert!(
+        published.status.success(),
+        "publish: {}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+}
+
+/// The checkout init container's log.
+async fn init_log(client: &kube::Client, namespace: &str, pod: &Pod) -> String {
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .logs(
+            pod.metadata.name.as_deref().expect("pod name"),
+            &LogParams {
+                container: Some("snapcache-checkout".into()),
+                ..LogParams::default()
+            },
+        )
+        .await
+        .unwrap_or_default()
+}
+
+/// The snapshot is published again while the checkout's S3 reads are held: the parts
+/// asked for after that answer 412, the checkout restarts on the new revision, and the
+/// pod ends with that one whole revision, never a mix of the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_replaced_during_the_checkout_ends_as_one_whole_revision() {
+    let env = TestEnv::get();
+    let (client, bucket) = cluster_and_bucket().await;
+    let source = tempfile::tempdir().expect("source repository");
+    let first = commit_large_file(source.path(), 1);
+    publish(source.path(), &bucket, REPO);
+
+    // The pod reaches S3 through a proxy on the node's address that can hold GETs.
+    let node_ip = env.require("CLUSTER_NODE_IP").parse().expect("node IP");
+    let garage = env.s3_server("garage");
+    let proxy = CutProxy::start_on(node_ip, garage.socket_addr()).await;
+    let (namespace, operator) =
+        namespace_at_endpoint(&client, &bucket, &proxy.url(), json!({})).await;
+    proxy.hold_gets();
+    let script = "set -e; test -z \"$(git -C /src/repo status --porcelain)\"; \
+                  echo \"CHECKED OUT $(git -C /src/repo rev-parse HEAD)\"";
+    let annotations = json!({"snapcache.io/checkout": format!("{REPO}=/src/repo")});
+    Api::<Job>::namespaced(client.clone(), &namespace)
+        .create(
+            &PostParams::default(),
+            &job("replaced", annotations, script),
+        )
+        .await
+        .expect("create the Job");
+    within(
+        Duration::from_secs(120),
+        "the checkout's first S3 GET",
+        async || (proxy.gets_forwarded() > 0).then_some(()),
+    )
+    .await;
+    let second = commit_large_file(source.path(), 2);
+    publish(source.path(), &bucket, REPO);
+    proxy.release();
+
+    let (succeeded, pod, log) = finished(&client, &namespace, "replaced").await;
+    let checkout_log = init_log(&client, &namespace, &pod).await;
+    assert!(succeeded, "app log:\n{log}\ncheckout log:\n{checkout_log}");
+    assert!(
+        log.contains(&format!("CHECKED OUT {second}")),
+        "the newer revision, whole (first was {first}); app log:\n{log}"
+    );
+    assert!(
+        checkout_log.contains("the snapshot changed during the download; restarting"),
+        "the checkout restarted on a 412; its log:\n{checkout_log}"
+    );
+    operator.stop(&client).await;
+}
+
+/// Files in checkout volume 0 of a pod (its emptyDir on the node), relative to it.
+fn checkout_volume_entries(pod: &Pod) -> Vec<String> {
+    let uid = pod.metadata.uid.as_deref().expect("pod uid");
+    let volume = std::path::Path::new(TestEnv::get().require("CLUSTER_KUBELET_DIR"))
+        .join("pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~empty-dir/snapcache-checkout-0");
+    let entries = std::fs::read_dir(&volume)
+        .unwrap_or_else(|e| panic!("the checkout volume {}: {e}", volume.display()));
+    entries
+        .map(|entry| {
+            entry
+                .expect("a volume entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// S3 unreachable, and a corrupt snapshot object: each pod fails with its reason in the
+/// init container's termination message, its app never runs, and the checkout volume
+/// holds nothing, not even a partial staging directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_down_or_a_corrupt_snapshot_fails_the_pod_with_nothing_partial() {
+    let env = TestEnv::get();
+    let (client, bucket) = cluster_and_bucket().await;
+    let source = tempfile::tempdir().expect("source repository");
+    commit_large_file(source.path(), 3);
+    publish(source.path(), &bucket, REPO);
+    // Flip bytes in the middle of the object, keeping its metadata (commit, digest).
+    let s3 = env.s3_server("garage").client();
+    let key = snapcache_tests::snapshot_key(REPO);
+    let object = s3
+        .get_object()
+        .bucket(&bucket)
+        .key(&key)
+        .send()
+        .await
+        .expect("get the snapshot");
+    let metadata = object.metadata().cloned().unwrap_or_default();
+    let mut body = object
+        .body
+        .collect()
+        .await
+        .expect("snapshot body")
+        .into_bytes()
+        .to_vec();
+    let middle = body.len() / 2;
+    for byte in &mut body[middle..middle + 4096] {
+        *byte = !*byte;
+    }
+    s3.put_object()
+        .bucket(&bucket)
+        .key(&key)
+        .set_metadata(Some(metadata))
+        .body(body.into())
+        .send()
+        .await
+        .expect("put the corrupt snapshot");
+
+    let node_ip = env.require("CLUSTER_NODE_IP").parse().expect("node IP");
+    let down = CutProxy::start_on(node_ip, env.s3_server("garage").socket_addr()).await;
+    down.cut().await;
+    let cases = [
+        (
+            "corrupt",
+            env.require("CLUSTER_S3_GARAGE_ENDPOINT").to_owned(),
+            "verification failed",
+        ),
+        ("s3-down", down.url(), "S3 is unreachable"),
+    ];
+    for (name, endpoint, reason) in cases {
+        let (namespace, operator) =
+            namespace_at_endpoint(&client, &bucket, &endpoint, json!({"giveUpAfter": "3s"})).await;
+        let annotations = json!({"snapcache.io/checkout": format!("{REPO}=/src/repo")});
+        Api::<Job>::namespaced(client.clone(), &namespace)
+            .create(
+                &PostParams::default(),
+                &job(name, annotations, "echo APP RAN"),
+            )
+            .await
+            .expect("create the Job");
+        let (succeeded, pod, log) = finished(&client, &namespace, name).await;
+        assert!(!succeeded, "{name}: the Job succeeded: {log}");
+        let status = pod.status.clone().expect("pod status");
+        let terminated = status
+            .init_container_statuses
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.name == "snapcache-checkout")
+            .and_then(|c| c.state)
+            .and_then(|s| s.terminated)
+            .expect("the checkout init container terminated");
+        let message = terminated.message.unwrap_or_default();
+        assert!(
+            message.starts_with(&format!("checkout of {REPO} into")) && message.contains(reason),
+            "{name}: the reason the user sees: {message}"
+        );
+        let app_ran = status
+            .container_statuses
+            .unwrap_or_default()
+            .iter()
+            .any(|c| {
+                c.state
+                    .as_ref()
+                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+            });
+        assert!(!app_ran, "{name}: the app container ran");
+        assert_eq!(
+            checkout_volume_entries(&pod),
+            Vec::<String>::new(),
+            "{name}: the checkout volume holds something"
+        );
+        operator.stop(&client).await;
+    }
+}
+
+/// A Deployment's pod (restartPolicy Always, so it also gets the serving sidecar) starts
+/// with its checkout, and its app, as another uid, writes into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_pod_starts_with_its_checkout() {
+    let (client, bucket) = cluster_and_bucket().await;
+    let commit = publish_this_repository(&bucket);
+    let (namespace, operator) = namespace_with_cache(&client, &bucket, json!({})).await;
+    let script = format!(
+        "set -e; test \"$(git -C /src/repo rev-parse HEAD)\" = {commit}; \
+         test -z \"$(git -C /src/repo status --porcelain)\"; \
+         touch /src/repo/written; echo READY as $(id -u); exec sleep 100000"
+    );
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "service"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "ci"}},
+            "template": job("unused", json!({"snapcache.io/checkout": format!("{REPO}=/src/repo")}), &script)
+                .spec.expect("job spec").template,
+        }
+    }))
+    .expect("deployment");
+    let mut deployment = deployment;
+    if let Some(spec) = deployment
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+    {
+        spec.restart_policy = Some("Always".into());
+    }
+    Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("create the Deployment");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let log = within(
+        Duration::from_secs(180),
+        "the Deployment's app to start with its checkout",
+        async || {
+            let listed = pods
+                .list(&ListParams::default().labels("app=ci"))
+                .await
+                .ok()?;
+            let pod = listed.items.into_iter().next()?;
+            let name = pod.metadata.name.clone()?;
+            let log = pods
+                .logs(
+                    &name,
+                    &LogParams {
+                        container: Some("app".into()),
+                        ..LogParams::default()
+                    },
+                )
+                .await
+                .ok()?;
+            log.contains("READY").then_some(log)
+        },
+    )
+    .await;
+    assert!(log.contains("READY as 1000"), "app log:\n{log}");
     operator.stop(&client).await;
 }

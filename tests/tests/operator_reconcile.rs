@@ -22,6 +22,7 @@ use kube::api::{
 use serde_json::json;
 use snapcache_operator::api::{SnapshotCache, SnapshotCacheStatus};
 use snapcache_operator::certificates;
+use snapcache_operator::checkout_outcome::CHECKOUT_LABEL;
 use snapcache_operator::controller::FIELD_MANAGER;
 use snapcache_operator::inject::{self, Environment};
 use snapcache_operator::routing::TEMPLATE_ANNOTATION;
@@ -1108,4 +1109,86 @@ async fn the_webhook_serves_a_certificate_issued_into_its_secret() {
         .delete(&name, &DeleteParams::default())
         .await
         .expect("delete the webhook configuration");
+}
+
+/// Pod `name` with a checkout init container that has exited with `exit_code` and
+/// `message`, as the kubelet would report it, labelled as the webhook labels such pods.
+async fn create_finished_checkout(pods: &Api<Pod>, name: &str, exit_code: i32, message: &str) {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {CHECKOUT_LABEL: "true", "app": "ci"}},
+        "spec": {
+            "initContainers": [{"name": "snapcache-checkout", "image": "snapcache/sidecar:test"}],
+            "containers": [{"name": "app", "image": "builder:1"}],
+        }
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let status = json!({"status": {"phase": "Pending", "initContainerStatuses": [{
+        "name": "snapcache-checkout", "image": "snapcache/sidecar:test", "imageID": "",
+        "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": exit_code, "message": message,
+                                 "startedAt": "2026-11-27T10:00:00Z",
+                                 "finishedAt": "2026-11-27T10:00:04Z"}},
+    }]}});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
+}
+
+/// Finished checkout init containers become the operator's checkout metrics: each
+/// counted once, by result and reason, with the bytes it fetched and its 412 restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_checkouts_become_metrics_counted_once() {
+    let (client, namespace) = setup().await;
+    let operator = Operator::start();
+    eventually("the operator to lead", async || {
+        operator.leading().await.filter(|leading| *leading)
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let summary = json!({"checkouts": [{"repo": "example.com/r", "commit": "abc",
+        "bytes": 1000, "seconds": 3.5, "restarts": 2, "bundle_applied": false, "attempts": 1}]})
+    .to_string();
+    create_finished_checkout(&pods, "fetched", 0, &summary).await;
+    create_finished_checkout(&pods, "missing", 3, "checkout of example.com/r failed").await;
+    let succeeded = r#"snapcache_operator_checkouts_total{reason="",result="succeeded"}"#;
+    let not_found = r#"snapcache_operator_checkouts_total{reason="not_found",result="failed"}"#;
+    let metrics = eventually("both checkouts counted", async || {
+        let (_, metrics) = operator.get("/metrics").await?;
+        (Sidecar::metric(&metrics, succeeded) == 1.0 && Sidecar::metric(&metrics, not_found) == 1.0)
+            .then_some(metrics)
+    })
+    .await;
+    assert_eq!(
+        Sidecar::metric(&metrics, "snapcache_operator_checkout_bytes_total"),
+        1000.0
+    );
+    assert_eq!(
+        Sidecar::metric(&metrics, "snapcache_operator_checkout_restarts_total"),
+        2.0
+    );
+    assert_eq!(
+        Sidecar::metric(
+            &metrics,
+            "snapcache_operator_checkout_duration_seconds_count"
+        ),
+        2.0
+    );
+
+    // Another update of a counted pod is not counted again: the watch delivers it before
+    // the third pod, which is.
+    let phase = json!({"status": {"phase": "Running"}});
+    pods.patch_status("fetched", &PatchParams::default(), &Patch::Merge(&phase))
+        .await
+        .expect("pod status");
+    create_finished_checkout(&pods, "fetched-again", 0, &summary).await;
+    let metrics = eventually("the third checkout counted", async || {
+        let (_, metrics) = operator.get("/metrics").await?;
+        (Sidecar::metric(&metrics, "snapcache_operator_checkout_bytes_total") >= 2000.0)
+            .then_some(metrics)
+    })
+    .await;
+    assert_eq!(Sidecar::metric(&metrics, succeeded), 2.0, "{metrics}");
 }

@@ -2,11 +2,13 @@
 //! staging directory renamed into place at the end; then apply the delta bundle.
 
 use std::collections::HashSet;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
@@ -14,7 +16,7 @@ use tokio::sync::mpsc;
 use super::FetchError;
 use super::sink::sibling;
 
-/// Chunks queued ahead of the extractor; with 16 MiB chunks, 64 MiB at most.
+/// Chunks queued ahead of the extractor (they count against the download window).
 const QUEUE: usize = 4;
 
 /// An unpacking in progress on a blocking thread.
@@ -106,8 +108,51 @@ fn unpack(reader: ChannelReader, dir: &Path) -> io::Result<()> {
 /// outside. Every symlink in `dir` is one the archive made, so remembering those stands in
 /// for the tar crate's canonicalization of each entry's parent (16 failing `readlink`s a
 /// file on a large tree), and remembering the directories made saves a `mkdir` a file.
+/// Small files are written by a few threads while this one decompresses and reads on:
+/// creating files is mostly kernel time, which one thread alone cannot keep up with.
 /// Directories get their modes and times last, deepest first, as tar itself does.
 pub fn unpack_inside<R: Read>(archive: &mut tar::Archive<R>, dir: &Path) -> io::Result<()> {
+    let writers = Writers::default();
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<FileJob>(QUEUED_FILES);
+    let receiver = Mutex::new(receiver);
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
+    let directories = std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| writers.run(&receiver));
+        }
+        let unpacked = unpack_entries(archive, dir, &writers, &sender);
+        // The writers finish what is queued, then stop; the scope waits for them.
+        drop(sender);
+        unpacked
+    })?;
+    writers.wait_idle()?;
+    for (relative, mode, mtime) in directories {
+        let path = dir.join(&relative);
+        if let Some(mode) = mode {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))?;
+        }
+        if let Some(mtime) = mtime {
+            let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
+            std::fs::File::open(&path)?.set_modified(when)?;
+        }
+    }
+    Ok(())
+}
+
+/// Files up to this size go to the writer threads; larger ones are written in place.
+const QUEUED_FILE_MAX: u64 = 256 << 10;
+/// Files queued ahead of the writers: with the ones being written, 5 MiB at most.
+const QUEUED_FILES: usize = 16;
+
+/// The entries in order; directories to finish are returned, deepest first.
+type Directories = Vec<(PathBuf, Option<u32>, Option<u64>)>;
+
+fn unpack_entries<R: Read>(
+    archive: &mut tar::Archive<R>,
+    dir: &Path,
+    writers: &Writers,
+    queue: &SyncSender<FileJob>,
+) -> io::Result<Directories> {
     let mut symlinks: HashSet<PathBuf> = HashSet::new();
     let mut made: HashSet<PathBuf> = HashSet::new();
     let mut directories = Vec::new();
@@ -139,6 +184,24 @@ pub fn unpack_inside<R: Read>(archive: &mut tar::Archive<R>, dir: &Path) -> io::
             ));
             continue;
         }
+        let regular = matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous);
+        if regular && entry.size() <= QUEUED_FILE_MAX {
+            symlinks.remove(&relative);
+            let mut contents = Vec::with_capacity(entry.size() as usize);
+            entry.read_to_end(&mut contents)?;
+            writers.queue(
+                queue,
+                FileJob {
+                    path: target,
+                    contents,
+                    mode: entry.header().mode().ok(),
+                    mtime: entry.header().mtime().ok(),
+                },
+            )?;
+            continue;
+        }
+        // A link may name a file still queued, or stand where one is about to be written.
+        writers.wait_idle()?;
         if kind.is_hard_link() {
             let source = entry
                 .link_name()?
@@ -160,18 +223,111 @@ pub fn unpack_inside<R: Read>(archive: &mut tar::Archive<R>, dir: &Path) -> io::
         entry.unpack(&target)?;
     }
     directories.sort_by(|a, b| b.0.cmp(&a.0));
-    for (relative, mode, mtime) in directories {
-        let path = dir.join(&relative);
-        if let Some(mode) = mode {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))?;
+    Ok(directories)
+}
+
+/// A regular file for a writer thread.
+struct FileJob {
+    path: PathBuf,
+    contents: Vec<u8>,
+    mode: Option<u32>,
+    mtime: Option<u64>,
+}
+
+impl FileJob {
+    /// Creates the file anew: `create_new` never opens an existing entry, so a symlink
+    /// the archive made at this path is replaced, not written through.
+    fn write(&self) -> io::Result<()> {
+        let create = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&self.path)
+        };
+        let mut file = match create() {
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&self.path)?;
+                create()?
+            }
+            other => other?,
+        };
+        file.write_all(&self.contents)?;
+        if let Some(mode) = self.mode {
+            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
         }
-        if let Some(mtime) = mtime {
-            let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
-            std::fs::File::open(&path)?.set_modified(when)?;
+        if let Some(mtime) = self.mtime {
+            file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))?;
+        }
+        Ok(())
+    }
+}
+
+/// The writer threads' shared state: files queued or being written, and the first error.
+#[derive(Default)]
+struct Writers {
+    state: Mutex<WriterState>,
+    idle: Condvar,
+}
+
+#[derive(Default)]
+struct WriterState {
+    pending: usize,
+    error: Option<io::Error>,
+}
+
+impl Writers {
+    /// Queues `job`, unless a writer has failed already (then its error).
+    fn queue(&self, queue: &SyncSender<FileJob>, job: FileJob) -> io::Result<()> {
+        {
+            let mut state = self.lock();
+            if let Some(err) = state.error.take() {
+                return Err(err);
+            }
+            state.pending += 1;
+        }
+        queue
+            .send(job)
+            .map_err(|_| io::Error::other("the file writers stopped"))
+    }
+
+    /// Waits until every queued file is written; the first error any writer met.
+    fn wait_idle(&self) -> io::Result<()> {
+        let mut state = self.lock();
+        while state.pending > 0 {
+            state = self
+                .idle
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        state.error.take().map_or(Ok(()), Err)
+    }
+
+    /// One writer thread: files from the queue until it closes.
+    fn run(&self, queue: &Mutex<Receiver<FileJob>>) {
+        loop {
+            let job = match queue.lock() {
+                Ok(receiver) => receiver.recv(),
+                Err(poisoned) => poisoned.into_inner().recv(),
+            };
+            let Ok(job) = job else { return };
+            let written = job.write().map_err(|err| {
+                io::Error::new(err.kind(), format!("writing {}: {err}", job.path.display()))
+            });
+            let mut state = self.lock();
+            state.pending -= 1;
+            if let Err(err) = written {
+                state.error.get_or_insert(err);
+            }
+            self.idle.notify_all();
         }
     }
-    Ok(())
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WriterState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// `path` as plain components below the extraction directory; `.` and leading `/` are

@@ -65,6 +65,9 @@ pub enum FetchError {
     GaveUp(u32),
     #[error("verification failed: {0}")]
     Verification(String),
+    /// The server is up but cannot reach its storage (503): worth retrying later.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Usage(String),
     #[error("{0}")]
@@ -73,7 +76,7 @@ pub enum FetchError {
 
 impl FetchError {
     /// Documented exit codes: 0 success, 1 other failure, 2 bad usage, 3 not found,
-    /// 4 gave up after restarts, 5 verification failed.
+    /// 4 gave up after restarts, 5 verification failed, 6 the server's storage unreachable.
     pub fn exit_code(&self) -> u8 {
         match self {
             FetchError::Failed(_) => 1,
@@ -81,6 +84,7 @@ impl FetchError {
             FetchError::NotFound(_) => 3,
             FetchError::GaveUp(_) => 4,
             FetchError::Verification(_) => 5,
+            FetchError::Unavailable(_) => 6,
         }
     }
 }
@@ -274,6 +278,9 @@ async fn probe(client: &reqwest::Client, url: &str) -> Result<Probe, FetchError>
     match response.status() {
         StatusCode::OK => Ok(probe_from(response.headers())),
         StatusCode::NOT_FOUND => Err(FetchError::NotFound(url.to_owned())),
+        StatusCode::SERVICE_UNAVAILABLE => Err(FetchError::Unavailable(format!(
+            "probing {url}: HTTP 503: the server cannot reach its storage"
+        ))),
         status => Err(FetchError::Failed(format!("probing {url}: HTTP {status}"))),
     }
 }
@@ -539,6 +546,7 @@ mod tests {
             FetchError::NotFound(String::new()).exit_code(),
             FetchError::GaveUp(3).exit_code(),
             FetchError::Verification(String::new()).exit_code(),
+            FetchError::Unavailable(String::new()).exit_code(),
         ];
         let unique: std::collections::HashSet<_> = codes.iter().collect();
         assert_eq!(unique.len(), codes.len());

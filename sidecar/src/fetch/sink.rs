@@ -95,7 +95,7 @@ impl Sink {
             extractor
                 .send(bytes)
                 .await
-                .map_err(|e| failed(format!("extracting: {e}")))?;
+                .map_err(|e| AttemptError::Fatal(unpack_error(e)))?;
         }
         Ok(())
     }
@@ -135,10 +135,7 @@ impl Sink {
                 .map_err(|e| FetchError::Failed(format!("syncing the download: {e}")))?;
         }
         if let Some(extractor) = self.extractor.take() {
-            extractor
-                .finish()
-                .await
-                .map_err(|e| FetchError::Failed(format!("extracting the snapshot: {e}")))?;
+            extractor.finish().await.map_err(unpack_error)?;
         }
         if let Some((temp_path, output)) = &self.file {
             std::fs::rename(temp_path, output).map_err(|e| {
@@ -155,6 +152,18 @@ impl Drop for Sink {
         if let (false, Some((temp_path, _))) = (self.finished, &self.file) {
             let _ = std::fs::remove_file(temp_path);
         }
+    }
+}
+
+/// Bytes that do not decompress or untar are a corrupt snapshot, as a digest mismatch
+/// would show at the end; any other kind of error (disk full, permissions) is the disk's.
+fn unpack_error(err: std::io::Error) -> FetchError {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::InvalidData | ErrorKind::UnexpectedEof | ErrorKind::Other => {
+            FetchError::Verification(format!("the snapshot does not unpack (corrupt?): {err}"))
+        }
+        _ => FetchError::Failed(format!("writing the extracted tree: {err}")),
     }
 }
 

@@ -8,7 +8,9 @@
 //! 6. Slow clients (`load.rs`): a GET beside 1000 slow connections; peak RSS under 200
 //!    slow readers.
 //! 7. The admission webhook (`webhook.rs`): pod creates with and without it on the node.
+//! 8. Checkouts (`checkout.rs`): a pod with its repository ready vs `git clone` pods.
 
+mod checkout;
 mod load;
 mod webhook;
 
@@ -28,7 +30,7 @@ const HEAP_ALLOCATED: &str = "snapcache_heap_allocated_bytes";
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    // BENCH=throughput, memory, fetch, load, slow or webhook (comma-separated) runs those
+    // BENCH=throughput, memory, fetch, load, slow, webhook or checkout (comma-separated) runs those
     // parts; unset runs them all.
     let only = std::env::var("BENCH").unwrap_or_default();
     let selected = |name: &str| only.is_empty() || only.split(',').any(|n| n == name);
@@ -41,8 +43,14 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let checkout_report = if selected("checkout") {
+        Some(checkout::checkout().await?)
+    } else {
+        None
+    };
     if !needs_s3 {
-        let missed = webhook_report.as_ref().is_some_and(webhook::print);
+        let mut missed = webhook_report.as_ref().is_some_and(webhook::print);
+        missed |= checkout_report.as_ref().is_some_and(checkout::print);
         if missed {
             bail!("a benchmark missed its target");
         }
@@ -151,6 +159,9 @@ async fn main() -> Result<()> {
     if let Some(report) = &webhook_report {
         failed |= webhook::print(report);
     }
+    if let Some(report) = &checkout_report {
+        failed |= checkout::print(report);
+    }
     if failed {
         bail!("a benchmark missed its target");
     }
@@ -205,16 +216,18 @@ async fn throughput(
     ));
 
     // 1. Disk tier vs nginx, page cache warm for both (the same bytes, read once above).
-    let sidecar_one = best_of(3, || curl(&sidecar.url(PATH), &[]))?;
-    let nginx_one = best_of(3, || curl(nginx_url, &[]))?;
+    let sidecar_one = || curl(&sidecar.url(PATH), &[]);
+    let nginx_one = || curl(nginx_url, &[]);
+    let [sidecar_one, nginx_one] = median_of_interleaved(5, [&sidecar_one, &nginx_one])?;
     rows.push(Row::new(
         "disk tier, one stream: sidecar vs nginx",
         sidecar_one,
         nginx_one,
         Some(0.9),
     ));
-    let sidecar_four = best_of(3, || parallel_ranges(&sidecar.url(PATH), 4))?;
-    let nginx_four = best_of(3, || parallel_ranges(nginx_url, 4))?;
+    let sidecar_four = || parallel_ranges(&sidecar.url(PATH), 4);
+    let nginx_four = || parallel_ranges(nginx_url, 4);
+    let [sidecar_four, nginx_four] = median_of_interleaved(5, [&sidecar_four, &nginx_four])?;
     rows.push(Row::new(
         "disk tier, 4 parallel ranges: sidecar vs nginx",
         sidecar_four,
@@ -276,7 +289,7 @@ fn clients(server: &snapcache_tests::S3Server, bucket: &str) -> Result<Vec<Row>>
         Ok(mb_per_s(SIZE, started.elapsed()))
     };
     // Round by round, so a slow spell of the S3 server hits every client alike.
-    let [fetch, curl_one, aria2c] = best_of_interleaved(3, [&fetch, &curl_one, &aria2c])?;
+    let [fetch, curl_one, aria2c] = median_of_interleaved(5, [&fetch, &curl_one, &aria2c])?;
     Ok(vec![
         Row::new(
             "fetch (8 pinned ranges) vs aria2c -x8 -s8, from S3 through the sidecar",
@@ -420,26 +433,30 @@ fn sequential_write(dir: &Path) -> Result<f64> {
     Ok(speed)
 }
 
-/// The best of `rounds` runs of each measurement, taking turns.
-fn best_of_interleaved<const N: usize>(
+/// The median of `rounds` runs of each measurement, taking turns, so a slow spell of
+/// the machine hits every contender alike.
+fn median_of_interleaved<const N: usize>(
     rounds: usize,
     measures: [&dyn Fn() -> Result<f64>; N],
 ) -> Result<[f64; N]> {
-    let mut best = [0.0f64; N];
+    let mut samples: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
     for _ in 0..rounds {
-        for (best, measure) in best.iter_mut().zip(measures) {
-            *best = best.max(measure()?);
+        for (samples, measure) in samples.iter_mut().zip(measures) {
+            samples.push(measure()?);
         }
     }
-    Ok(best)
+    Ok(samples.map(|samples| median(&samples)))
 }
 
-fn best_of(runs: usize, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
-    let mut best: f64 = 0.0;
-    for _ in 0..runs {
-        best = best.max(measure()?);
+/// The middle sample (the mean of the two middle ones for an even count).
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
-    Ok(best)
 }
 
 /// High-water of the buffered-bytes gauge and peak RSS growth for one full S3 read
