@@ -271,7 +271,8 @@ forward_s3_servers() {
   while IFS='=' read -r key url; do
     [[ $key =~ ^(MOTO|GARAGE)_ENDPOINT$ ]] || continue
     port=$(free_port)
-    spawn "$state" "socat-${BASH_REMATCH[1],,}" socat \
+    # 1 MiB buffers, not socat's 8 KiB: a fraction of the copies for the pods' large reads.
+    spawn "$state" "socat-${BASH_REMATCH[1],,}" socat -b 1048576 \
       "TCP-LISTEN:$port,bind=$NODE_IP,reuseaddr,fork" "TCP:${url#http://}"
     export_env "$state" "CLUSTER_S3_${BASH_REMATCH[1]}_ENDPOINT" "http://$NODE_IP:$port"
   done <"$state/env"

@@ -31,9 +31,12 @@ RUN_AS=65532:65532
 # "dns [!UNAVAIL=return] files", which ignores /etc/hosts (and hostAliases) whenever DNS
 # answers at all.
 EXTRA_FILES=(/etc/ssl/certs/ca-certificates.crt /etc/passwd /etc/group /etc/nsswitch.conf)
+# Programs an image runs besides its own binary, each with its ldd libraries: `checkout`
+# applies a snapshot's delta bundle with Debian's git (only builtins: fetch, merge).
+declare -A PROGRAMS=([sidecar]=/usr/bin/git [operator]=)
 
 install() {
-  apt_install buildah ca-certificates binutils
+  apt_install buildah ca-certificates binutils git
 }
 
 # Each package's version, description, license and repository as Cargo resolves them (so
@@ -92,9 +95,14 @@ stage() {
   mkdir -p "$rootfs/etc/ssl/certs"
   strip --strip-all -o "$rootfs/snapcache-$name" "$binary"
   chmod 0755 "$rootfs/snapcache-$name"
-  local libs lib
+  local libs lib program
   libs=$(shared_libs "$binary")
-  for lib in $libs; do
+  for program in ${PROGRAMS[$name]}; do
+    mkdir -p "$rootfs$(dirname "$program")"
+    cp --dereference --preserve=mode "$program" "$rootfs$program"
+    libs+=$'\n'$(shared_libs "$program")
+  done
+  for lib in $(sort -u <<<"$libs"); do
     mkdir -p "$rootfs$(dirname "$lib")"
     cp --dereference --preserve=mode "$lib" "$rootfs$lib"
   done
@@ -183,6 +191,7 @@ test() {
     local label file
     while IFS= read -r label; do args+=(--label "$label"); done <<<"$(labels "$name")"
     for file in "${EXTRA_FILES[@]}"; do args+=(--file "$file"); done
+    for file in ${PROGRAMS[$name]}; do args+=(--program "$file"); done
     python3 "$ENV_DIR/images_check.py" "${args[@]}" "$archive" || failed=1
   done
   ((failed == 0)) || die "image checks failed (see above)"

@@ -2,8 +2,9 @@
 
 - the archive holds one manifest, named IMAGE, whose blobs match their digests;
 - the config has exactly the expected Entrypoint, User and labels, and no Cmd;
-- the root filesystem (every layer unpacked in order; no whiteouts) holds exactly BINARY, the
-  libraries `ldd` lists for it plus the loader, and the --file paths: no other file, no
+- the root filesystem (every layer unpacked in order; no whiteouts) holds exactly BINARY and
+  the --program executables (byte-identical to the host's), the libraries `ldd` lists for
+  them plus the loader, and the --file paths: no other file, no
   directory that is not one of their parents, no link, device or setuid bit, all owned by root;
 - each library is byte-identical to the host's, and BINARY runs `--help` in a chroot of the
   unpacked root filesystem, as USER and with an empty environment, so only the image's own
@@ -138,8 +139,12 @@ def sha256_file(path):
 
 
 def check_files(entries, rootfs, args):
-    libraries = ldd(rootfs + args.binary)
-    expected = sorted({args.binary, *libraries, *args.file})
+    libraries = set(ldd(rootfs + args.binary))
+    for program in args.program:
+        libraries |= set(ldd(rootfs + program))
+        check(sha256_file(rootfs + program) == sha256_file(program),
+              f"{program} in the image differs from this machine's {program}")
+    expected = sorted({args.binary, *libraries, *args.program, *args.file})
     files = sorted(path for path, member in entries.items() if member.isfile())
     print("  expected files:", " ".join(expected))
     unexpected, missing = sorted(set(files) - set(expected)), sorted(set(expected) - set(files))
@@ -186,6 +191,7 @@ def main():
     parser.add_argument("--user", required=True, help="expected numeric USER, e.g. 65532:65532")
     parser.add_argument("--label", action="append", default=[], help="an expected label KEY=VALUE")
     parser.add_argument("--file", action="append", default=[], help="a file expected besides the binary and its libraries")
+    parser.add_argument("--program", action="append", default=[], help="another executable expected, with its libraries")
     args = parser.parse_args()
 
     print(f"== {args.image} ({args.archive})")

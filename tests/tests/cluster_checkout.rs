@@ -270,16 +270,17 @@ fn commit_large_file(dir: &std::path::Path, seed: u64) -> String {
     git(dir, &["rev-parse", "HEAD"])
 }
 
-/// `publish` of the repository at `dir` to `bucket` as `name`.
-fn publish(dir: &std::path::Path, bucket: &str, name: &str) {
+/// `publish` of the repository at `dir` to `bucket` as `name`, with `extra` flags.
+fn publish_with(dir: &std::path::Path, bucket: &str, name: &str, extra: &[&str]) {
     let garage = TestEnv::get().s3_server("garage");
     let work = tempfile::tempdir().expect("work dir");
     let published = Command::new(binary("snapcache-sidecar"))
-        .args(["publish", "--ref", "HEAD", "--name", name, "--repo"])
+        .args(["publish", "--name", name, "--repo"])
         .arg(dir)
         .args(["--s3-bucket", bucket, "--s3-endpoint", &garage.endpoint])
         .arg("--work-dir")
         .arg(work.path())
+        .args(extra)
         .env("AWS_ACCESS_KEY_ID", &garage.access_key_id)
         .env("AWS_SECRET_ACCESS_KEY", &garage.secret_access_key)
         .env("AWS_REGION", "us-east-1")
@@ -290,6 +291,11 @@ fn publish(dir: &std::path::Path, bucket: &str, name: &str) {
         "publish: {}",
         String::from_utf8_lossy(&published.stderr)
     );
+}
+
+/// `publish` of the commit checked out at `dir` (detached: never a bundle).
+fn publish(dir: &std::path::Path, bucket: &str, name: &str) {
+    publish_with(dir, bucket, name, &["--ref", "HEAD"]);
 }
 
 /// The checkout init container's log.
@@ -535,5 +541,54 @@ async fn a_deployment_pod_starts_with_its_checkout() {
     )
     .await;
     assert!(log.contains("READY as 1000"), "app log:\n{log}");
+    operator.stop(&client).await;
+}
+
+/// A snapshot at an older commit with a delta bundle to the newest (`publish --bundle`):
+/// the checkout applies it with the image's git, so the app starts at the newest commit,
+/// clean, and the termination message says the bundle was applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_applies_the_delta_bundle_to_the_newest_commit() {
+    let (client, bucket) = cluster_and_bucket().await;
+    let source = tempfile::tempdir().expect("source repository");
+    git(source.path(), &["init", "--quiet", "--initial-branch=main"]);
+    git(source.path(), &["config", "user.email", "test@example.com"]);
+    git(source.path(), &["config", "user.name", "test"]);
+    std::fs::write(source.path().join("README"), "first\n").expect("write");
+    git(source.path(), &["add", "README"]);
+    git(source.path(), &["commit", "--quiet", "-m", "first"]);
+    // A branch, so the next publish can bundle from this commit to its new head.
+    publish_with(source.path(), &bucket, REPO, &["--ref", "main"]);
+    std::fs::write(source.path().join("README"), "second\n").expect("write");
+    git(source.path(), &["commit", "--quiet", "-am", "second"]);
+    let newest = git(source.path(), &["rev-parse", "HEAD"]);
+    publish_with(source.path(), &bucket, REPO, &["--ref", "main", "--bundle"]);
+
+    let (namespace, operator) = namespace_with_cache(&client, &bucket, json!({})).await;
+    let script = "set -e; test -z \"$(git -C /src/repo status --porcelain)\"; \
+                  echo \"CHECKED OUT $(git -C /src/repo rev-parse HEAD) $(cat /src/repo/README)\"";
+    let annotations = json!({"snapcache.io/checkout": format!("{REPO}=/src/repo")});
+    Api::<Job>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &job("bundled", annotations, script))
+        .await
+        .expect("create the Job");
+    let (succeeded, pod, log) = finished(&client, &namespace, "bundled").await;
+    let checkout_log = init_log(&client, &namespace, &pod).await;
+    assert!(succeeded, "app log:\n{log}\ncheckout log:\n{checkout_log}");
+    assert!(
+        log.contains(&format!("CHECKED OUT {newest} second")),
+        "app log:\n{log}"
+    );
+    let summary = pod
+        .status
+        .and_then(|s| s.init_container_statuses)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.name == "snapcache-checkout")
+        .and_then(|c| c.state?.terminated?.message)
+        .unwrap_or_default();
+    let summary: serde_json::Value =
+        serde_json::from_str(&summary).unwrap_or_else(|e| panic!("{summary}: {e}"));
+    assert_eq!(summary["checkouts"][0]["bundle_applied"], true, "{summary}");
     operator.stop(&client).await;
 }
