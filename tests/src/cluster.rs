@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::sidecar::{binary, free_addr};
@@ -135,6 +135,15 @@ pub fn ready(pod: &Pod, container: &str) -> bool {
         .as_ref()
         .and_then(|status| status.container_statuses.as_ref())
         .is_some_and(|statuses| statuses.iter().any(|s| s.name == container && s.ready))
+}
+
+/// The log of `container` in pod `pod`; empty while it has none (not started yet).
+pub async fn container_log(pods: &Api<Pod>, pod: &str, container: &str) -> String {
+    let params = LogParams {
+        container: Some(container.to_owned()),
+        ..LogParams::default()
+    };
+    pods.logs(pod, &params).await.unwrap_or_default()
 }
 
 /// The sidecar image `make images` left under target/images/ (cluster.sh imported it).

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, ListParams, LogParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{Operator, until_admitted};
+use snapcache_tests::cluster::{Operator, container_log, until_admitted};
 use snapcache_tests::git::git;
 use snapcache_tests::proxy::CutProxy;
 use snapcache_tests::sidecar::binary;
@@ -131,16 +131,7 @@ async fn finished(client: &kube::Client, namespace: &str, name: &str) -> (bool, 
         .expect("the Job's pods");
     let pod = listed.items.into_iter().next().expect("the Job's pod");
     let pod_name = pod.metadata.name.clone().expect("pod name");
-    let log = pods
-        .logs(
-            &pod_name,
-            &LogParams {
-                container: Some("app".into()),
-                ..LogParams::default()
-            },
-        )
-        .await
-        .unwrap_or_default();
+    let log = container_log(&pods, &pod_name, "app").await;
     (status.succeeded == Some(1), pod, log)
 }
 
@@ -300,16 +291,9 @@ fn publish(dir: &std::path::Path, bucket: &str, name: &str) {
 
 /// The checkout init container's log.
 async fn init_log(client: &kube::Client, namespace: &str, pod: &Pod) -> String {
-    Api::<Pod>::namespaced(client.clone(), namespace)
-        .logs(
-            pod.metadata.name.as_deref().expect("pod name"),
-            &LogParams {
-                container: Some("snapcache-checkout".into()),
-                ..LogParams::default()
-            },
-        )
-        .await
-        .unwrap_or_default()
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    let name = pod.metadata.name.as_deref().expect("pod name");
+    container_log(&pods, name, "snapcache-checkout").await
 }
 
 /// The snapshot is published again while the checkout's S3 reads are held: the parts
@@ -526,16 +510,7 @@ async fn a_deployment_pod_starts_with_its_checkout() {
                 .ok()?;
             let pod = listed.items.into_iter().next()?;
             let name = pod.metadata.name.clone()?;
-            let log = pods
-                .logs(
-                    &name,
-                    &LogParams {
-                        container: Some("app".into()),
-                        ..LogParams::default()
-                    },
-                )
-                .await
-                .ok()?;
+            let log = container_log(&pods, &name, "app").await;
             log.contains("READY").then_some(log)
         },
     )

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, DeleteParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{Operator, until_admitted};
+use snapcache_tests::cluster::{Operator, container_log, until_admitted};
 use snapcache_tests::generated_repo::{self, Shape};
 use snapcache_tests::git::git;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, sidecar_binary};
@@ -369,16 +369,7 @@ async fn time_pod(pods: &Api<Pod>, kind: Kind, daemon: &str, commit: &str) -> Re
         },
     )
     .await;
-    let log = pods
-        .logs(
-            &name,
-            &LogParams {
-                container: Some("app".into()),
-                ..LogParams::default()
-            },
-        )
-        .await
-        .unwrap_or_default();
+    let log = container_log(pods, &name, "app").await;
     pods.delete(&name, &DeleteParams::default()).await?;
     // Gone from the API, and its volumes from the node, before the next contender runs.
     let volumes = Path::new(TestEnv::get().require("CLUSTER_KUBELET_DIR"))
