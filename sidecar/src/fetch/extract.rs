@@ -127,14 +127,23 @@ pub fn unpack_inside<R: Read>(archive: &mut tar::Archive<R>, dir: &Path) -> io::
     })?;
     writers.wait_idle()?;
     for (relative, mode, mtime) in directories {
-        let path = dir.join(&relative);
-        if let Some(mode) = mode {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))?;
-        }
-        if let Some(mtime) = mtime {
-            let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
-            std::fs::File::open(&path)?.set_modified(when)?;
-        }
+        set_mode_and_mtime(&std::fs::File::open(dir.join(&relative))?, mode, mtime)?;
+    }
+    Ok(())
+}
+
+/// The archive's mode (permission bits only) and modification time, on an open file or
+/// directory.
+fn set_mode_and_mtime(
+    file: &std::fs::File,
+    mode: Option<u32>,
+    mtime: Option<u64>,
+) -> io::Result<()> {
+    if let Some(mode) = mode {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
+    }
+    if let Some(mtime) = mtime {
+        file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))?;
     }
     Ok(())
 }
@@ -253,13 +262,7 @@ impl FileJob {
             other => other?,
         };
         file.write_all(&self.contents)?;
-        if let Some(mode) = self.mode {
-            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
-        }
-        if let Some(mtime) = self.mtime {
-            file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))?;
-        }
-        Ok(())
+        set_mode_and_mtime(&file, self.mode, self.mtime)
     }
 }
 

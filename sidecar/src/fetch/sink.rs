@@ -31,19 +31,13 @@ impl Sink {
         size: Option<u64>,
         hash: bool,
     ) -> Result<Sink, FetchError> {
-        let file = match &options.output {
-            Some(output) => {
-                let temp_path = sibling(output, "partial");
-                let file = File::create(&temp_path).map_err(|e| {
-                    FetchError::Failed(format!("creating {}: {e}", temp_path.display()))
-                })?;
-                if let Some(size) = size {
-                    // Reserve the space up front so a full disk fails now, not at 90%.
-                    file.set_len(size)
-                        .map_err(|e| FetchError::Failed(format!("reserving {size} bytes: {e}")))?;
-                }
-                Some((file, temp_path, output.clone()))
-            }
+        // The file in progress beside the output, and the output it is renamed to.
+        let paths = options
+            .output
+            .as_ref()
+            .map(|output| (sibling(output, "partial"), output.clone()));
+        let open = match &paths {
+            Some((temp_path, _)) => Some(create_reserved(temp_path, size)?),
             None => None,
         };
         let extractor = match &options.extract {
@@ -52,10 +46,6 @@ impl Sink {
                     .map_err(|e| FetchError::Failed(format!("preparing {}: {e}", dir.display())))?,
             ),
             None => None,
-        };
-        let (open, paths) = match file {
-            Some((file, temp_path, output)) => (Some(file), Some((temp_path, output))),
-            None => (None, None),
         };
         Ok(Sink {
             file: paths,
@@ -153,6 +143,17 @@ impl Drop for Sink {
             let _ = std::fs::remove_file(temp_path);
         }
     }
+}
+
+/// Creates `path`, reserving `size` bytes up front so a full disk fails now, not at 90%.
+fn create_reserved(path: &Path, size: Option<u64>) -> Result<File, FetchError> {
+    let file = File::create(path)
+        .map_err(|e| FetchError::Failed(format!("creating {}: {e}", path.display())))?;
+    if let Some(size) = size {
+        file.set_len(size)
+            .map_err(|e| FetchError::Failed(format!("reserving {size} bytes: {e}")))?;
+    }
+    Ok(file)
 }
 
 /// Bytes that do not decompress or untar are a corrupt snapshot, as a digest mismatch
