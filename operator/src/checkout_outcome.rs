@@ -12,15 +12,23 @@ use crate::checkout::INIT_CONTAINER_NAME;
 /// The label the webhook puts on every pod it gives a checkout init container.
 pub const CHECKOUT_LABEL: &str = "snapcache.io/checkout-init";
 
-/// Why a checkout failed: the `checkout` command's exit code names it.
-pub const FAILURE_REASONS: [&str; 6] = [
-    "not_found",
-    "kept_changing",
-    "corrupt",
-    "s3_unreachable",
-    "usage",
-    "other",
+/// Why a checkout failed, by the `checkout` command's exit code (`fetch`'s codes, see
+/// its `--help`); any other code is `other`.
+const REASONS_BY_EXIT_CODE: [(i32, &str); 5] = [
+    (2, "usage"),
+    (3, "not_found"),
+    (4, "kept_changing"),
+    (5, "corrupt"),
+    (6, "s3_unreachable"),
 ];
+
+/// Every failure reason a checkout can be counted under.
+pub fn failure_reasons() -> impl Iterator<Item = &'static str> {
+    REASONS_BY_EXIT_CODE
+        .iter()
+        .map(|(_, reason)| *reason)
+        .chain(["other"])
+}
 
 /// One finished checkout init container.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,16 +101,11 @@ pub fn outcome(pod: &Pod) -> Option<Outcome> {
     })
 }
 
-/// `fetch`'s exit codes, which `checkout` exits with (see its `--help`).
 fn failure_reason(exit_code: i32) -> &'static str {
-    match exit_code {
-        2 => "usage",
-        3 => "not_found",
-        4 => "kept_changing",
-        5 => "corrupt",
-        6 => "s3_unreachable",
-        _ => "other",
-    }
+    REASONS_BY_EXIT_CODE
+        .iter()
+        .find(|(code, _)| *code == exit_code)
+        .map_or("other", |(_, reason)| *reason)
 }
 
 #[cfg(test)]
@@ -164,7 +167,7 @@ mod tests {
                 Some(CheckoutResult::Failed { reason }),
                 "exit code {code}"
             );
-            assert!(FAILURE_REASONS.contains(&reason));
+            assert!(failure_reasons().any(|known| known == reason));
         }
     }
 

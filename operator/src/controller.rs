@@ -465,8 +465,8 @@ pub async fn count_checkouts(client: Client, metrics: Metrics, leadership: Leade
                 }
             }
             Ok(watcher::Event::Delete(pod)) => {
-                let uid = pod.metadata.uid.unwrap_or_default();
-                counted.retain(|key: &String| !key.starts_with(&format!("{uid}/")));
+                let prefix = format!("{}/", pod.metadata.uid.unwrap_or_default());
+                counted.retain(|key: &String| !key.starts_with(&prefix));
             }
             Ok(watcher::Event::InitDone) => {}
             Err(err) => tracing::debug!(%err, "checkout outcome watch"),

@@ -14,7 +14,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::checkout_outcome::{CheckoutResult, FAILURE_REASONS, Outcome};
+use crate::checkout_outcome::{CheckoutResult, Outcome, failure_reasons};
 
 /// Reconcile counters and durations; `reason` has a fixed set of values.
 #[derive(Debug, Clone)]
@@ -211,7 +211,7 @@ impl Checkouts {
         )?;
         finished.with_label_values(&["succeeded", ""]);
         finished.with_label_values(&["optional_failed", ""]);
-        for reason in FAILURE_REASONS {
+        for reason in failure_reasons() {
             finished.with_label_values(&["failed", reason]);
         }
         let duration = Histogram::with_opts(
