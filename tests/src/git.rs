@@ -28,3 +28,10 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         .trim()
         .to_owned()
 }
+
+/// An empty repository at `dir` on branch `main`, with a committer identity.
+pub fn init_repository(dir: &Path) {
+    git(dir, &["init", "-q", "-b", "main"]);
+    git(dir, &["config", "user.email", "test@snapcache.dev"]);
+    git(dir, &["config", "user.name", "snapcache test"]);
+}

@@ -6,12 +6,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod, Secret};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{Operator, container_log, until_admitted};
-use snapcache_tests::git::git;
+use snapcache_tests::git::{git, init_repository};
 use snapcache_tests::proxy::CutProxy;
 use snapcache_tests::sidecar::binary;
 use snapcache_tests::{
@@ -202,14 +202,7 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
 
     let (succeeded, pod, log) = finished(&client, &namespace, "required").await;
     assert!(!succeeded, "the Job succeeded without its checkout: {log}");
-    let status = pod.status.expect("pod status");
-    let init = status
-        .init_container_statuses
-        .unwrap_or_default()
-        .into_iter()
-        .find(|c| c.name == "snapcache-checkout")
-        .expect("the checkout init container's status");
-    let terminated = init.state.and_then(|s| s.terminated).expect("terminated");
+    let terminated = checkout_terminated(&pod);
     let message = terminated.message.unwrap_or_default();
     assert_ne!(terminated.exit_code, 0);
     assert!(
@@ -217,21 +210,11 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
             && message.contains("no snapshot of this repository"),
         "the reason the user sees: {message}"
     );
-    let app = status
-        .container_statuses
-        .unwrap_or_default()
-        .into_iter()
-        .find(|c| c.name == "app")
-        .expect("the app container's status");
-    let ran = app
-        .state
-        .as_ref()
-        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-        || app
-            .last_state
-            .as_ref()
-            .is_some_and(|s| s.terminated.is_some());
-    assert!(!ran, "the app container ran without its checkout: {app:?}");
+    assert!(
+        !app_ran(&pod),
+        "the app container ran without its checkout: {:?}",
+        pod.status
+    );
     assert!(!log.contains("APP RAN"), "{log}");
 
     let (succeeded, _, log) = finished(&client, &namespace, "optional").await;
@@ -247,9 +230,7 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
 /// its snapshot is larger than a checkout holds in flight, so a replacement shows.
 fn commit_large_file(dir: &std::path::Path, seed: u64) -> String {
     if !dir.join(".git").exists() {
-        git(dir, &["init", "--quiet", "--initial-branch=main"]);
-        git(dir, &["config", "user.email", "test@example.com"]);
-        git(dir, &["config", "user.name", "test"]);
+        init_repository(dir);
     }
     std::fs::write(
         dir.join("blob.bin"),
@@ -287,6 +268,37 @@ fn publish_with(dir: &std::path::Path, bucket: &str, name: &str, extra: &[&str])
 /// `publish` of the commit checked out at `dir` (detached: never a bundle).
 fn publish(dir: &std::path::Path, bucket: &str, name: &str) {
     publish_with(dir, bucket, name, &["--ref", "HEAD"]);
+}
+
+/// How the pod's checkout init container ended.
+fn checkout_terminated(pod: &Pod) -> ContainerStateTerminated {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.init_container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .find(|c| c.name == "snapcache-checkout")
+        .and_then(|c| c.state.as_ref()?.terminated.clone())
+        .expect("the checkout init container terminated")
+}
+
+/// Whether the app container ever started: running, finished, or finished and restarted.
+fn app_ran(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| c.name == "app")
+        .any(|app| {
+            app.state
+                .as_ref()
+                .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+                || app
+                    .last_state
+                    .as_ref()
+                    .is_some_and(|s| s.terminated.is_some())
+        })
 }
 
 /// The checkout init container's log.
@@ -433,30 +445,12 @@ async fn s3_down_or_a_corrupt_snapshot_fails_the_pod_with_nothing_partial() {
             .expect("create the Job");
         let (succeeded, pod, log) = finished(&client, &namespace, name).await;
         assert!(!succeeded, "{name}: the Job succeeded: {log}");
-        let status = pod.status.clone().expect("pod status");
-        let terminated = status
-            .init_container_statuses
-            .unwrap_or_default()
-            .into_iter()
-            .find(|c| c.name == "snapcache-checkout")
-            .and_then(|c| c.state)
-            .and_then(|s| s.terminated)
-            .expect("the checkout init container terminated");
-        let message = terminated.message.unwrap_or_default();
+        let message = checkout_terminated(&pod).message.unwrap_or_default();
         assert!(
             message.starts_with(&format!("checkout of {REPO} into")) && message.contains(reason),
             "{name}: the reason the user sees: {message}"
         );
-        let app_ran = status
-            .container_statuses
-            .unwrap_or_default()
-            .iter()
-            .any(|c| {
-                c.state
-                    .as_ref()
-                    .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
-            });
-        assert!(!app_ran, "{name}: the app container ran");
+        assert!(!app_ran(&pod), "{name}: the app container ran");
         assert_eq!(
             checkout_volume_entries(&pod),
             Vec::<String>::new(),
@@ -526,9 +520,7 @@ async fn a_deployment_pod_starts_with_its_checkout() {
 async fn a_checkout_applies_the_delta_bundle_to_the_newest_commit() {
     let (client, bucket) = cluster_and_bucket().await;
     let source = tempfile::tempdir().expect("source repository");
-    git(source.path(), &["init", "--quiet", "--initial-branch=main"]);
-    git(source.path(), &["config", "user.email", "test@example.com"]);
-    git(source.path(), &["config", "user.name", "test"]);
+    init_repository(source.path());
     std::fs::write(source.path().join("README"), "first\n").expect("write");
     git(source.path(), &["add", "README"]);
     git(source.path(), &["commit", "--quiet", "-m", "first"]);
@@ -554,14 +546,7 @@ async fn a_checkout_applies_the_delta_bundle_to_the_newest_commit() {
         log.contains(&format!("CHECKED OUT {newest} second")),
         "app log:\n{log}"
     );
-    let summary = pod
-        .status
-        .and_then(|s| s.init_container_statuses)
-        .unwrap_or_default()
-        .into_iter()
-        .find(|c| c.name == "snapcache-checkout")
-        .and_then(|c| c.state?.terminated?.message)
-        .unwrap_or_default();
+    let summary = checkout_terminated(&pod).message.unwrap_or_default();
     let summary: serde_json::Value =
         serde_json::from_str(&summary).unwrap_or_else(|e| panic!("{summary}: {e}"));
     assert_eq!(summary["checkouts"][0]["bundle_applied"], true, "{summary}");

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use snapcache_sidecar::fetch::{FetchError, FetchOptions, Progress, fetch};
-use snapcache_tests::git::git;
+use snapcache_tests::git::{git, init_repository};
 use snapcache_tests::proxy::FaultProxy;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, free_addr, json_summary, run_fetch};
 use snapcache_tests::{
@@ -271,9 +271,7 @@ async fn a_missing_snapshot_exits_with_the_not_found_code() {
 
 /// A small git repository with a few commits, as a working tree with its .git.
 fn make_repository(dir: &Path) -> String {
-    git(dir, &["init", "-q", "-b", "main"]);
-    git(dir, &["config", "user.email", "test@snapcache.dev"]);
-    git(dir, &["config", "user.name", "snapcache test"]);
+    init_repository(dir);
     for i in 0..3 {
         std::fs::create_dir_all(dir.join("src")).expect("mkdir");
         std::fs::write(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use sha2::Digest;
-use snapcache_tests::git::git;
+use snapcache_tests::git::{git, init_repository};
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, json_summary, run_fetch, sidecar_binary};
 use snapcache_tests::{S3Server, TestEnv, create_bucket, snapshot_bytes, unique_name};
 
@@ -45,9 +45,7 @@ fn commit(dir: &Path, message: &str) -> String {
 /// files in nested directories, a symlink to a file, a symlink to a directory and
 /// executable files. Returns the head commit.
 fn make_repository(dir: &Path) -> String {
-    git(dir, &["init", "-q", "-b", "main"]);
-    git(dir, &["config", "user.email", "test@snapcache.dev"]);
-    git(dir, &["config", "user.name", "snapcache test"]);
+    init_repository(dir);
 
     write(
         dir,
