@@ -196,7 +196,8 @@ fn unpack_entries<R: Read>(
         let regular = matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous);
         if regular && entry.size() <= QUEUED_FILE_MAX {
             symlinks.remove(&relative);
-            let mut contents = Vec::with_capacity(entry.size() as usize);
+            let mut contents = writers.spare_buffer();
+            contents.reserve(entry.size() as usize);
             entry.read_to_end(&mut contents)?;
             writers.queue(
                 queue,
@@ -277,6 +278,9 @@ struct Writers {
 struct WriterState {
     pending: usize,
     error: Option<io::Error>,
+    /// Buffers of written files, reused: freeing them on another thread than the one
+    /// that allocated them costs the allocator cross-thread flushes and TLB shootdowns.
+    spare: Vec<Vec<u8>>,
 }
 
 impl Writers {
@@ -306,6 +310,11 @@ impl Writers {
         state.error.take().map_or(Ok(()), Err)
     }
 
+    /// An empty buffer for the next file's contents.
+    fn spare_buffer(&self) -> Vec<u8> {
+        self.lock().spare.pop().unwrap_or_default()
+    }
+
     /// One writer thread: files from the queue until it closes.
     fn run(&self, queue: &Mutex<Receiver<FileJob>>) {
         loop {
@@ -317,8 +326,11 @@ impl Writers {
             let written = job.write().map_err(|err| {
                 io::Error::new(err.kind(), format!("writing {}: {err}", job.path.display()))
             });
+            let mut buffer = job.contents;
+            buffer.clear();
             let mut state = self.lock();
             state.pending -= 1;
+            state.spare.push(buffer);
             if let Err(err) = written {
                 state.error.get_or_insert(err);
             }
