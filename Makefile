@@ -36,6 +36,6 @@ images:
 	bash tests/env/images.sh install
 	bash tests/env/images.sh build
 
-## images-test: make images, then check each archive's config and exact file list and run --help from it in a chroot
+## images-test: make images, then check each archive's config and exact file list and run its binary's own code from it in a chroot
 images-test: images
 	bash tests/env/images.sh test

@@ -686,9 +686,11 @@ pub(crate) mod tests {
     }
 
     proptest! {
-        /// Any pod in: the patch applies, the result is a pod with every original container,
-        /// init container and volume in place, exactly one sidecar, unique names, and
-        /// deciding again changes nothing.
+        /// Any pod in: an unselected pod is skipped as such, a selected one that runs to
+        /// completion on a cluster without native sidecars too, and every other is injected:
+        /// the patch applies, the result is a pod with every original container, init
+        /// container and volume in place, exactly one sidecar, unique names, and deciding
+        /// again changes nothing.
         #[test]
         fn injection_keeps_every_pod_valid_and_injecting_twice_equals_once(
             pod in arbitrary_pod(),
@@ -697,8 +699,26 @@ pub(crate) mod tests {
             let env = env(native);
             let caches = [cache("c", 1, "build")];
             let decision = decide(&pod, &BTreeMap::new(), &caches, &env);
-            let Decision::Inject { patch, .. } = decision else {
+            let selected = pod.labels().get("app").is_some_and(|app| app == "build");
+            let runs_to_completion = matches!(
+                pod.spec.as_ref().and_then(|spec| spec.restart_policy.as_deref()),
+                Some("Never" | "OnFailure")
+            );
+            let skip = if !selected {
+                Some(Skip::NotSelected)
+            } else if runs_to_completion && !native {
+                Some(Skip::RunsToCompletion)
+            } else {
+                None
+            };
+            if let Some(skip) = skip {
+                prop_assert_eq!(decision, Decision::Skip(skip));
                 return Ok(());
+            }
+            let Decision::Inject { patch, .. } = decision else {
+                return Err(TestCaseError::fail(format!(
+                    "a selected pod that may run a sidecar was skipped: {pod:?}"
+                )));
             };
             let once = patched(&pod, &patch);
             let before = pod.spec.clone().unwrap_or_default();

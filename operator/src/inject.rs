@@ -483,7 +483,23 @@ mod tests {
         assert_eq!(disk_budget("1000"), Some(900));
         assert_eq!(disk_budget("10Xi"), None);
         assert_eq!(disk_budget("lots"), None);
-        assert_eq!(disk_budget("10Gi"), Some(DEFAULT_DISK_BUDGET));
+    }
+
+    #[test]
+    fn a_disk_size_missing_or_unreadable_gives_the_budget_of_the_default_10gi() {
+        let budget = |disk_size: Option<&str>| {
+            let mut spec = spec(InjectionMode::Container);
+            spec.sidecar.disk_size = disk_size.map(|size| Quantity(size.into()));
+            let args = sidecar_container(&spec, &env(false))
+                .args
+                .unwrap_or_default();
+            args.into_iter()
+                .find_map(|arg| arg.strip_prefix("--disk-max-bytes=").map(str::to_owned))
+        };
+        let ten_gi = "9663676416";
+        assert_eq!(budget(None).as_deref(), Some(ten_gi));
+        assert_eq!(budget(Some("lots")).as_deref(), Some(ten_gi));
+        assert_eq!(budget(Some("1G")).as_deref(), Some("900000000"));
     }
 
     #[test]

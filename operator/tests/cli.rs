@@ -1,4 +1,4 @@
-//! The binary's command line: subcommands listed in --help, bad flags refused.
+//! `snapcache-operator crd`: the CustomResourceDefinition it prints.
 
 use std::process::{Command, Output};
 
@@ -7,37 +7,6 @@ fn operator(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run snapcache-operator")
-}
-
-#[test]
-fn help_lists_every_subcommand() {
-    let out = operator(&["--help"]);
-    assert!(out.status.success());
-    let help = String::from_utf8_lossy(&out.stdout);
-    for subcommand in ["run", "crd"] {
-        assert!(
-            help.contains(subcommand),
-            "--help lacks {subcommand}:\n{help}"
-        );
-    }
-}
-
-#[test]
-fn unknown_flag_is_refused_with_a_message() {
-    let out = operator(&["--no-such-flag"]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("unexpected argument '--no-such-flag'"),
-        "{err}"
-    );
-}
-
-#[test]
-fn missing_subcommand_is_refused() {
-    let out = operator(&[]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Usage"));
 }
 
 #[test]

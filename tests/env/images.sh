@@ -5,8 +5,9 @@
 #   images.sh build     release build (SNAPCACHE_IMAGE_PROFILE=dev: the dev build), stages target/images/context-<name>/, builds each
 #                       images/<name>.Containerfile with buildah in a throwaway storage root
 #                       and writes target/images/snapcache-<name>-<version>.oci.tar
-#   images.sh test      checks each archive's config, its exact file list, and runs
-#                       `--help` from the unpacked image in a chroot (tests/env/images_check.py)
+#   images.sh test      checks each archive's config, its exact file list, and runs the
+#                       binary from the unpacked image in a chroot on a command whose answer
+#                       only its own code gives (tests/env/images_check.py)
 #
 # The images are FROM scratch: only x86_64-unknown-linux-gnu is installed here, so instead
 # of a static build each image carries exactly the shared libraries `ldd` lists for its
@@ -176,6 +177,21 @@ JSON
   cleanup_buildah
 }
 
+# run_check NAME: images_check.py's arguments for what the image's binary runs in the
+# chroot, one a line, and what it must answer. Not `--help`: clap prints a usage for any
+# binary; these go through the binary's own code (the sidecar's fetch refuses a URL before
+# any request; the operator prints its CRD).
+run_check() {
+  case $1 in
+    sidecar)
+      # shellcheck disable=SC2016 # the backquotes are in what the sidecar prints
+      printf '%s\n' --run=fetch '--run=not a url' --run=-o --run=/snapshot.tar.zst \
+        --expect-exit=2 '--expect-output=`not a url` is not a URL' ;;
+    operator) printf '%s\n' --run=crd --expect-exit=0 '--expect-output=name: snapshotcaches.snapcache.io' ;;
+    *) die "no run check for $1" ;;
+  esac
+}
+
 test() {
   load_metadata
   local name failed=0 args
@@ -192,6 +208,8 @@ test() {
     while IFS= read -r label; do args+=(--label "$label"); done <<<"$(labels "$name")"
     for file in "${EXTRA_FILES[@]}"; do args+=(--file "$file"); done
     for file in ${PROGRAMS[$name]}; do args+=(--program "$file"); done
+    local check
+    while IFS= read -r check; do args+=("$check"); done <<<"$(run_check "$name")"
     python3 "$ENV_DIR/images_check.py" "${args[@]}" "$archive" || failed=1
   done
   ((failed == 0)) || die "image checks failed (see above)"

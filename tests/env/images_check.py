@@ -6,9 +6,11 @@
   the --program executables (byte-identical to the host's), the libraries `ldd` lists for
   them plus the loader, and the --file paths: no other file, no
   directory that is not one of their parents, no link, device or setuid bit, all owned by root;
-- each library is byte-identical to the host's, and BINARY runs `--help` in a chroot of the
-  unpacked root filesystem, as USER and with an empty environment, so only the image's own
-  files are used;
+- each library is byte-identical to the host's, and BINARY runs the --run arguments in a
+  chroot of the unpacked root filesystem, as USER and with an empty environment, so only
+  the image's own files are used, exiting --expect-exit and printing --expect-output: an
+  answer of the binary's own code (clap's `--help` would come from any binary built with
+  clap);
 - prints the archive's size, the layers' size and the unpacked size.
 
 Standard library only.
@@ -170,16 +172,19 @@ def ancestors(path):
 
 
 def check_runs(rootfs, args):
-    """--help from the unpacked image, as its user, in a chroot, with an empty environment."""
+    """The --run command from the unpacked image, as its user, in a chroot, with an empty
+    environment: its exit code and output are the binary's own answer."""
     chroot = shutil.which("chroot") or "/usr/sbin/chroot"
-    command = [chroot, f"--userspec={args.user}", rootfs, args.binary, "--help"]
+    command = [chroot, f"--userspec={args.user}", rootfs, args.binary, *args.run]
+    shown = " ".join(repr(arg) if " " in arg else arg for arg in [args.binary, *args.run])
     result = subprocess.run(command, env={}, capture_output=True, text=True)
-    check(result.returncode == 0,
-          f"`{' '.join(command)}` exited {result.returncode}:\n{result.stdout}{result.stderr}")
-    check("Usage:" in result.stdout, f"`{args.binary} --help` printed no usage:\n{result.stdout}")
-    first = result.stdout.splitlines()[:3]
-    print(f"  chroot --userspec={args.user} ROOTFS {args.binary} --help: exit 0")
-    for line in first:
+    output = result.stdout + result.stderr
+    check(result.returncode == args.expect_exit,
+          f"`{shown}` exited {result.returncode}, expected {args.expect_exit}:\n{output}")
+    check(args.expect_output in output,
+          f"`{shown}` did not print {args.expect_output!r}:\n{output}")
+    print(f"  chroot --userspec={args.user} ROOTFS {shown}: exit {result.returncode}")
+    for line in output.splitlines()[:3]:
         print(f"    | {line}")
 
 
@@ -192,6 +197,10 @@ def main():
     parser.add_argument("--label", action="append", default=[], help="an expected label KEY=VALUE")
     parser.add_argument("--file", action="append", default=[], help="a file expected besides the binary and its libraries")
     parser.add_argument("--program", action="append", default=[], help="another executable expected, with its libraries")
+    parser.add_argument("--run", action="append", default=[],
+                        help="one argument of the command BINARY runs in the chroot (--run=-o for one that starts with -)")
+    parser.add_argument("--expect-exit", type=int, required=True, help="the exit code that command must end with")
+    parser.add_argument("--expect-output", required=True, help="text that command must print (stdout or stderr)")
     args = parser.parse_args()
 
     print(f"== {args.image} ({args.archive})")

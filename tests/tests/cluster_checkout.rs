@@ -204,7 +204,7 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
     assert!(!succeeded, "the Job succeeded without its checkout: {log}");
     let terminated = checkout_terminated(&pod);
     let message = terminated.message.unwrap_or_default();
-    assert_ne!(terminated.exit_code, 0);
+    assert_eq!(terminated.exit_code, 3, "not found: {message}");
     assert!(
         message.contains("checkout of example.com/nobody/missing")
             && message.contains("no snapshot of this repository"),
@@ -224,6 +224,42 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
         "the app started with an empty directory: {log}"
     );
     operator.stop(&client).await;
+}
+
+/// The operator counts a failed checkout under the reason its exit code names, and that
+/// code is `fetch`'s: each kind of fetch failure must come out as its own reason (two
+/// kinds sharing a code, or a code the operator does not know, would not).
+#[test]
+fn each_kind_of_fetch_failure_is_counted_under_its_own_reason() {
+    use snapcache_operator::checkout::INIT_CONTAINER_NAME;
+    use snapcache_operator::checkout_outcome::{CheckoutResult, outcome};
+    use snapcache_sidecar::fetch::FetchError;
+    for (error, reason) in [
+        (FetchError::Usage("usage".into()), "usage"),
+        (FetchError::NotFound("url".into()), "not_found"),
+        (FetchError::GaveUp(3), "kept_changing"),
+        (FetchError::Verification("digest".into()), "corrupt"),
+        (FetchError::Unavailable("503".into()), "s3_unreachable"),
+        (FetchError::Failed("reset".into()), "other"),
+    ] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "uid": "u-1"},
+            "status": {"initContainerStatuses": [{
+                "name": INIT_CONTAINER_NAME, "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0,
+                "state": {"terminated": {
+                    "exitCode": error.exit_code(), "message": error.to_string(),
+                }},
+            }]}
+        }))
+        .expect("pod");
+        assert_eq!(
+            outcome(&pod).map(|o| o.result),
+            Some(CheckoutResult::Failed { reason }),
+            "{error:?} exits with {}",
+            error.exit_code()
+        );
+    }
 }
 
 /// A repository at `dir` whose one file, `blob.bin`, is 40 MiB of bytes from `seed`:
@@ -429,10 +465,11 @@ async fn s3_down_or_a_corrupt_snapshot_fails_the_pod_with_nothing_partial() {
             "corrupt",
             env.require("CLUSTER_S3_GARAGE_ENDPOINT").to_owned(),
             "verification failed",
+            5,
         ),
-        ("s3-down", down.url(), "S3 is unreachable"),
+        ("s3-down", down.url(), "S3 is unreachable", 6),
     ];
-    for (name, endpoint, reason) in cases {
+    for (name, endpoint, reason, exit_code) in cases {
         let (namespace, operator) =
             namespace_at_endpoint(&client, &bucket, &endpoint, json!({"giveUpAfter": "3s"})).await;
         let annotations = json!({"snapcache.io/checkout": format!("{REPO}=/src/repo")});
@@ -445,11 +482,13 @@ async fn s3_down_or_a_corrupt_snapshot_fails_the_pod_with_nothing_partial() {
             .expect("create the Job");
         let (succeeded, pod, log) = finished(&client, &namespace, name).await;
         assert!(!succeeded, "{name}: the Job succeeded: {log}");
-        let message = checkout_terminated(&pod).message.unwrap_or_default();
+        let terminated = checkout_terminated(&pod);
+        let message = terminated.message.unwrap_or_default();
         assert!(
             message.starts_with(&format!("checkout of {REPO} into")) && message.contains(reason),
             "{name}: the reason the user sees: {message}"
         );
+        assert_eq!(terminated.exit_code, exit_code, "{name}: {message}");
         assert!(!app_ran(&pod), "{name}: the app container ran");
         assert_eq!(
             checkout_volume_entries(&pod),

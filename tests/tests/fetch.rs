@@ -361,28 +361,38 @@ async fn fetch_extract_gives_a_clean_checkout_at_the_snapshot_commit() {
 }
 
 #[test]
-fn fetch_refuses_bad_usage_with_code_2() {
-    for args in [
-        vec!["not a url", "-o", "/tmp/x"],
-        vec!["https://example.com/x", "-o", "/tmp/x"],
-        vec!["http://127.0.0.1:1/x"],
-        vec!["http://127.0.0.1:1/x", "-o", "/tmp/x", "--workers", "0"],
-        vec![
-            "http://127.0.0.1:1/x",
-            "-o",
-            "/tmp/x",
-            "--chunk-size",
-            "big",
-        ],
+fn fetch_refuses_bad_usage_with_code_2_and_says_what_is_wrong() {
+    // Each with what only its own check says: exit code 2 alone is also what any
+    // argument error (an unknown or renamed flag) gets.
+    for (args, says) in [
+        (
+            vec!["not a url", "-o", "/tmp/x"],
+            "`not a url` is not a URL",
+        ),
+        (
+            vec!["https://example.com/x", "-o", "/tmp/x"],
+            "only http:// URLs are supported",
+        ),
+        (vec!["http://127.0.0.1:1/x"], "--output"),
+        (
+            vec!["http://127.0.0.1:1/x", "-o", "/tmp/x", "--workers", "0"],
+            "1..=256",
+        ),
+        (
+            vec![
+                "http://127.0.0.1:1/x",
+                "-o",
+                "/tmp/x",
+                "--chunk-size",
+                "big",
+            ],
+            "`big` is not a size",
+        ),
     ] {
         let out = run_fetch(&args);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(!out.stderr.is_empty());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
 

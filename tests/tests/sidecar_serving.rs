@@ -451,22 +451,33 @@ async fn client_disconnect_leaves_no_partial_entry_and_releases_buffers() {
         })
         .await;
         if disk_tier {
-            // The fill may finish for the next client; what is on disk is never partial.
-            wait_until("no temporary files", async || {
-                let files = disk_files(&sidecar);
-                (!files.iter().any(|f| f.ends_with(".tmp")))
-                    .then_some(())
-                    .ok_or(format!("{files:?}"))
-            })
-            .await;
-            for file in disk_files(&sidecar).iter().filter(|f| f.ends_with(".data")) {
-                let len = std::fs::metadata(sidecar.disk_dir().join(file))
-                    .expect("data file")
-                    .len();
-                assert_eq!(len, body.len() as u64, "a data file holds a whole revision");
-            }
+            // The fill is the sidecar's own download, not the client's: it runs on to the
+            // end and is committed, one whole data file and no temporary one.
+            wait_until_committed(&sidecar, body.len()).await;
+            let files = disk_files(&sidecar);
+            assert!(!files.iter().any(|f| f.ends_with(".tmp")), "{files:?}");
+            let data: Vec<&String> = files.iter().filter(|f| f.ends_with(".data")).collect();
+            assert_eq!(data.len(), 1, "{files:?}");
+            let len = std::fs::metadata(sidecar.disk_dir().join(data[0]))
+                .expect("data file")
+                .len();
+            assert_eq!(
+                len,
+                body.len() as u64,
+                "the data file holds the whole revision"
+            );
         }
         assert_eq!(get_all(&sidecar).await.1, body);
+        if disk_tier {
+            let hits = Sidecar::metric(
+                &sidecar.metrics().await,
+                "snapcache_disk_tier_lookups_total{result=\"hit\"}",
+            );
+            assert_eq!(
+                hits, 1.0,
+                "the next client reads the finished fill from disk"
+            );
+        }
     }
 }
 
