@@ -6,61 +6,27 @@
 # 127.0.0.1:8765; then a Job starts with the repository checked out and completes. Prints
 # the logs, a few sidecar metrics and each step's time, then stops everything and leaves
 # the host as it was.
-source "$(dirname "$0")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=demo-lib.sh
+source "$(dirname "$0")/demo-lib.sh"
 
 RELEASE=snapcache
 RELEASE_NAMESPACE=snapcache-system
 DEMO_NAMESPACE=snapcache-demo
-NAME=github.com/snapcache/snapcache
-BUCKET=snapcache-demo
 
-timings=()
-step_started=$SECONDS
-step_label=""
-step() {
-  finish_step
-  step_label=$*
-  step_started=$SECONDS
-  printf '\n==> %s\n' "$*"
-}
-finish_step() {
-  if [[ -n $step_label ]]; then timings+=("$(printf '%4ss  %s' $((SECONDS - step_started)) "$step_label")"); fi
-  step_label=""
-}
-report() {
-  finish_step
-  printf '\n==> step times\n'
-  printf '%s\n' "${timings[@]}"
-}
-fail() { printf '\ncluster-demo FAILED: %s\n' "$*" >&2; exit 1; }
-
-ROOT=$(git -C "$ENV_DIR" rev-parse --show-toplevel)
 if [[ ${1:-} != inside ]]; then
-  trap report EXIT
   step "1/9 Installing moto, helm, containerd, the CNI plugins and Kubernetes 1.20.2 (built once from Debian's source, about 15 minutes; cached after)"
-  apt_install curl git
-  bash "$ENV_DIR/python.sh" install
+  install_demo_tools
   bash "$ENV_DIR/helm.sh" install
   bash "$ENV_DIR/cluster.sh" install
   bash "$ENV_DIR/images.sh" install
   step "2/9 Building the binaries and the images of the sidecar and the operator (dev profile)"
   (cd "$ROOT" && cargo build --locked -p snapcache-sidecar -p snapcache-operator)
   SNAPCACHE_IMAGE_PROFILE=dev bash "$ENV_DIR/images.sh" build
-  trap - EXIT
-  report
-  # run.sh prints how long each component took to start.
-  printf '\n==> 3/8 Starting moto and the cluster (etcd, API server, scheduler, controller-manager, containerd, kubelet)\n'
-  exec bash "$ENV_DIR/run.sh" moto,cluster -- bash "$0" inside
+  run_inside moto,cluster "3/9 Starting moto and the cluster (etcd, API server, scheduler, controller-manager, containerd, kubelet)"
 fi
 
-trap report EXIT
-set -a
-# shellcheck source=/dev/null
-source "$SNAPCACHE_TEST_ENV"
-set +a
+enter_run debug
 HELM=$(bash "$ENV_DIR/helm.sh" bin_path)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/snapcache-sidecar
-[[ -x $BIN ]] || fail "$BIN is missing: the build step did not produce it"
 kubectl() { command kubectl --kubeconfig "$CLUSTER_KUBECONFIG" "$@"; }
 kubectl get nodes -o wide
 
@@ -76,15 +42,7 @@ kubectl -n "$RELEASE_NAMESPACE" rollout status deployment/"$RELEASE" --timeout=1
 kubectl -n "$RELEASE_NAMESPACE" get pods -o wide
 
 step "5/9 Publishing a snapshot of this repository to S3 (moto): snapcache-sidecar publish"
-export AWS_ACCESS_KEY_ID=$MOTO_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$MOTO_SECRET_ACCESS_KEY
-export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/snapcache-cluster-demo.XXXXXX")
-trap 'report; rm -rf "$WORK"' EXIT
-"$PYTHON_BIN/aws" --endpoint-url "$MOTO_ENDPOINT" s3 mb "s3://$BUCKET" >/dev/null || fail "creating the bucket"
-RUST_LOG=warn "$BIN" publish --repo "$ROOT" --ref HEAD --name "$NAME" --s3-bucket "$BUCKET" \
-  --s3-endpoint "$MOTO_ENDPOINT" --work-dir "$WORK/publish" --json >"$WORK/published.json" ||
-  fail "publish failed"
-echo "published: $(cat "$WORK/published.json")"
+publish_repository
 
 step "6/9 A Secret, a SnapshotCache and a Deployment whose app reads the snapshot from 127.0.0.1:8765"
 kubectl create namespace "$DEMO_NAMESPACE"

@@ -7,9 +7,10 @@
 #   cluster.sh start STATE  etcd and kube-apiserver (kube.sh, on the node address), the
 #                           scheduler, the controller-manager, containerd and a kubelet;
 #                           imports the pause, busybox and project images; waits for the node
-#   cluster.sh stop STATE   (down.sh runs it) stops the pods, the kubelet and containerd, and
-#                           removes every mount, netns, cgroup, iptables rule, sysctl change
-#                           and the bridge the cluster made
+#   cluster.sh stop STATE   (down.sh runs it) stops the pods, the kubelet and containerd (with
+#                           its shims), and removes every mount, netns, cgroup, iptables rule,
+#                           sysctl change, kernel module, file outside STATE and the bridge the
+#                           cluster made
 #
 # Network: a bridge (snapc-br0) for the pods whose address, 172.30.213.1, is also the node
 # address (the kubelet refuses loopback, and this kernel has no dummy interfaces). Servers
@@ -23,8 +24,14 @@ BRIDGE=snapc-br0
 NODE_IP=172.30.213.1
 POD_SUBNET=172.30.213.0/24
 NODE_NAME=snapcache-node
-# The sysctls the kubelet and the bridge plugin set; stop puts back what it found.
-SYSCTLS=(vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward)
+# The sysctls the kubelet (its kernel tunables) and the bridge plugin set; stop puts back
+# what it found.
+SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
+  kernel.keys.root_maxkeys kernel.keys.root_maxbytes net.ipv4.ip_forward)
+# Where the node writes outside STATE whatever its configuration says: the kubelet's pod logs
+# and their links and its device-plugin socket, CNI's result cache, the shims' sockets and the
+# pods' network namespaces. stop removes what is new there.
+NODE_HOST_PATHS=(/var/log/pods /var/log/containers /var/lib/kubelet /var/lib/cni /run/containerd /run/netns)
 IMAGES_VERSION=2
 IMAGES_CACHE="$SNAPCACHE_CACHE/cluster-images-$IMAGES_VERSION"
 PAUSE_IMAGE=localhost/snapcache/pause:3.4
@@ -55,18 +62,6 @@ build_images() {
   for applet in sh wget sha256sum sleep cat echo date ls id mkdir tar; do
     ln -s busybox "$partial/busybox/bin/$applet"
   done
-  local storage
-  storage=$(mktemp -d)
-  local buildah=(buildah --root "$storage/root" --runroot "$storage/run" --storage-driver vfs)
-  local container
-  container=$("${buildah[@]}" from scratch)
-  "${buildah[@]}" copy "$container" "$partial/pause/pause" /pause >/dev/null
-  "${buildah[@]}" config --entrypoint '["/pause"]' --user 65535:65535 "$container"
-  "${buildah[@]}" commit --quiet "$container" "oci-archive:$partial/pause.oci.tar:$PAUSE_IMAGE" >/dev/null
-  container=$("${buildah[@]}" from scratch)
-  "${buildah[@]}" copy "$container" "$partial/busybox/bin" /bin >/dev/null
-  "${buildah[@]}" config --cmd '["sh"]' --env PATH=/bin "$container"
-  "${buildah[@]}" commit --quiet "$container" "oci-archive:$partial/busybox.oci.tar:$BUSYBOX_IMAGE" >/dev/null
   mkdir -p "$partial/git/usr/bin"
   cp /usr/bin/git "$partial/git/usr/bin/git"
   local library
@@ -74,14 +69,28 @@ build_images() {
     mkdir -p "$partial/git/$(dirname "$library")"
     cp -L "$library" "$partial/git/$library"
   done
-  container=$("${buildah[@]}" from scratch)
-  "${buildah[@]}" copy "$container" "$partial/busybox/bin" /bin >/dev/null
-  "${buildah[@]}" copy "$container" "$partial/git" / >/dev/null
-  "${buildah[@]}" config --cmd '["sh"]' --env PATH=/usr/bin:/bin --env HOME=/tmp "$container"
-  "${buildah[@]}" commit --quiet "$container" "oci-archive:$partial/git.oci.tar:$GIT_IMAGE" >/dev/null
-  "${buildah[@]}" rm --all >/dev/null
-  rm -rf "$storage" "$partial/pause" "$partial/busybox" "$partial/git"
+  with_buildah commit_images "$partial"
+  rm -rf "$partial/pause" "$partial/busybox" "$partial/git"
   rm -rf "$IMAGES_CACHE" && mv "$partial" "$IMAGES_CACHE"
+}
+
+# commit_images DIR: the three images from the files build_images staged in DIR, as OCI
+# archives beside them (run by with_buildah).
+commit_images() {
+  local partial=$1 container
+  container=$(buildah_isolated from scratch)
+  buildah_isolated copy "$container" "$partial/pause/pause" /pause >/dev/null
+  buildah_isolated config --entrypoint '["/pause"]' --user 65535:65535 "$container"
+  buildah_isolated commit --quiet "$container" "oci-archive:$partial/pause.oci.tar:$PAUSE_IMAGE" >/dev/null
+  container=$(buildah_isolated from scratch)
+  buildah_isolated copy "$container" "$partial/busybox/bin" /bin >/dev/null
+  buildah_isolated config --cmd '["sh"]' --env PATH=/bin "$container"
+  buildah_isolated commit --quiet "$container" "oci-archive:$partial/busybox.oci.tar:$BUSYBOX_IMAGE" >/dev/null
+  container=$(buildah_isolated from scratch)
+  buildah_isolated copy "$container" "$partial/busybox/bin" /bin >/dev/null
+  buildah_isolated copy "$container" "$partial/git" / >/dev/null
+  buildah_isolated config --cmd '["sh"]' --env PATH=/usr/bin:/bin --env HOME=/tmp "$container"
+  buildah_isolated commit --quiet "$container" "oci-archive:$partial/git.oci.tar:$GIT_IMAGE" >/dev/null
 }
 
 # sysctl_value NAME: the current value, as `sysctl -n` prints it.
@@ -134,18 +143,26 @@ node_ready() {
 # What the host looks like before the cluster: stop puts it back.
 record_host() {
   local dir=$1 name
+  [[ -e /sys/fs/cgroup/memory/$CGROUP_PARENT ]] &&
+    die "/sys/fs/cgroup/*/$CGROUP_PARENT exists: is another kubelet running? Stop it first."
+  ip link show "$BRIDGE" >/dev/null 2>&1 &&
+    die "the bridge $BRIDGE exists: another test cluster runs, or one was not stopped (then: ip link del $BRIDGE)"
+  local value
   for name in "${SYSCTLS[@]}"; do
-    printf '%s=%s\n' "$name" "$(sysctl_value "$name")" >>"$dir/sysctls.saved"
+    # One this kernel lacks, the kubelet cannot set either.
+    if value=$(sysctl_value "$name" 2>/dev/null); then printf '%s=%s\n' "$name" "$value" >>"$dir/sysctls.saved"; fi
   done
   iptables-save >"$dir/iptables.saved"
   netns_names | sort >"$dir/netns.before"
-  pod_log_dirs | sort >"$dir/podlogs.before"
-  [[ -e /sys/fs/cgroup/memory/$CGROUP_PARENT ]] && die "/sys/fs/cgroup/*/$CGROUP_PARENT exists: is another kubelet running?"
-  return 0
+  node_host_paths | sort >"$dir/host-paths.before"
+  loaded_modules | sort >"$dir/modules.before"
 }
 
 netns_names() { ip netns list 2>/dev/null | awk '{print $1}' || true; }
-pod_log_dirs() { if [[ -d /var/log/pods ]]; then find /var/log/pods -mindepth 1 -maxdepth 1; fi; }
+node_host_paths() { find "${NODE_HOST_PATHS[@]}" 2>/dev/null || true; }
+# The bridge, the veths, the overlay mounts and iptables load theirs on demand; a kernel
+# without loadable modules has no /proc/modules.
+loaded_modules() { if [[ -r /proc/modules ]]; then awk '{print $1}' /proc/modules; fi; }
 
 start_control_plane() {
   local state=$1 dir=$2
@@ -184,6 +201,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   address = "$dir/containerd.sock"
 [ttrpc]
   address = "$dir/containerd.sock.ttrpc"
+# Not the default /opt/containerd, which containerd would create at its start.
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$dir/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
   # This VM lacks CAP_SYS_RESOURCE: without this every sandbox fails in runc create.
@@ -202,6 +222,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         Root = "$dir/runc"
         SystemdCgroup = false
 EOF
+  # Its shims make process groups of their own but stay in its session, which stop_session ends.
   spawn "$state" containerd /usr/bin/containerd --config "$dir/containerd.toml"
   local pid=$!
   wait_for 30 containerd ctr_ready "$dir" "$pid"
@@ -281,36 +302,34 @@ forward_s3_servers() {
 stop() {
   local state=$1 dir="$1/cluster"
   [[ -d $dir ]] || return 0
-  stop_group "$state" kubelet
+  stop_spawned "$state" kubelet
   if [[ -S $dir/containerd.sock ]]; then stop_containers "$dir"; fi
-  stop_group "$state" containerd
+  # containerd with its shims, also those whose task would not die.
+  stop_spawned "$state" containerd
   # Its etcd is thrown away with the run; a graceful stop here takes a minute.
-  stop_group "$state" cluster-kube-apiserver 2
-  # A shim whose task would not die: found by this run's own socket, never by name.
-  local pid
-  for pid in $(pgrep -f -- "-address $dir/containerd.sock" || true); do kill -KILL "$pid" 2>/dev/null || true; done
+  stop_spawned "$state" cluster-kube-apiserver 2
   unmount_under "$dir"
   remove_new_netns "$dir"
   remove_cgroups
   ip link del "$BRIDGE" 2>/dev/null || true
-  [[ -f $dir/iptables.saved ]] && iptables-restore <"$dir/iptables.saved"
+  if [[ -f $dir/iptables.saved ]]; then
+    iptables-restore <"$dir/iptables.saved" || log "putting back the iptables rules failed: iptables-restore <$dir/iptables.saved"
+  fi
   local line
   while IFS= read -r line; do sysctl -qw "$line" >/dev/null || true; done <"$dir/sysctls.saved"
-  comm -13 "$dir/podlogs.before" <(pod_log_dirs | sort) |
-    while IFS= read -r path; do rm -rf "$path"; done
+  comm -13 "$dir/host-paths.before" <(node_host_paths | sort) |
+    while IFS= read -r path; do rm -rf "$path" || log "could not remove $path"; done
+  comm -13 "$dir/modules.before" <(loaded_modules | sort) |
+    while IFS= read -r module; do modprobe -r "$module" 2>/dev/null || true; done
   return 0
 }
 
-# stop_group STATE NAME [GRACE]: SIGTERM, then SIGKILL after GRACE (10) seconds, to the
-# group spawn recorded.
-stop_group() {
-  local state=$1 name=$2 grace=${3:-10} pid
-  pid=$(awk -v name="$name" '$2 == name {print $1}' "$state/pids" | tail -n 1)
-  [[ -n $pid ]] || return 0
-  kill -TERM -- "-$pid" 2>/dev/null || return 0
-  local deadline=$((SECONDS + grace))
-  while group_alive "$pid" && ((SECONDS < deadline)); do sleep 0.1; done
-  kill -KILL -- "-$pid" 2>/dev/null || true
+# stop_spawned STATE NAME [GRACE]: stop_session, with GRACE (10) seconds, for the session
+# spawn started for NAME.
+stop_spawned() {
+  local state=$1 name=$2 grace=${3:-10} sid
+  sid=$(awk -v name="$name" '$2 == name {print $1}' "$state/pids" | tail -n 1)
+  if [[ -n $sid ]]; then stop_session "$sid" "$grace"; fi
 }
 
 # Kills and deletes every task and container of the k8s.io namespace (the pods).

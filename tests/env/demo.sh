@@ -3,39 +3,9 @@
 # publish a snapshot of this project's own git repository to S3 (moto), serve it with
 # `snapcache-sidecar serve`, download and unpack it with `fetch --extract` (parallel
 # pinned ranges), check the checkout, and show the sidecar's metrics.
-source "$(dirname "$0")/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=demo-lib.sh
+source "$(dirname "$0")/demo-lib.sh"
 
-NAME=github.com/snapcache/snapcache
-BUCKET=snapcache-demo
-
-step() { printf '\n==> %s\n' "$*"; }
-fail() { printf '\ndemo FAILED: %s\n' "$*" >&2; exit 1; }
-
-if [[ ${1:-} != inside ]]; then
-  SNAPCACHE_DEMO_STARTED=$(date +%s)
-  export SNAPCACHE_DEMO_STARTED
-  step "1/7 Installing the local S3 server (moto, in a Python virtualenv)"
-  apt_install curl git
-  bash "$ENV_DIR/python.sh" install
-  ROOT=$(git -C "$ENV_DIR" rev-parse --show-toplevel)
-  step "2/7 Building the sidecar binary: cargo build --release -p snapcache-sidecar (minutes the first time)"
-  (cd "$ROOT" && cargo build --release --locked -p snapcache-sidecar)
-  step "3/7 Starting moto"
-  exec bash "$ENV_DIR/run.sh" moto -- bash "$0" inside
-fi
-
-ROOT=$(git -C "$ENV_DIR" rev-parse --show-toplevel)
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/snapcache-sidecar
-[[ -x $BIN ]] || fail "$BIN is missing: the build step did not produce it"
-set -a
-# shellcheck source=/dev/null
-source "$SNAPCACHE_TEST_ENV"
-set +a
-export AWS_ACCESS_KEY_ID=$MOTO_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$MOTO_SECRET_ACCESS_KEY
-export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-echo "moto (S3) at $MOTO_ENDPOINT"
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/snapcache-demo.XXXXXX")
 SIDECAR_PID=
 stop_sidecar() {
   if [[ -n $SIDECAR_PID ]] && kill -0 "$SIDECAR_PID" 2>/dev/null; then
@@ -46,32 +16,27 @@ stop_sidecar() {
   SIDECAR_PID=
 }
 # The sidecar is ours to stop whatever happens; run.sh stops moto after this script.
-cleanup() {
-  local status=$?
+demo_cleanup() {
   stop_sidecar
-  if ((status != 0)) && [[ -s $WORK/sidecar.log ]]; then
+  if (($1 != 0)) && [[ -n $WORK && -s $WORK/sidecar.log ]]; then
     echo "last lines of the sidecar log:" >&2
     tail -n 20 "$WORK/sidecar.log" | sed 's/^/  /' >&2
   fi
-  rm -rf "$WORK"
-  exit "$status"
 }
-trap cleanup EXIT
 
-# The field $2 of the one JSON object in $1.
-json_field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
+if [[ ${1:-} != inside ]]; then
+  step "1/7 Installing the local S3 server (moto, in a Python virtualenv)"
+  install_demo_tools
+  step "2/7 Building the sidecar binary: cargo build --release -p snapcache-sidecar (minutes the first time)"
+  (cd "$ROOT" && cargo build --release --locked -p snapcache-sidecar)
+  run_inside moto "3/7 Starting moto"
+fi
+
+enter_run release
+echo "moto (S3) at $MOTO_ENDPOINT"
 
 step "4/7 Publishing this repository ($ROOT) as $NAME to s3://$BUCKET"
-"$PYTHON_BIN/aws" --endpoint-url "$MOTO_ENDPOINT" s3 mb "s3://$BUCKET" >/dev/null
-# The checked-out branch (its committed head), or the commit itself on a detached HEAD.
-REF=$(git -C "$ROOT" symbolic-ref --quiet --short HEAD || git -C "$ROOT" rev-parse HEAD)
-EXPECTED=$(git -C "$ROOT" rev-parse HEAD)
-published=$(RUST_LOG=warn "$BIN" publish --repo "$ROOT" --ref "$REF" --name "$NAME" \
-  --s3-bucket "$BUCKET" --s3-endpoint "$MOTO_ENDPOINT" --work-dir "$WORK/publish" --json) ||
-  fail "publish failed"
-echo "publish: $published"
-COMMIT=$(json_field "$published" commit)
-[[ $COMMIT == "$EXPECTED" ]] || fail "publish took commit $COMMIT, but $REF is at $EXPECTED"
+publish_repository
 
 step "5/7 Starting snapcache-sidecar serve"
 LISTEN=127.0.0.1:$(free_port)
@@ -113,5 +78,4 @@ curl -sf "http://$ADMIN/metrics" |
   sed 's/^/  /' || fail "the metrics are missing"
 
 stop_sidecar
-echo
-echo "demo passed in $(($(date +%s) - SNAPCACHE_DEMO_STARTED))s"
+printf '\ndemo passed\n'

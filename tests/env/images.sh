@@ -115,27 +115,8 @@ stage() {
   log "staged $context: $(du -sh --apparent-size "$rootfs" | cut -f1) ($(find "$rootfs" -type f | wc -l) files)"
 }
 
-# A buildah with its own storage, configuration and temporary files under $BUILDAH_TMP, so
-# nothing touches /var/lib/containers, /run/containers, /var/tmp or /etc/containers. Run as
-# root, buildah 1.28 also writes a blob-info cache to /var/lib/containers/cache whatever
-# --root says, so it runs in a private mount namespace whose /var/lib is $BUILDAH_TMP/var-lib
-# (the builds have no RUN step, so nothing else under /var/lib is needed).
-BUILDAH_TMP=
-buildah_isolated() {
-  # shellcheck disable=SC2016 # $0 and $@ are the inner bash's
-  unshare --mount --propagation private -- \
-    bash -c 'mount --bind "$0" /var/lib && exec "$@"' "$BUILDAH_TMP/var-lib" \
-    env CONTAINERS_STORAGE_CONF="$BUILDAH_TMP/storage.conf" TMPDIR="$BUILDAH_TMP/tmp" \
-    buildah --root "$BUILDAH_TMP/root" --runroot "$BUILDAH_TMP/runroot" --storage-driver vfs "$@"
-}
-
-cleanup_buildah() {
-  [[ -n $BUILDAH_TMP && -d $BUILDAH_TMP ]] || return 0
-  rm -rf "$BUILDAH_TMP"
-}
-
 # build_image NAME: builds images/NAME.Containerfile from the staged context and writes
-# the OCI archive.
+# the OCI archive (run by with_buildah).
 build_image() {
   local name=$1 image archive
   image=$(image_ref "$name")
@@ -162,19 +143,13 @@ build() {
   mkdir -p "$IMAGES_DIR"
   local name
   for name in "${NAMES[@]}"; do timed "staging $name" stage "$name"; done
+  # One throwaway buildah state for both images.
+  with_buildah build_images
+}
 
-  BUILDAH_TMP=$(mktemp -d "${TMPDIR:-/tmp}/snapcache-buildah.XXXXXX")
-  trap cleanup_buildah EXIT
-  mkdir -p "$BUILDAH_TMP/tmp" "$BUILDAH_TMP/var-lib"
-  printf '[storage]\ndriver = "vfs"\ngraphroot = "%s/root"\nrunroot = "%s/runroot"\n' \
-    "$BUILDAH_TMP" "$BUILDAH_TMP" >"$BUILDAH_TMP/storage.conf"
-  # The builds only read images from this throwaway storage; every other source is refused.
-  cat >"$BUILDAH_TMP/policy.json" <<'JSON'
-{"default": [{"type": "reject"}],
- "transports": {"containers-storage": {"": [{"type": "insecureAcceptAnything"}]}}}
-JSON
+build_images() {
+  local name
   for name in "${NAMES[@]}"; do build_image "$name"; done
-  cleanup_buildah
 }
 
 # run_check NAME: images_check.py's arguments for what the image's binary runs in the

@@ -21,8 +21,12 @@ ETCD=/usr/bin/etcd
 KUBE_VENDOR_REPLACE=(github.com/modern-go/reflect2 github.com/json-iterator/go)
 
 install() {
-  apt_install etcd-server curl openssl
-  disable_etcd_service
+  # Only an etcd-server installed here: a machine's own etcd is left as it is.
+  if ! deb_installed etcd-server; then
+    apt_install etcd-server
+    disable_etcd_at_boot
+  fi
+  apt_install curl openssl
   command -v kubectl >/dev/null || apt_install kubernetes-client
   local command
   for command in "${KUBE_COMMANDS[@]}"; do
@@ -38,20 +42,11 @@ pause_source() {
   echo "$KUBE_ROOT/pause.c"
 }
 
-# etcd-server's maintainer scripts enable (and, unless policy-rc.d forbids it, start) a
-# machine-wide etcd on 127.0.0.1:2379. The tests run their own on free ports; keep that one off.
-disable_etcd_service() {
-  if [[ -d /run/systemd/system ]]; then
-    systemctl disable --now etcd.service >/dev/null 2>&1 || true
-    return 0
-  fi
-  if [[ -x /etc/init.d/etcd ]]; then
-    # Only the daemon the init script started (it writes this pid file), never a test's etcd.
-    if [[ -f /run/etcd.pid ]]; then /etc/init.d/etcd stop >/dev/null 2>&1 || true; fi
-    update-rc.d etcd disable >/dev/null 2>&1 || true
-  fi
-  # systemd installed but not running (a container): drop the unit's enablement for a later boot.
+# etcd-server's maintainer scripts enable a machine-wide etcd on 127.0.0.1:2379 for every boot
+# (apt_install kept it from starting now). The tests run their own on free ports.
+disable_etcd_at_boot() {
   if command -v systemctl >/dev/null; then systemctl disable etcd.service >/dev/null 2>&1 || true; fi
+  if [[ -x /etc/init.d/etcd ]]; then update-rc.d etcd disable >/dev/null 2>&1 || true; fi
 }
 
 build_kubernetes() {

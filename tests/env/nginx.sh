@@ -2,11 +2,8 @@
 # nginx (Debian nginx-light, sendfile on): the peer the benchmarks measure the disk tier against.
 source "$(dirname "$0")/lib.sh"
 
-install() {
-  apt_install nginx-light
-  # The package may start a system nginx on port 80; the benchmarks run their own.
-  if command -v service >/dev/null 2>&1; then service nginx stop >/dev/null 2>&1 || true; fi
-}
+# apt_install keeps the package's system nginx (port 80) from starting; the benchmarks run their own.
+install() { apt_install nginx-light; }
 
 start() {
   local state=$1 dir="$1/nginx" port

@@ -7,9 +7,6 @@ PROMETHEUS_VERSION=2.42.0
 # The last part changes whenever the build below does, so a cached binary is rebuilt.
 PROMETHEUS_ROOT="$SNAPCACHE_CACHE/prometheus-$PROMETHEUS_VERSION-kubernetes-sd-1"
 PROMETHEUS_PATCH="$ENV_DIR/patches/prometheus-2.42-kubernetes-sd-client-go-1.20.patch"
-POLICY_RC_D=/usr/sbin/policy-rc.d
-# Set once this script has written $POLICY_RC_D, so that only that file is ever removed.
-ADDED_POLICY_RC_D=""
 # Debian's Go libraries the server needs once the discovery mechanisms other than file and
 # Kubernetes are left out (a subset of the source package's Build-Depends).
 PROMETHEUS_GO_LIBRARIES=(
@@ -33,15 +30,9 @@ PROMETHEUS_GO_LIBRARIES=(
   golang-uber-automaxprocs-dev golang-uber-goleak-dev gogoprotobuf
 )
 
-remove_added_policy() {
-  if [[ -n $ADDED_POLICY_RC_D ]]; then
-    rm -f "$POLICY_RC_D"
-    ADDED_POLICY_RC_D=""
-  fi
-}
-
 install() {
-  install_debian_package
+  # promtool; apt_install keeps the package's system-wide server on 0.0.0.0:9090 from starting.
+  apt_install prometheus
   [[ -x $PROMETHEUS_ROOT/prometheus ]] || build_prometheus
 }
 
@@ -49,27 +40,6 @@ install() {
 server() {
   [[ -x $PROMETHEUS_ROOT/prometheus ]] || die "$PROMETHEUS_ROOT/prometheus not built; run $0 install"
   echo "$PROMETHEUS_ROOT/prometheus"
-}
-
-install_debian_package() {
-  # Already installed: nothing to do, and whatever Prometheus runs on this machine is left alone.
-  dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q 'install ok installed' && return 0
-  # The package's maintainer scripts would start a system-wide Prometheus on 0.0.0.0:9090; the
-  # tests run their own. Rather than stop it afterwards, keep it from starting: invoke-rc.d and
-  # deb-systemd-invoke start no service while /usr/sbin/policy-rc.d exits 101 ("action
-  # forbidden"). One that exists already is the machine's own policy and is left as it is; the
-  # one written here is removed again, also when the install fails or is interrupted.
-  trap remove_added_policy EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
-  # noclobber: never overwrite a policy-rc.d, even one that appeared since the check above.
-  if (set -o noclobber; printf '#!/bin/sh\n# Written by snapcache tests/env/prometheus.sh for its apt-get install.\nexit 101\n' >"$POLICY_RC_D") 2>/dev/null; then
-    ADDED_POLICY_RC_D=1
-    chmod 755 "$POLICY_RC_D"
-  fi
-  apt_install prometheus
-  remove_added_policy
-  trap - EXIT INT TERM
 }
 
 # Debian disables Kubernetes discovery for want of a packaged client-go. The kubernetes

@@ -12,6 +12,9 @@ components=$1; shift 2
 
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/snapcache-env.XXXXXX")
 : >"$STATE/env"; : >"$STATE/pids"
+# kubectl's discovery and HTTP caches, one per API server address, would otherwise pile up in
+# ~/.kube/cache, a new address each run (kubectl 1.25 and later read KUBECACHEDIR).
+export KUBECACHEDIR="$STATE/kubectl-cache"
 stop_all() {
   local status=$?
   recorded "stopping the components" bash "$ENV_DIR/down.sh" "$STATE"
