@@ -48,9 +48,10 @@ pub struct RunArgs {
     #[arg(long, default_value = "snapcache-operator")]
     pub lease_name: String,
 
-    /// How long a Lease holds without renewal; a follower takes over after it.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
-    pub lease_duration: std::time::Duration,
+    /// How long a Lease holds without renewal (at least 2s): a follower takes over after
+    /// it when the leader vanished; at once when the leader shut down and released it.
+    #[arg(long, default_value = "15s", value_parser = crate::lease::Timing::parse)]
+    pub lease_duration: crate::lease::Timing,
 
     /// This replica's identity in the Lease [default: POD_NAME, else host name and pid].
     #[arg(long, env = "POD_NAME")]

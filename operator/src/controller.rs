@@ -84,8 +84,8 @@ impl Error {
 
 pub async fn reconcile(cache: Arc<SnapshotCache>, ctx: Arc<Context>) -> Result<Action, Error> {
     if !ctx.leadership.is_leader() {
-        // Look again soon: this replica may take the lease over.
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        // Taking the lease over reconciles every SnapshotCache (`reconcile_all_on`).
+        return Ok(Action::await_change());
     }
     if cache.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -392,7 +392,7 @@ fn caches_of(
         .collect()
 }
 
-/// Runs the controller until SIGTERM or Ctrl-C.
+/// Runs the controller until SIGTERM or Ctrl-C, and the reconciles in flight have finished.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let controller = Controller::new(
@@ -429,6 +429,7 @@ pub async fn run(ctx: Arc<Context>) {
             watcher::Config::default(),
             move |cache| caches_of(&neighbour_store, cache.namespace()),
         )
+        .reconcile_all_on(ctx.leadership.acquired())
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -7,7 +7,7 @@ use snapcache_operator::certificates;
 use snapcache_operator::cli::{Cli, Command, RunArgs};
 use snapcache_operator::controller::{self, Context};
 use snapcache_operator::inject::supports_native_sidecars;
-use snapcache_operator::lease::{Leadership, LeaseElector};
+use snapcache_operator::lease::{Election, Leadership};
 use snapcache_operator::metrics::Metrics;
 use snapcache_operator::routing::namespaces_carry_their_name;
 use snapcache_operator::webhook;
@@ -101,26 +101,28 @@ async fn run(args: RunArgs) -> Result<(), String> {
         )
         .await?;
     }
-    let leadership = if args.leader_election {
+    let election = args.leader_election.then(|| {
         let identity = args.identity.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             format!("{}-{}", host.trim(), std::process::id())
         });
-        let elector = LeaseElector::new(
+        Election::start(
             client.clone(),
             &args.lease_namespace,
             &args.lease_name,
             &identity,
             args.lease_duration,
-        );
-        let leadership = elector.leadership();
-        let gauge = metrics.clone();
-        tokio::spawn(elector.run(move |leading| gauge.set_leader(leading)));
+        )
+    });
+    let leadership = election
+        .as_ref()
+        .map_or_else(Leadership::always, Election::leadership);
+    let gauge = metrics.clone();
+    tokio::spawn(
         leadership
-    } else {
-        metrics.set_leader(true);
-        Leadership::always()
-    };
+            .clone()
+            .follow(move |leading| gauge.set_leader(leading)),
+    );
     tokio::spawn(controller::count_checkouts(
         client.clone(),
         metrics.clone(),
@@ -137,6 +139,10 @@ async fn run(args: RunArgs) -> Result<(), String> {
         native_sidecars,
     });
     controller::run(ctx).await;
+    // Nothing writes any more: a follower may take over now.
+    if let Some(election) = election {
+        election.resign().await;
+    }
     Ok(())
 }
 

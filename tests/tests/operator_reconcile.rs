@@ -81,6 +81,21 @@ impl Operator {
         Some(Sidecar::metric(&metrics, "snapcache_operator_leader") == 1.0)
     }
 
+    /// Sends SIGTERM, as the kubelet does to a pod being deleted, and waits for the exit.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        within(
+            Duration::from_secs(20),
+            "the operator to exit",
+            async || self.0.try_wait().ok().flatten(),
+        )
+        .await
+    }
+
     async fn get(&self, path: &str) -> Option<(u16, String)> {
         let response = reqwest::get(format!("http://{}{path}", self.1))
             .await
@@ -484,18 +499,25 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
     .await;
     let (last_renewal, takeover) = eventually("the takeover in the Lease", async || {
         let history = history.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        // The old leader's last write, and the follower's first write after it.
+        // The old leader's last write, and the follower's first write after it (it takes
+        // the Lease, then counts the transition).
         let last = history
             .iter()
             .rposition(|l| holder(l) == Some(old_identity))?;
-        let takeover = history[last..]
+        let transitions = spec(&history[last]).lease_transitions.unwrap_or(0);
+        let taken = history[last..]
             .iter()
             .find(|l| holder(l) == Some(follower))?;
-        Some((history[last].clone(), takeover.clone()))
+        let counted = history[last..].iter().find(|l| {
+            holder(l) == Some(follower) && spec(l).lease_transitions != Some(transitions)
+        })?;
+        let mut takeover = spec(taken);
+        takeover.lease_transitions = spec(counted).lease_transitions;
+        Some((history[last].clone(), takeover))
     })
     .await;
     recorder.abort();
-    let (old, new) = (spec(&last_renewal), spec(&takeover));
+    let (old, new) = (spec(&last_renewal), takeover);
     let duration =
         SignedDuration::from_secs(i64::from(old.lease_duration_seconds.expect("duration")));
     let renewed = old.renew_time.expect("renewTime").0;
@@ -519,6 +541,53 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
     // Only the new leader can have written this.
     create_running_pod(&pods, "builder-1", true).await;
     counted(&caches, "monorepo", 2, 2).await;
+}
+
+/// A leader told to stop (SIGTERM, as when its pod is deleted) finishes, releases the Lease
+/// and exits 0; the follower, which watches the Lease, takes it at once rather than when
+/// it would have expired (a minute after the last renewal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_shuts_down_releases_the_lease_and_the_follower_takes_it_at_once() {
+    let (client, namespace) = setup().await;
+    let replica = |identity: &'static str| {
+        Operator::start_with(&[
+            "--leader-election",
+            "--lease-namespace",
+            &namespace,
+            "--lease-duration",
+            "60s",
+            "--identity",
+            identity,
+        ])
+    };
+    let mut replicas = vec![(replica("op-a"), "op-a"), (replica("op-b"), "op-b")];
+    let leader = eventually("exactly one leader", async || {
+        let a = replicas[0].0.leading().await?;
+        let b = replicas[1].0.leading().await?;
+        (a != b).then_some(if a { 0 } else { 1 })
+    })
+    .await;
+    let (mut old_leader, _) = replicas.remove(leader);
+    let (follower, identity) = &replicas[0];
+    let stopped = k8s_openapi::jiff::Timestamp::now();
+    let exit = old_leader.terminate().await;
+    let log = old_leader.log();
+    assert!(exit.success(), "exit {exit}: {log}");
+    assert!(log.contains("released the lease"), "{log}");
+    eventually("the follower leading", async || {
+        follower.leading().await?.then_some(())
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    let lease = leases.get(LEASE).await.expect("the lease");
+    assert_eq!(holder(&lease), Some(*identity));
+    let acquired = spec(&lease).acquire_time.expect("acquireTime").0;
+    let waited = acquired.duration_since(stopped);
+    assert!(
+        waited < SignedDuration::from_secs(15),
+        "the follower took the lease {waited:?} after the leader was stopped: it waited \
+         for the lease to expire instead of seeing it released"
+    );
 }
 
 /// A kube-apiserver (and etcd) of this test's own, so it can be stopped and restarted
