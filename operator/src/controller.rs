@@ -29,7 +29,7 @@ use crate::census::{self, Census};
 use crate::checkout_outcome::{self, CHECKOUT_LABEL};
 use crate::inject::Environment;
 use crate::lease::Leadership;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReconcileFailure};
 
 /// The field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "snapcache-operator";
@@ -61,24 +61,42 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// What a reconcile could not do; each is retried with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    #[error("listing the pods it selects: {0}{advice}", advice = advice(.0))]
+    ListPods(#[source] kube::Error),
+    #[error("listing the SnapshotCaches of its namespace: {0}{advice}", advice = advice(.0))]
+    ListSnapshotCaches(#[source] kube::Error),
+    #[error("reading its namespace's labels: {0}{advice}", advice = advice(.0))]
+    ReadNamespace(#[source] kube::Error),
+    #[error("writing its status: {0}{advice}", advice = advice(.0))]
+    WriteStatus(#[source] kube::Error),
     #[error("the SnapshotCache has no namespace")]
     NoNamespace,
 }
 
 impl Error {
-    /// Every value of `reason`: the metrics start each at 0, so a rate has a series.
-    pub const REASONS: [&'static str; 2] = ["kube_api", "no_namespace"];
-
     /// A bounded label for the errors metric.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> ReconcileFailure {
         match self {
-            Error::Kube(_) => "kube_api",
-            Error::NoNamespace => "no_namespace",
+            Error::ListPods(_) => ReconcileFailure::ListPods,
+            Error::ListSnapshotCaches(_) => ReconcileFailure::ListSnapshotCaches,
+            Error::ReadNamespace(_) => ReconcileFailure::ReadNamespace,
+            Error::WriteStatus(_) => ReconcileFailure::WriteStatus,
+            Error::NoNamespace => ReconcileFailure::NoNamespace,
         }
+    }
+}
+
+/// What to do about a refused API call: a 403 is the operator's RBAC, nothing else is.
+fn advice(err: &kube::Error) -> &'static str {
+    match err {
+        kube::Error::Api(status) if status.code == 403 => {
+            " (the operator's ClusterRole does not allow it: reinstall the chart, or grant \
+             what the chart's ClusterRole grants)"
+        }
+        _ => "",
     }
 }
 
@@ -145,13 +163,19 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let selected = pods
         .list(&ListParams::default().labels_from(&selector))
-        .await?
+        .await
+        .map_err(Error::ListPods)?
         .items;
     let caches: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), &namespace);
-    let caches = caches.list(&ListParams::default()).await?.items;
+    let caches = caches
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::ListSnapshotCaches)?
+        .items;
     let namespace_labels = Api::<Namespace>::all(ctx.client.clone())
         .get_metadata(&namespace)
-        .await?
+        .await
+        .map_err(Error::ReadNamespace)?
         .metadata
         .labels
         .unwrap_or_default();
@@ -348,7 +372,8 @@ async fn set_status(
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
-    .await?;
+    .await
+    .map_err(Error::WriteStatus)?;
     Ok(())
 }
 
@@ -509,15 +534,52 @@ pub fn reporter() -> Reporter {
 mod tests {
     use super::*;
 
+    fn refused(code: u16) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure("pods is forbidden", "Forbidden")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
     #[test]
-    fn every_error_reason_is_listed_for_the_metrics() {
+    fn each_error_says_what_failed_in_its_reason_and_message() {
         let errors = [
-            Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded),
-            Error::NoNamespace,
+            (
+                Error::ListPods(refused(500)),
+                "list_pods",
+                "listing the pods",
+            ),
+            (
+                Error::ListSnapshotCaches(refused(500)),
+                "list_snapshot_caches",
+                "listing the SnapshotCaches",
+            ),
+            (
+                Error::ReadNamespace(refused(500)),
+                "read_namespace",
+                "namespace's labels",
+            ),
+            (
+                Error::WriteStatus(refused(500)),
+                "write_status",
+                "writing its status",
+            ),
+            (Error::NoNamespace, "no_namespace", "no namespace"),
         ];
-        for error in errors {
-            assert!(Error::REASONS.contains(&error.reason()), "{error}");
+        for (error, reason, message) in errors {
+            assert!(ReconcileFailure::ALL.contains(&error.reason()), "{error}");
+            assert_eq!(error.reason().label(), reason);
+            assert!(error.to_string().contains(message), "{error}");
         }
+    }
+
+    #[test]
+    fn a_refused_call_points_at_the_operators_rbac_and_nothing_else_does() {
+        let forbidden = Error::WriteStatus(refused(403)).to_string();
+        assert!(forbidden.contains("ClusterRole"), "{forbidden}");
+        let failed = Error::WriteStatus(refused(500)).to_string();
+        assert!(!failed.contains("ClusterRole"), "{failed}");
     }
 
     #[test]

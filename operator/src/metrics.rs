@@ -16,6 +16,60 @@ use prometheus::{
 
 use crate::checkout_outcome::{CheckoutResult, Outcome, failure_reasons};
 
+/// What a failed reconcile could not do: the `reason` of
+/// `snapcache_operator_reconcile_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReconcileFailure {
+    ListPods,
+    ListSnapshotCaches,
+    ReadNamespace,
+    WriteStatus,
+    NoNamespace,
+}
+
+impl ReconcileFailure {
+    /// Every value, so each series starts at 0.
+    pub const ALL: [ReconcileFailure; 5] = [
+        ReconcileFailure::ListPods,
+        ReconcileFailure::ListSnapshotCaches,
+        ReconcileFailure::ReadNamespace,
+        ReconcileFailure::WriteStatus,
+        ReconcileFailure::NoNamespace,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ReconcileFailure::ListPods => "list_pods",
+            ReconcileFailure::ListSnapshotCaches => "list_snapshot_caches",
+            ReconcileFailure::ReadNamespace => "read_namespace",
+            ReconcileFailure::WriteStatus => "write_status",
+            ReconcileFailure::NoNamespace => "no_namespace",
+        }
+    }
+}
+
+/// Why the webhook admitted a pod unchanged against its will: the `reason` of
+/// `snapcache_operator_admissions_total{result="error"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmissionFailure {
+    /// The patch could not be encoded.
+    Patch,
+    /// The webhook's watches have not listed what exists yet.
+    NotSynced,
+}
+
+impl AdmissionFailure {
+    /// Every value, so each series starts at 0.
+    pub const ALL: [AdmissionFailure; 2] = [AdmissionFailure::Patch, AdmissionFailure::NotSynced];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AdmissionFailure::Patch => "patch",
+            AdmissionFailure::NotSynced => "not_synced",
+        }
+    }
+}
+
 /// Reconcile counters and durations; `reason` has a fixed set of values.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -46,7 +100,8 @@ impl Metrics {
         let errors = IntCounterVec::new(
             Opts::new(
                 "snapcache_operator_reconcile_errors_total",
-                "Failed reconciles by reason (kube_api, no_namespace).",
+                "Failed reconciles by what failed (list_pods, list_snapshot_caches, \
+                 read_namespace, write_status, no_namespace).",
             ),
             &["reason"],
         )?;
@@ -62,8 +117,8 @@ impl Metrics {
         for result in ["ok", "error"] {
             reconciles.with_label_values(&[result]);
         }
-        for reason in crate::controller::Error::REASONS {
-            errors.with_label_values(&[reason]);
+        for failure in ReconcileFailure::ALL {
+            errors.with_label_values(&[failure.label()]);
         }
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
@@ -85,8 +140,8 @@ impl Metrics {
         for skip in crate::admission::Skip::ALL {
             admissions.with_label_values(&["skipped", skip.reason()]);
         }
-        for reason in crate::webhook::ERROR_REASONS {
-            admissions.with_label_values(&["error", reason]);
+        for failure in AdmissionFailure::ALL {
+            admissions.with_label_values(&["error", failure.label()]);
         }
         let admission_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -120,13 +175,13 @@ impl Metrics {
         })
     }
 
-    pub fn observe(&self, seconds: f64, error: Option<&'static str>) {
+    pub fn observe(&self, seconds: f64, failure: Option<ReconcileFailure>) {
         self.duration.observe(seconds);
-        match error {
+        match failure {
             None => self.reconciles.with_label_values(&["ok"]).inc(),
-            Some(reason) => {
+            Some(failure) => {
                 self.reconciles.with_label_values(&["error"]).inc();
-                self.errors.with_label_values(&[reason]).inc();
+                self.errors.with_label_values(&[failure.label()]).inc();
             }
         }
     }

@@ -33,11 +33,8 @@ use crate::admission::{self, Decision};
 use crate::api::SnapshotCache;
 use crate::certificates::{self, Resolver};
 use crate::inject::Environment;
-use crate::metrics::Metrics;
+use crate::metrics::{AdmissionFailure, Metrics};
 use crate::routing;
-
-/// Every `reason` of an admission that failed, for metrics that start at 0.
-pub const ERROR_REASONS: [&str; 2] = ["patch", "not_synced"];
 
 /// What the handler reads: the SnapshotCaches and Namespaces as the watches last saw them.
 #[derive(Debug, Clone)]
@@ -152,7 +149,7 @@ impl Webhook {
             return (unchanged, "skipped", "not_selected");
         }
         if !self.is_synced() {
-            return (unchanged, "error", "not_synced");
+            return (unchanged, "error", AdmissionFailure::NotSynced.label());
         }
         let namespace = request.namespace.clone().unwrap_or_default();
         let caches: Vec<SnapshotCache> = self
@@ -190,7 +187,7 @@ impl Webhook {
                 }
                 Err(err) => {
                     tracing::error!(namespace, pod = %pod_name(request), %err, "cannot encode the patch; admitting the pod unchanged");
-                    (unchanged, "error", "patch")
+                    (unchanged, "error", AdmissionFailure::Patch.label())
                 }
             },
         }
