@@ -9,20 +9,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use futures::{Stream, StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
-use kube::core::Selector;
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodStatus};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::{PartialObjectMeta, Selector, SelectorExt};
 use kube::runtime::controller::{self as kube_controller, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::admission;
 use crate::api::SnapshotCache;
 use crate::bucket_health::{self, BucketCondition};
 use crate::census::{self, Census};
@@ -36,9 +36,50 @@ pub const FIELD_MANAGER: &str = "snapcache-operator";
 /// How many pod names the status and events list at most.
 const NAMES_LISTED: usize = 20;
 
+/// What the reconciler reads instead of asking the API server: the watches' stores.
+#[derive(Debug, Clone)]
+pub struct Stores {
+    pub snapshot_caches: Store<SnapshotCache>,
+    /// Every pod of the cluster, trimmed to what the status needs (`trim_pod`).
+    pub pods: Store<Pod>,
+    /// Every namespace's metadata: its labels may opt its pods out.
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Set once the pod and namespace watches have listed what exists.
+    pub synced: Arc<AtomicBool>,
+}
+
+impl Stores {
+    fn pods_selected(&self, namespace: &str, selector: &Selector) -> Vec<Pod> {
+        self.pods
+            .state()
+            .iter()
+            .filter(|pod| {
+                pod.namespace().as_deref() == Some(namespace) && selector.matches(pod.labels())
+            })
+            .map(|pod| pod.as_ref().clone())
+            .collect()
+    }
+
+    fn snapshot_caches_in(&self, namespace: &str) -> Vec<SnapshotCache> {
+        self.snapshot_caches
+            .state()
+            .iter()
+            .filter(|cache| cache.namespace().as_deref() == Some(namespace))
+            .map(|cache| cache.as_ref().clone())
+            .collect()
+    }
+
+    /// The labels of `namespace`, `None` while its watch has not delivered it.
+    fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
+        let found = self.namespaces.get(&ObjectRef::new(namespace))?;
+        Some(found.labels().clone())
+    }
+}
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
+    pub stores: Stores,
     pub metrics: Metrics,
     /// Only the leader writes; the others keep their watches hot.
     pub leadership: Leadership,
@@ -55,6 +96,7 @@ pub struct Context {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
+            .field("stores", &self.stores)
             .field("default_image", &self.default_image)
             .field("native_sidecars", &self.native_sidecars)
             .finish_non_exhaustive()
@@ -64,12 +106,6 @@ impl std::fmt::Debug for Context {
 /// What a reconcile could not do; each is retried with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("listing the pods it selects: {0}{advice}", advice = advice(.0))]
-    ListPods(#[source] kube::Error),
-    #[error("listing the SnapshotCaches of its namespace: {0}{advice}", advice = advice(.0))]
-    ListSnapshotCaches(#[source] kube::Error),
-    #[error("reading its namespace's labels: {0}{advice}", advice = advice(.0))]
-    ReadNamespace(#[source] kube::Error),
     #[error("writing its status: {0}{advice}", advice = advice(.0))]
     WriteStatus(#[source] kube::Error),
     #[error("the SnapshotCache has no namespace")]
@@ -80,9 +116,6 @@ impl Error {
     /// A bounded label for the errors metric.
     pub fn reason(&self) -> ReconcileFailure {
         match self {
-            Error::ListPods(_) => ReconcileFailure::ListPods,
-            Error::ListSnapshotCaches(_) => ReconcileFailure::ListSnapshotCaches,
-            Error::ReadNamespace(_) => ReconcileFailure::ReadNamespace,
             Error::WriteStatus(_) => ReconcileFailure::WriteStatus,
             Error::NoNamespace => ReconcileFailure::NoNamespace,
         }
@@ -107,6 +140,11 @@ pub async fn reconcile(cache: Arc<SnapshotCache>, ctx: Arc<Context>) -> Result<A
     }
     if cache.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
+    }
+    if !ctx.stores.synced.load(Ordering::SeqCst) {
+        // Counting pods before the first list would write a status that says none.
+        tracing::debug!(name = %cache.name_any(), "waiting for the pod and namespace watches to list");
+        return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let started = std::time::Instant::now();
     let result = apply(&cache, &ctx).await;
@@ -160,25 +198,12 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let selected = pods
-        .list(&ListParams::default().labels_from(&selector))
-        .await
-        .map_err(Error::ListPods)?
-        .items;
-    let caches: Api<SnapshotCache> = Api::namespaced(ctx.client.clone(), &namespace);
-    let caches = caches
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::ListSnapshotCaches)?
-        .items;
-    let namespace_labels = Api::<Namespace>::all(ctx.client.clone())
-        .get_metadata(&namespace)
-        .await
-        .map_err(Error::ReadNamespace)?
-        .metadata
-        .labels
-        .unwrap_or_default();
+    let Some(namespace_labels) = ctx.stores.namespace_labels(&namespace) else {
+        // The namespace's watch event reconciles this SnapshotCache again when it arrives.
+        return Ok(Action::await_change());
+    };
+    let selected = ctx.stores.pods_selected(&namespace, &selector);
+    let caches = ctx.stores.snapshot_caches_in(&namespace);
     let env = Environment {
         default_image: &ctx.default_image,
         native_sidecars: ctx.native_sidecars,
@@ -390,21 +415,8 @@ async fn publish(ctx: &Context, cache: &SnapshotCache, type_: EventType, reason:
     }
 }
 
-/// The SnapshotCaches of the namespace of a pod with `labels` that select it.
-fn caches_selecting(
-    store: &Store<SnapshotCache>,
-    namespace: Option<String>,
-    labels: &BTreeMap<String, String>,
-) -> Vec<ObjectRef<SnapshotCache>> {
-    store
-        .state()
-        .iter()
-        .filter(|cache| cache.namespace() == namespace && admission::selects(cache, labels))
-        .map(|cache| ObjectRef::from_obj(cache.as_ref()))
-        .collect()
-}
-
-/// Every SnapshotCache of `namespace`: one appearing or going changes who wins a pod.
+/// Every SnapshotCache of `namespace`: a pod appearing, going or relabelled there, one of
+/// them appearing or going, or the namespace's labels changing can change each one's status.
 fn caches_of(
     store: &Store<SnapshotCache>,
     namespace: Option<String>,
@@ -417,49 +429,107 @@ fn caches_of(
         .collect()
 }
 
+/// Trims a pod to what the status reads (its metadata, spec, phase and IP): the pod store
+/// holds every pod of the cluster, and the rest of the status changes most often.
+fn trim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    if let Some(annotations) = pod.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        ..PodStatus::default()
+    });
+}
+
 /// Runs the controller until SIGTERM or Ctrl-C, and the reconciles in flight have finished.
-pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
+pub async fn run(
+    client: Client,
+    metrics: Metrics,
+    leadership: Leadership,
+    default_image: String,
+    native_sidecars: bool,
+) {
     let controller = Controller::new(
         Api::<SnapshotCache>::all(client.clone()),
         watcher::Config::default(),
     )
     // A rollout changes many pods at once: one reconcile for the burst.
     .with_config(kube_controller::Config::default().debounce(Duration::from_millis(500)));
-    let (pod_store, neighbour_store) = (controller.store(), controller.store());
+    let (pods, pod_writer) = reflector::store();
+    let (namespaces, namespace_writer) = reflector::store();
+    let stores = Stores {
+        snapshot_caches: controller.store(),
+        pods,
+        namespaces,
+        synced: Arc::default(),
+    };
     let (pods_synced, pods_listed) = oneshot::channel();
-    let (ready_store, metrics) = (controller.store(), ctx.metrics.clone());
+    let (namespaces_synced, namespaces_listed) = oneshot::channel();
+    let (caches, synced, readiness) = (
+        stores.snapshot_caches.clone(),
+        stores.synced.clone(),
+        metrics.clone(),
+    );
     tokio::spawn(async move {
         // A waiter that starts before the SnapshotCache watch's first list is not always
         // woken (the controller waits on the same signal), so ask again every second.
-        while tokio::time::timeout(Duration::from_secs(1), ready_store.wait_until_ready())
+        while tokio::time::timeout(Duration::from_secs(1), caches.wait_until_ready())
             .await
             .is_err()
         {}
-        if pods_listed.await.is_ok() {
-            metrics.set_ready();
+        if pods_listed.await.is_ok() && namespaces_listed.await.is_ok() {
+            synced.store(true, Ordering::SeqCst);
+            readiness.set_ready();
         }
     });
-    // Labels are all the pod watch needs: metadata only, so a big cluster costs little.
-    let pods = watcher(
-        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+    let pod_events =
+        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()).modify(trim_pod);
+    let namespace_events = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
         watcher::Config::default(),
+    )
+    .modify(|namespace| namespace.metadata.managed_fields = None);
+    let (by_pod, by_namespace, by_neighbour) = (
+        stores.snapshot_caches.clone(),
+        stores.snapshot_caches.clone(),
+        stores.snapshot_caches.clone(),
     );
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter()),
+        client: client.clone(),
+        stores,
+        metrics,
+        leadership,
+        failures: Default::default(),
+        http: reqwest::Client::new(),
+        default_image,
+        native_sidecars,
+    });
     controller
-        .watches_stream(signal_first_list(pods, pods_synced), move |pod| {
-            caches_selecting(&pod_store, pod.namespace(), pod.labels())
+        .watches_stream(reflect(pod_events, pod_writer, pods_synced), move |pod| {
+            caches_of(&by_pod, pod.namespace())
         })
+        .watches_stream(
+            reflect(namespace_events, namespace_writer, namespaces_synced),
+            move |namespace| caches_of(&by_namespace, Some(namespace.name_any())),
+        )
         .watches(
             Api::<SnapshotCache>::all(client),
             watcher::Config::default(),
-            move |cache| caches_of(&neighbour_store, cache.namespace()),
+            move |cache| caches_of(&by_neighbour, cache.namespace()),
         )
         .reconcile_all_on(ctx.leadership.acquired())
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(err) = result {
-                tracing::debug!(%err, "reconcile error");
+            match result {
+                Err(kube_controller::Error::QueueError(err)) => {
+                    tracing::warn!(%err, "a watch failed; retrying");
+                }
+                Err(err) => tracing::debug!(%err, "reconcile error"),
+                Ok(_) => {}
             }
         })
         .await;
@@ -500,25 +570,28 @@ pub async fn count_checkouts(client: Client, metrics: Metrics, leadership: Leade
     }
 }
 
-/// The objects of a watch as they change, for `watches_stream`; `synced` fires once the
-/// first list is complete, which readiness waits for.
-fn signal_first_list<K>(
+/// `events` kept in `writer`'s store, as the objects they touch for `watches_stream`;
+/// `listed` fires once the first list is complete, which reconciles and readiness wait for.
+fn reflect<K>(
     events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
-    synced: oneshot::Sender<()>,
+    writer: reflector::store::Writer<K>,
+    listed: oneshot::Sender<()>,
 ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
-    K: Resource + Clone + std::fmt::Debug + Send + 'static,
+    K: Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let mut synced = Some(synced);
+    let mut listed = Some(listed);
     events
+        .default_backoff()
+        .reflect(writer)
         .inspect_ok(move |event| {
             if matches!(event, watcher::Event::InitDone)
-                && let Some(synced) = synced.take()
+                && let Some(listed) = listed.take()
             {
-                let _ = synced.send(());
+                let _ = listed.send(());
             }
         })
-        .default_backoff()
         .touched_objects()
 }
 
@@ -546,21 +619,6 @@ mod tests {
     fn each_error_says_what_failed_in_its_reason_and_message() {
         let errors = [
             (
-                Error::ListPods(refused(500)),
-                "list_pods",
-                "listing the pods",
-            ),
-            (
-                Error::ListSnapshotCaches(refused(500)),
-                "list_snapshot_caches",
-                "listing the SnapshotCaches",
-            ),
-            (
-                Error::ReadNamespace(refused(500)),
-                "read_namespace",
-                "namespace's labels",
-            ),
-            (
                 Error::WriteStatus(refused(500)),
                 "write_status",
                 "writing its status",
@@ -580,6 +638,96 @@ mod tests {
         assert!(forbidden.contains("ClusterRole"), "{forbidden}");
         let failed = Error::WriteStatus(refused(500)).to_string();
         assert!(!failed.contains("ClusterRole"), "{failed}");
+    }
+
+    fn pod(namespace: &str, name: &str, app: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": namespace, "name": name, "labels": {"app": app}},
+            "spec": {"containers": [{"name": "app"}]},
+        }))
+        .expect("pod")
+    }
+
+    fn filled<K>(objects: Vec<K>) -> (Store<K>, reflector::store::Writer<K>)
+    where
+        K: Resource + Clone + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let (store, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for object in objects {
+            writer.apply_watcher_event(&watcher::Event::InitApply(object));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        (store, writer)
+    }
+
+    #[test]
+    fn the_stores_give_the_pods_a_selector_chooses_in_one_namespace_and_its_labels() {
+        let (pods, _pod_writer) = filled(vec![
+            pod("ci", "build-0", "build"),
+            pod("ci", "web-0", "web"),
+            pod("other", "build-0", "build"),
+        ]);
+        let namespace: PartialObjectMeta<Namespace> = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "ci", "labels": {"team": "ci"}},
+        }))
+        .expect("namespace");
+        let (namespaces, _namespace_writer) = filled(vec![namespace]);
+        let (snapshot_caches, _cache_writer) = filled(Vec::<SnapshotCache>::new());
+        let stores = Stores {
+            snapshot_caches,
+            pods,
+            namespaces,
+            synced: Arc::default(),
+        };
+        let selector = Selector::from_iter([("app", "build")]);
+        let selected = stores.pods_selected("ci", &selector);
+        let names: Vec<_> = selected
+            .iter()
+            .map(|pod| (pod.namespace(), pod.name_any()))
+            .collect();
+        assert_eq!(names, vec![(Some("ci".to_owned()), "build-0".to_owned())]);
+        assert_eq!(
+            stores.namespace_labels("ci"),
+            Some(BTreeMap::from([("team".to_owned(), "ci".to_owned())]))
+        );
+        assert_eq!(stores.namespace_labels("not-seen-yet"), None);
+    }
+
+    #[test]
+    fn a_trimmed_pod_keeps_what_the_status_reads_and_drops_the_rest() {
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {
+                "name": "build-0", "labels": {"app": "build"},
+                "annotations": {
+                    "snapcache.io/checkout": "github.com/org/repo",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            },
+            "spec": {"containers": [{"name": "app", "ports": [{"containerPort": 80}]}]},
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.7",
+                "containerStatuses": [{"name": "app", "image": "app", "imageID": "",
+                                       "ready": true, "restartCount": 0}],
+            },
+        }))
+        .expect("pod");
+        let spec = pod.spec.clone();
+        trim_pod(&mut pod);
+        assert_eq!(pod.spec, spec);
+        assert_eq!(pod.labels().get("app").map(String::as_str), Some("build"));
+        assert_eq!(
+            pod.annotations().keys().collect::<Vec<_>>(),
+            vec!["snapcache.io/checkout"]
+        );
+        assert_eq!(pod.metadata.managed_fields, None);
+        let status = pod.status.expect("status");
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.7"));
+        assert_eq!(status.container_statuses, None);
     }
 
     #[test]

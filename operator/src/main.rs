@@ -5,7 +5,7 @@ use kube::CustomResourceExt;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_operator::certificates;
 use snapcache_operator::cli::{Cli, Command, RunArgs};
-use snapcache_operator::controller::{self, Context};
+use snapcache_operator::controller;
 use snapcache_operator::inject::supports_native_sidecars;
 use snapcache_operator::lease::{Election, Leadership};
 use snapcache_operator::metrics::Metrics;
@@ -128,17 +128,14 @@ async fn run(args: RunArgs) -> Result<(), String> {
         metrics.clone(),
         leadership.clone(),
     ));
-    let ctx = std::sync::Arc::new(Context {
-        leadership,
-        recorder: kube::runtime::events::Recorder::new(client.clone(), controller::reporter()),
+    controller::run(
         client,
         metrics,
-        failures: Default::default(),
-        http: reqwest::Client::new(),
-        default_image: args.sidecar_image,
+        leadership,
+        args.sidecar_image,
         native_sidecars,
-    });
-    controller::run(ctx).await;
+    )
+    .await;
     // Nothing writes any more: a follower may take over now.
     if let Some(election) = election {
         election.resign().await;

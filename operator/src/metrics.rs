@@ -20,28 +20,17 @@ use crate::checkout_outcome::{CheckoutResult, Outcome, failure_reasons};
 /// `snapcache_operator_reconcile_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReconcileFailure {
-    ListPods,
-    ListSnapshotCaches,
-    ReadNamespace,
     WriteStatus,
     NoNamespace,
 }
 
 impl ReconcileFailure {
     /// Every value, so each series starts at 0.
-    pub const ALL: [ReconcileFailure; 5] = [
-        ReconcileFailure::ListPods,
-        ReconcileFailure::ListSnapshotCaches,
-        ReconcileFailure::ReadNamespace,
-        ReconcileFailure::WriteStatus,
-        ReconcileFailure::NoNamespace,
-    ];
+    pub const ALL: [ReconcileFailure; 2] =
+        [ReconcileFailure::WriteStatus, ReconcileFailure::NoNamespace];
 
     pub fn label(self) -> &'static str {
         match self {
-            ReconcileFailure::ListPods => "list_pods",
-            ReconcileFailure::ListSnapshotCaches => "list_snapshot_caches",
-            ReconcileFailure::ReadNamespace => "read_namespace",
             ReconcileFailure::WriteStatus => "write_status",
             ReconcileFailure::NoNamespace => "no_namespace",
         }
@@ -100,8 +89,7 @@ impl Metrics {
         let errors = IntCounterVec::new(
             Opts::new(
                 "snapcache_operator_reconcile_errors_total",
-                "Failed reconciles by what failed (list_pods, list_snapshot_caches, \
-                 read_namespace, write_status, no_namespace).",
+                "Failed reconciles by what failed (write_status, no_namespace).",
             ),
             &["reason"],
         )?;

@@ -825,11 +825,14 @@ async fn readyz_waits_for_the_pod_watch() {
     };
     grant(
         &format!("{user}-caches"),
-        json!([rule("snapcache.io", &["snapshotcaches"])]),
+        json!([
+            rule("snapcache.io", &["snapshotcaches"]),
+            rule("", &["namespaces"])
+        ]),
     )
     .await;
-    // A SnapshotCache for the operator's SnapshotCache watch to list. This user may not
-    // write it, so its reconcile fails and says so in the log: proof the watch has listed.
+    // A SnapshotCache for the operator's SnapshotCache watch to list. Its reconcile waits
+    // for the pod watch and says so in the debug log: proof the watch has listed.
     let listed = unique_name("listed");
     let cache: SnapshotCache = serde_json::from_value(json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
@@ -844,7 +847,11 @@ async fn readyz_waits_for_the_pod_watch() {
     let kubeconfig = TestEnv::get()
         .kubeconfig_as(&user, &["system:authenticated"])
         .expect("kubeconfig");
-    let operator = Operator::start_as(&kubeconfig.path().display().to_string(), &[]);
+    let operator = Operator::start_logging(
+        &kubeconfig.path().display().to_string(),
+        &[],
+        "info,snapcache_operator=debug",
+    );
     eventually("the admin port", async || {
         (operator.get("/healthz").await?.0 == 200).then_some(())
     })
@@ -861,9 +868,9 @@ async fn readyz_waits_for_the_pod_watch() {
         "the SnapshotCache watch listed and the pod watch refused",
         async || {
             let log = operator.log();
-            let reconciled = log
-                .lines()
-                .any(|line| line.contains("reconcile failed") && line.contains(&listed));
+            let reconciled = log.lines().any(|line| {
+                line.contains("waiting for the pod and namespace watches") && line.contains(&listed)
+            });
             let refused = refusals(&log);
             (reconciled && refused > 0).then_some(refused)
         },
