@@ -1,0 +1,165 @@
+//! The contract between the operator's injection and the sidecar's command line: the
+//! args the operator puts into a pod, for every SnapshotCache option, are args the
+//! sidecar's own parser takes, with the meaning the SnapshotCache gave them. A renamed
+//! or retyped flag fails here, not in a pod. Pure: no component runs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use snapcache_operator::api::{
+    CheckoutSpec, InjectionMode, PinMode, S3Spec, SidecarSpec, SnapshotCacheSpec,
+};
+use snapcache_operator::checkout;
+use snapcache_operator::inject::{self, Environment};
+use snapcache_sidecar::cli::{Cli, Command};
+use snapcache_sidecar::config::ServeConfig;
+
+const ENV: Environment<'static> = Environment {
+    default_image: "snapcache/sidecar:test",
+    native_sidecars: true,
+};
+
+/// A SnapshotCache with every option set. The literals name every field, so a new option
+/// does not compile here until it is given a value (and, if it makes a flag, a check).
+fn every_option(pin_mode: PinMode) -> SnapshotCacheSpec {
+    SnapshotCacheSpec {
+        selector: LabelSelector::default(),
+        s3: S3Spec {
+            bucket: "snapshots".to_owned(),
+            prefix: Some("mirror/".to_owned()),
+            region: Some("eu-west-1".to_owned()),
+            endpoint: Some("http://minio.storage:9000".to_owned()),
+            credentials_secret: Some("s3-credentials".to_owned()),
+        },
+        sidecar: SidecarSpec {
+            image: Some("registry.example/sidecar:1".to_owned()),
+            port: Some(18765),
+            admin_port: Some(19765),
+            resources: Some(ResourceRequirements::default()),
+            disk_size: Some(Quantity("20Gi".to_owned())),
+            parallel_get_workers: Some(12),
+            parallel_get_chunk_size: Some("8MiB".to_owned()),
+            revalidate_after: Some("2m".to_owned()),
+            pin_mode,
+            env: vec![EnvVar {
+                name: "RUST_LOG".to_owned(),
+                value: Some("debug".to_owned()),
+                ..Default::default()
+            }],
+        },
+        injection: InjectionMode::Native,
+        checkout: CheckoutSpec {
+            repositories: vec![
+                "github.com/org/repo".to_owned(),
+                "github.com/org/tools=/workspace/tools".to_owned(),
+            ],
+            give_up_after: Some("2m".to_owned()),
+        },
+    }
+}
+
+/// What the sidecar's parser makes of `args` (the container's, after the binary's name).
+fn parse(args: &[String]) -> Command {
+    let argv = std::iter::once("snapcache-sidecar").chain(args.iter().map(String::as_str));
+    match Cli::try_parse_from(argv) {
+        Ok(cli) => cli.command,
+        Err(err) => panic!("the sidecar refuses the injected args {args:?}:\n{err}"),
+    }
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("address")
+}
+
+/// The `serve` config the spec asked for, flag by flag.
+fn assert_serves_as_specified(config: &ServeConfig, pin_mode: snapcache_sidecar::pin::PinMode) {
+    assert_eq!(config.s3.bucket, "snapshots");
+    assert_eq!(config.s3.prefix, "mirror/");
+    assert_eq!(
+        config.s3.endpoint.as_deref(),
+        Some("http://minio.storage:9000")
+    );
+    assert_eq!(config.disk_dir, Some(PathBuf::from("/var/cache/snapcache")));
+    // 90% of the 20Gi emptyDir, so the kubelet never evicts the pod for filling it.
+    assert_eq!(config.disk_max_bytes, 20 * (1 << 30) / 10 * 9);
+    assert_eq!(config.revalidate_after, Duration::from_secs(120));
+    assert_eq!(config.parallel_get_workers, 12);
+    assert_eq!(config.parallel_get_chunk_size, 8 << 20);
+    assert_eq!(config.pin_mode, pin_mode);
+}
+
+#[test]
+fn the_sidecar_parses_the_injected_serve_args_for_every_option_as_the_spec_meant_them() {
+    use snapcache_sidecar::pin::PinMode as SidecarPinMode;
+    for (pin_mode, parsed) in [
+        (PinMode::Auto, SidecarPinMode::Auto),
+        (PinMode::Etag, SidecarPinMode::Etag),
+        (PinMode::Version, SidecarPinMode::Version),
+    ] {
+        let container = inject::sidecar_container(&every_option(pin_mode), &ENV);
+        let Command::Serve(config) = parse(container.args.as_deref().unwrap_or_default()) else {
+            panic!(
+                "the sidecar container does not run `serve`: {:?}",
+                container.args
+            );
+        };
+        assert_eq!(config.listen, addr("127.0.0.1:18765"));
+        assert_eq!(config.admin_listen, addr("0.0.0.0:19765"));
+        assert_serves_as_specified(&config, parsed);
+    }
+}
+
+#[test]
+fn the_sidecar_parses_the_injected_serve_args_of_a_spec_with_only_its_bucket() {
+    let minimal = SnapshotCacheSpec {
+        selector: LabelSelector::default(),
+        s3: S3Spec {
+            bucket: "snapshots".to_owned(),
+            ..Default::default()
+        },
+        sidecar: SidecarSpec::default(),
+        injection: InjectionMode::Auto,
+        checkout: CheckoutSpec::default(),
+    };
+    let container = inject::sidecar_container(&minimal, &ENV);
+    let Command::Serve(config) = parse(container.args.as_deref().unwrap_or_default()) else {
+        panic!(
+            "the sidecar container does not run `serve`: {:?}",
+            container.args
+        );
+    };
+    assert_eq!(config.s3.bucket, "snapshots");
+    assert_eq!(config.listen, addr("127.0.0.1:8765"));
+    assert_eq!(config.admin_listen, addr("0.0.0.0:9765"));
+}
+
+#[test]
+fn the_sidecar_parses_the_injected_checkout_args_for_every_option_as_the_spec_meant_them() {
+    let spec = every_option(PinMode::Etag);
+    let sidecar = inject::sidecar_container(&spec, &ENV);
+    let wanted = checkout::wanted(&BTreeMap::new(), &spec.checkout).expect("checkouts");
+    let init = checkout::init_container(
+        &sidecar,
+        &wanted,
+        true,
+        spec.checkout.give_up_after.as_deref(),
+        (Some(1000), Some(1000)),
+    );
+    let Command::Checkout(args) = parse(init.args.as_deref().unwrap_or_default()) else {
+        panic!(
+            "the init container does not run `checkout`: {:?}",
+            init.args
+        );
+    };
+    let repos: Vec<&str> = args.checkouts.iter().map(|c| c.repo.as_str()).collect();
+    assert_eq!(repos, ["github.com/org/repo", "github.com/org/tools"]);
+    assert_eq!(args.give_up_after, Duration::from_secs(120));
+    assert!(args.optional);
+    assert_serves_as_specified(&args.serve, snapcache_sidecar::pin::PinMode::Etag);
+}
