@@ -48,6 +48,12 @@ impl Leadership {
         Leadership(watch::channel(Term::default().with_leading(true)).1)
     }
 
+    /// Never the leader: a replica whose election went nowhere, for the reconciler's tests.
+    #[cfg(test)]
+    pub(crate) fn follower() -> Leadership {
+        Leadership(watch::channel(Term::default()).1)
+    }
+
     pub fn is_leader(&self) -> bool {
         self.0.borrow().leading
     }

@@ -13,6 +13,8 @@ pub mod controller;
 pub mod inject;
 pub mod lease;
 pub mod metrics;
+#[cfg(test)]
+mod mock_api_server;
 pub mod routing;
 pub mod upgrade;
 pub mod webhook;

@@ -1,0 +1,386 @@
+//! In-process tests of the reconciler against a mocked API server (tower-test, as kube's
+//! controller-rs does): each test says which requests a reconcile makes, in order, what
+//! they carry, and what the reconcile makes of the answers. The tests in tests/ run the
+//! same code against a real kube-apiserver.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Client;
+use kube::client::Body;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle, SendResponse};
+
+use crate::api::SnapshotCache;
+use crate::controller::{self, Context, Error, Stores};
+use crate::lease::Leadership;
+use crate::metrics::Metrics;
+
+/// How long a test waits for a request the reconcile should make.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+/// The API server's side of the mocked connection.
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+/// One request the reconcile made, and the way to answer it.
+struct Call {
+    method: Method,
+    /// Path and query.
+    uri: String,
+    body: Value,
+    answer: SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn respond(self, status: StatusCode, body: &Value) {
+        let response = Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string().into_bytes()))
+            .expect("response");
+        self.answer.send_response(response);
+    }
+
+    /// The created object back, as the API server answers a create.
+    fn created(self) {
+        let body = self.body.clone();
+        self.respond(StatusCode::CREATED, &body);
+    }
+}
+
+impl ApiServer {
+    fn start() -> (Client, ApiServer) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        (Client::new(service, "default"), ApiServer(handle))
+    }
+
+    async fn next(&mut self) -> Call {
+        let (request, answer) = tokio::time::timeout(PATIENCE, self.0.next_request())
+            .await
+            .expect("the reconcile made no further request")
+            .expect("the client went away");
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect_bytes().await.expect("request body");
+        Call {
+            method: parts.method,
+            uri: parts.uri.to_string(),
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            answer,
+        }
+    }
+
+    /// The next request, which must create an event with `reason`; answered.
+    async fn event(&mut self, reason: &str) -> Value {
+        let call = self.next().await;
+        assert_eq!(call.method, Method::POST, "{}", call.uri);
+        assert_eq!(call.uri, "/apis/events.k8s.io/v1/namespaces/ci/events?");
+        assert_eq!(call.body["reason"], reason, "{}", call.body);
+        let event = call.body.clone();
+        call.created();
+        event
+    }
+
+    /// The next request, which must apply the status of `monorepo`; not answered yet.
+    async fn status_patch(&mut self) -> Call {
+        let call = self.next().await;
+        assert_eq!(call.method, Method::PATCH, "{}", call.uri);
+        assert_eq!(
+            call.uri,
+            "/apis/snapcache.io/v1alpha1/namespaces/ci/snapshotcaches/monorepo/status?\
+             &force=true&fieldManager=snapcache-operator"
+        );
+        call
+    }
+}
+
+fn cache(selector: Value) -> SnapshotCache {
+    serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": "monorepo", "namespace": "ci", "uid": "5e0c7f4e-0000-4000-8000-000000000001",
+                     "generation": 3, "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"selector": selector, "s3": {"bucket": "snapshots"}}
+    }))
+    .expect("cache")
+}
+
+fn builds() -> SnapshotCache {
+    cache(json!({"matchLabels": {"app": "build"}}))
+}
+
+/// A running pod of `ci` labelled app=build, created at `created`, with the sidecar or not.
+fn running_pod(name: &str, created: &str, sidecar: bool) -> Pod {
+    let mut containers = vec![json!({"name": "build", "image": "builder:1"})];
+    if sidecar {
+        containers.push(
+            json!({"name": crate::inject::CONTAINER_NAME, "image": "snapcache/sidecar:test"}),
+        );
+    }
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "ci", "labels": {"app": "build"},
+                     "creationTimestamp": created},
+        "spec": {"containers": containers},
+        "status": {"phase": "Running"},
+    }))
+    .expect("pod")
+}
+
+/// A store that has listed `objects`; the writer keeps it open.
+fn listed<K>(objects: Vec<K>) -> (Store<K>, reflector::store::Writer<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for object in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(object));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    (store, writer)
+}
+
+/// What a reconcile reads and whom it answers to, set up per test.
+struct World {
+    caches: Vec<SnapshotCache>,
+    pods: Vec<Pod>,
+    namespaces: Vec<&'static str>,
+    synced: bool,
+    leadership: Leadership,
+}
+
+impl World {
+    fn new(caches: Vec<SnapshotCache>, pods: Vec<Pod>) -> World {
+        World {
+            caches,
+            pods,
+            namespaces: vec!["ci"],
+            synced: true,
+            leadership: Leadership::always(),
+        }
+    }
+
+    /// The context of a reconcile on `client`, and the store writers to keep.
+    fn context(self, client: Client) -> (Arc<Context>, impl Sized) {
+        let namespaces: Vec<PartialObjectMeta<Namespace>> = self
+            .namespaces
+            .iter()
+            .map(|name| {
+                serde_json::from_value(json!({
+                    "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
+                }))
+                .expect("namespace")
+            })
+            .collect();
+        let (snapshot_caches, cache_writer) = listed(self.caches);
+        let (pods, pod_writer) = listed(self.pods);
+        let (namespaces, namespace_writer) = listed(namespaces);
+        let stores = Stores {
+            snapshot_caches,
+            pods,
+            namespaces,
+            synced: Arc::new(self.synced.into()),
+        };
+        let ctx = Context {
+            recorder: Recorder::new(client.clone(), controller::reporter()),
+            client,
+            stores,
+            metrics: Metrics::new().expect("metrics"),
+            leadership: self.leadership,
+            failures: Default::default(),
+            http: reqwest::Client::new(),
+            default_image: "snapcache/sidecar:test".to_owned(),
+            native_sidecars: false,
+        };
+        (Arc::new(ctx), (cache_writer, pod_writer, namespace_writer))
+    }
+}
+
+/// The status condition of `type_` in an applied status.
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["status"]["conditions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+fn metric(ctx: &Context, sample: &str) -> Option<f64> {
+    ctx.metrics.render().lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[tokio::test]
+async fn a_reconcile_announces_the_pods_needing_a_restart_and_applies_the_census() {
+    let (client, mut server) = ApiServer::start();
+    let pods = vec![
+        running_pod("early", "2025-12-31T00:00:00Z", false),
+        running_pod("injected", "2026-01-02T00:00:00Z", true),
+    ];
+    let (ctx, _writers) = World::new(vec![builds()], pods).context(client);
+    let reconcile = tokio::spawn(controller::reconcile(Arc::new(builds()), ctx.clone()));
+
+    let event = server.event("PodsNeedRestart").await;
+    assert_eq!(event["type"], "Normal");
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("early") && note.contains("Started before this SnapshotCache existed"),
+        "{note}"
+    );
+    let patch = server.status_patch().await;
+    let status = patch.body.clone();
+    patch.respond(
+        StatusCode::OK,
+        &serde_json::to_value(builds()).expect("cache"),
+    );
+
+    assert_eq!(status["status"]["selected"], 2);
+    assert_eq!(status["status"]["injected"], 1);
+    assert_eq!(status["status"]["podsNeedingRestart"], json!(["early"]));
+    assert_eq!(status["status"]["observedGeneration"], 3);
+    let ready = condition(&status, "Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("True"), &json!("Selecting"))
+    );
+    assert_eq!(
+        ready["message"],
+        "1 of the 2 running pods it selects carry the sidecar; 1 need a restart to get it"
+    );
+    assert_eq!(condition(&status, "SelectorOverlap")["status"], "False");
+    // No sidecar answers (the injected pod has no IP yet): asked again in 10 s.
+    assert_eq!(condition(&status, "BucketReadable")["status"], "Unknown");
+    let action = reconcile.await.expect("reconcile task");
+    assert_eq!(
+        action.expect("reconciled"),
+        Action::requeue(Duration::from_secs(10))
+    );
+    assert_eq!(
+        metric(&ctx, r#"snapcache_operator_reconciles_total{result="ok"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_refused_status_write_is_an_error_that_says_so_in_an_event_and_the_metrics() {
+    let (client, mut server) = ApiServer::start();
+    let pods = vec![running_pod("injected", "2026-01-02T00:00:00Z", true)];
+    let (ctx, _writers) = World::new(vec![builds()], pods).context(client);
+    let reconcile = tokio::spawn(controller::reconcile(Arc::new(builds()), ctx.clone()));
+
+    let forbidden = json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+        "reason": "Forbidden",
+        "message": "snapshotcaches.snapcache.io \"monorepo\" is forbidden: cannot patch resource \"snapshotcaches/status\"",
+    });
+    server
+        .status_patch()
+        .await
+        .respond(StatusCode::FORBIDDEN, &forbidden);
+    let event = server.event("ReconcileFailed").await;
+    assert_eq!(event["type"], "Warning");
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("writing its status") && note.contains("ClusterRole"),
+        "{note}"
+    );
+
+    let result = reconcile.await.expect("reconcile task");
+    assert!(matches!(result, Err(Error::WriteStatus(_))), "{result:?}");
+    assert_eq!(
+        metric(
+            &ctx,
+            r#"snapcache_operator_reconcile_errors_total{reason="write_status"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &ctx,
+            r#"snapcache_operator_reconciles_total{result="error"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_selector_becomes_a_condition_and_an_event_not_a_retry() {
+    let (client, mut server) = ApiServer::start();
+    let invalid = cache(
+        json!({"matchExpressions": [{"key": "app", "operator": "Near", "values": ["build"]}]}),
+    );
+    let (ctx, _writers) = World::new(vec![invalid.clone()], vec![]).context(client);
+    let reconcile = tokio::spawn(controller::reconcile(Arc::new(invalid.clone()), ctx));
+
+    let event = server.event("InvalidSelector").await;
+    assert_eq!(event["type"], "Warning");
+    let patch = server.status_patch().await;
+    let status = patch.body.clone();
+    patch.respond(
+        StatusCode::OK,
+        &serde_json::to_value(&invalid).expect("cache"),
+    );
+    let ready = condition(&status, "Ready");
+    assert_eq!(
+        (&ready["status"], &ready["reason"]),
+        (&json!("False"), &json!("InvalidSelector"))
+    );
+    assert_eq!(
+        reconcile
+            .await
+            .expect("reconcile task")
+            .expect("reconciled"),
+        Action::await_change()
+    );
+}
+
+/// A reconcile that must not reach the API server: what it returns, and how many
+/// reconciles the metrics counted.
+async fn reconciled_without_a_request(world: World, cache: SnapshotCache) -> (Action, f64) {
+    let (client, mut server) = ApiServer::start();
+    let (ctx, _writers) = world.context(client);
+    let action = controller::reconcile(Arc::new(cache), ctx.clone())
+        .await
+        .expect("reconciled");
+    let request = tokio::time::timeout(Duration::from_millis(100), server.0.next_request()).await;
+    assert!(request.is_err(), "the reconcile made a request");
+    let counted = metric(&ctx, r#"snapcache_operator_reconciles_total{result="ok"}"#);
+    (action, counted.expect("the reconciles metric"))
+}
+
+#[tokio::test]
+async fn a_follower_writes_nothing_and_waits_for_the_lease() {
+    let mut world = World::new(vec![builds()], vec![]);
+    world.leadership = Leadership::follower();
+    let (action, counted) = reconciled_without_a_request(world, builds()).await;
+    // Taking the lease reconciles every SnapshotCache again; nothing polls meanwhile.
+    assert_eq!(action, Action::await_change());
+    assert_eq!(counted, 0.0, "a follower's pass is no reconcile");
+}
+
+#[tokio::test]
+async fn before_the_pods_are_listed_nothing_is_written_and_the_reconcile_comes_back() {
+    let mut world = World::new(vec![builds()], vec![]);
+    world.synced = false;
+    let (action, counted) = reconciled_without_a_request(world, builds()).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+    assert_eq!(
+        counted, 0.0,
+        "a pass before the first lists is no reconcile"
+    );
+}
+
+#[tokio::test]
+async fn a_namespace_not_seen_yet_waits_for_its_watch_event() {
+    let mut world = World::new(vec![builds()], vec![]);
+    world.namespaces.clear();
+    let (action, _) = reconciled_without_a_request(world, builds()).await;
+    assert_eq!(action, Action::await_change());
+}
