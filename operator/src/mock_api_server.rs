@@ -1,7 +1,7 @@
-//! In-process tests of the reconciler against a mocked API server (tower-test, as kube's
-//! controller-rs does): each test says which requests a reconcile makes, in order, what
-//! they carry, and what the reconcile makes of the answers. The tests in tests/ run the
-//! same code against a real kube-apiserver.
+//! In-process tests of the reconciler and of the webhook's upkeep of its configuration
+//! against a mocked API server (tower-test, as kube's controller-rs does): each test says
+//! which requests are made, in order, what they carry, and what comes of the answers. The
+//! tests in tests/ run the same code against a real kube-apiserver.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,8 @@ use crate::api::SnapshotCache;
 use crate::controller::{self, Context, Error, Stores};
 use crate::lease::Leadership;
 use crate::metrics::Metrics;
+use crate::routing::TEMPLATE_ANNOTATION;
+use crate::webhook;
 
 /// How long a test waits for a request the reconcile should make.
 const PATIENCE: Duration = Duration::from_secs(5);
@@ -74,6 +76,12 @@ impl ApiServer {
             body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
             answer,
         }
+    }
+
+    /// Asserts that no request comes (a timeout, or the client gone).
+    async fn no_more_requests(&mut self) {
+        let request = tokio::time::timeout(Duration::from_millis(100), self.0.next_request()).await;
+        assert!(!matches!(request, Ok(Some(_))), "one request too many");
     }
 
     /// The next request, which must create an event with `reason`; answered.
@@ -349,8 +357,7 @@ async fn reconciled_without_a_request(world: World, cache: SnapshotCache) -> (Ac
     let action = controller::reconcile(Arc::new(cache), ctx.clone())
         .await
         .expect("reconciled");
-    let request = tokio::time::timeout(Duration::from_millis(100), server.0.next_request()).await;
-    assert!(request.is_err(), "the reconcile made a request");
+    server.no_more_requests().await;
     let counted = metric(&ctx, r#"snapcache_operator_reconciles_total{result="ok"}"#);
     (action, counted.expect("the reconciles metric"))
 }
@@ -383,4 +390,133 @@ async fn a_namespace_not_seen_yet_waits_for_its_watch_event() {
     world.namespaces.clear();
     let (action, _) = reconciled_without_a_request(world, builds()).await;
     assert_eq!(action, Action::await_change());
+}
+
+/// The chart's MutatingWebhookConfiguration `snapcache` at resourceVersion 41: its single
+/// entry, kept in the template annotation too, with the CA the operator put there.
+fn chart_configuration() -> Value {
+    let entry = json!({
+        "name": "pods.snapcache.io",
+        "admissionReviewVersions": ["v1"], "sideEffects": "None", "failurePolicy": "Ignore",
+        "clientConfig": {"service": {"name": "snapcache-webhook", "namespace": "snapcache-system",
+                                     "path": "/mutate"},
+                         "caBundle": "Q0E="},
+        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                   "resources": ["pods"]}],
+    });
+    let mut template = entry.clone();
+    template["clientConfig"]
+        .as_object_mut()
+        .map(|config| config.remove("caBundle"));
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "snapcache", "resourceVersion": "41",
+                     "annotations": {TEMPLATE_ANNOTATION: template.to_string()}},
+        "webhooks": [entry],
+    })
+}
+
+const CONFIGURATION_URI: &str =
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/snapcache";
+
+/// One pass of the entries' upkeep for the SnapshotCaches `caches`, on `client`.
+async fn sync_entries(client: Client, caches: Vec<SnapshotCache>) -> Result<(), kube::Error> {
+    let (store, _writer) = listed(caches);
+    webhook::sync_entries(&client, "snapcache", &store, None, true).await
+}
+
+impl ApiServer {
+    /// The next request, which must read the configuration; answered with `configuration`.
+    async fn configuration_read(&mut self, status: StatusCode, configuration: &Value) {
+        let call = self.next().await;
+        assert_eq!(
+            (&call.method, call.uri.as_str()),
+            (&Method::GET, CONFIGURATION_URI)
+        );
+        call.respond(status, configuration);
+    }
+}
+
+#[tokio::test]
+async fn the_webhook_entries_follow_the_snapshot_caches_in_one_compare_and_swap_write() {
+    let (client, mut server) = ApiServer::start();
+    let sync = tokio::spawn(sync_entries(client, vec![builds()]));
+    server
+        .configuration_read(StatusCode::OK, &chart_configuration())
+        .await;
+    let write = server.next().await;
+    assert_eq!(
+        (&write.method, write.uri.as_str()),
+        (&Method::PUT, &*format!("{CONFIGURATION_URI}?"))
+    );
+    let written = write.body.clone();
+    write.respond(StatusCode::OK, &written);
+    sync.await.expect("sync task").expect("entries written");
+
+    // What it read, so a concurrent writer makes this write fail instead of being lost.
+    assert_eq!(written["metadata"]["resourceVersion"], "41");
+    let entries = written["webhooks"].as_array().expect("entries");
+    assert_eq!(entries.len(), 1, "{written}");
+    let entry = &entries[0];
+    assert_eq!(entry["name"], "monorepo.ci.pods.snapcache.io");
+    assert_eq!(entry["clientConfig"]["caBundle"], "Q0E=", "the CA stays");
+    let selector = entry["objectSelector"].to_string();
+    assert!(
+        selector.contains("\"app\"") && selector.contains("build"),
+        "{selector}"
+    );
+    let namespaces = entry["namespaceSelector"].to_string();
+    assert!(
+        namespaces.contains("kubernetes.io/metadata.name") && namespaces.contains("\"ci\""),
+        "{namespaces}"
+    );
+}
+
+#[tokio::test]
+async fn webhook_entries_already_in_place_are_not_written_again() {
+    let (client, mut server) = ApiServer::start();
+    let first = tokio::spawn(sync_entries(client.clone(), vec![builds()]));
+    server
+        .configuration_read(StatusCode::OK, &chart_configuration())
+        .await;
+    let write = server.next().await;
+    let written = write.body.clone();
+    write.respond(StatusCode::OK, &written);
+    first.await.expect("sync task").expect("entries written");
+
+    let again = tokio::spawn(sync_entries(client, vec![builds()]));
+    server.configuration_read(StatusCode::OK, &written).await;
+    again.await.expect("sync task").expect("nothing to do");
+    server.no_more_requests().await;
+}
+
+#[tokio::test]
+async fn a_missing_webhook_configuration_is_left_alone() {
+    let (client, mut server) = ApiServer::start();
+    let sync = tokio::spawn(sync_entries(client, vec![builds()]));
+    let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": "not found"});
+    server
+        .configuration_read(StatusCode::NOT_FOUND, &not_found)
+        .await;
+    sync.await.expect("sync task").expect("nothing to do");
+    server.no_more_requests().await;
+}
+
+#[tokio::test]
+async fn a_concurrent_write_to_the_webhook_configuration_fails_this_one_for_a_retry() {
+    let (client, mut server) = ApiServer::start();
+    let sync = tokio::spawn(sync_entries(client, vec![builds()]));
+    server
+        .configuration_read(StatusCode::OK, &chart_configuration())
+        .await;
+    let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                          "reason": "Conflict", "code": 409,
+                          "message": "the object has been modified"});
+    server.next().await.respond(StatusCode::CONFLICT, &conflict);
+    let result = sync.await.expect("sync task");
+    assert!(
+        matches!(&result, Err(kube::Error::Api(status)) if status.code == 409),
+        "{result:?}"
+    );
 }

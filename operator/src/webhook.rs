@@ -329,7 +329,7 @@ pub async fn keep_entries(
 
 /// One pass of `keep_entries`. The replace carries the resourceVersion it read, so a
 /// concurrent writer (another replica, the caBundle) makes it fail and retry, not clobber.
-async fn sync_entries(
+pub(crate) async fn sync_entries(
     client: &kube::Client,
     name: &str,
     caches: &Store<SnapshotCache>,
