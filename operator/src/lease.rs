@@ -15,7 +15,7 @@ use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-/// How long the Lease may wait for a replica that cannot reach the API server.
+/// How long a replica waits to read the Lease again after the API server failed it.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// How long a resigning leader tries to release the Lease before it exits anyway.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
