@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod http_range;
 pub mod metrics;
 pub mod pin;
+pub mod protocol;
 pub mod publish;
 pub mod server;
 pub mod snapshot_path;

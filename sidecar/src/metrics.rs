@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 /// Where the bytes of a response came from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Disk,
     S3,
@@ -195,7 +195,7 @@ fn unix_now() -> f64 {
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Requests by route (`snapshot`, `other`) and status class (`2xx`...).
+    /// Snapshot API requests by status class (`2xx`...).
     pub requests: IntCounterVec,
     /// Body bytes sent to clients, by source.
     response_bytes: IntCounterVec,
@@ -282,8 +282,8 @@ impl Metrics {
         let metrics = Metrics {
             requests: counter_vec(
                 "snapcache_http_requests_total",
-                "Snapshot API requests by route and status class.",
-                &["route", "status_class"],
+                "Snapshot API requests by status class.",
+                &["status_class"],
             ),
             response_bytes: counter_vec(
                 "snapcache_response_bytes_total",

@@ -3,12 +3,8 @@
 
 use std::fmt;
 
-/// The header that carries `probe` on a probe and the token on pinned reads.
-pub const PIN_HEADER: &str = "x-cachew-snapshot-pin";
-/// The header that carries the snapshot's total size on a probe.
-pub const SIZE_HEADER: &str = "x-cachew-snapshot-size";
-/// The value of [`PIN_HEADER`] that asks for a new pin.
-pub const PROBE: &str = "probe";
+use crate::protocol::{ETAG_PIN_PREFIX, PROBE, VERSION_PIN_PREFIX};
+
 /// Longest token accepted, in bytes.
 pub const MAX_TOKEN_LEN: usize = 1024;
 
@@ -63,9 +59,9 @@ impl PinToken {
         // Visible ASCII is valid UTF-8, so this conversion cannot fail.
         let text = std::str::from_utf8(raw).map_err(|_| PinError::NotVisibleAscii)?;
         let (build, value): (fn(String) -> PinToken, &str) =
-            if let Some(value) = text.strip_prefix("etag:") {
+            if let Some(value) = text.strip_prefix(ETAG_PIN_PREFIX) {
                 (PinToken::ETag, value)
-            } else if let Some(value) = text.strip_prefix("version:") {
+            } else if let Some(value) = text.strip_prefix(VERSION_PIN_PREFIX) {
                 (PinToken::Version, value)
             } else {
                 return Err(PinError::UnknownPrefix);
@@ -80,8 +76,8 @@ impl PinToken {
 impl fmt::Display for PinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PinToken::ETag(etag) => write!(f, "etag:{etag}"),
-            PinToken::Version(version) => write!(f, "version:{version}"),
+            PinToken::ETag(etag) => write!(f, "{ETAG_PIN_PREFIX}{etag}"),
+            PinToken::Version(version) => write!(f, "{VERSION_PIN_PREFIX}{version}"),
         }
     }
 }

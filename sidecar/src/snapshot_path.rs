@@ -128,11 +128,6 @@ impl SnapshotPath {
         format!("{prefix}git/{}/{}", self.repository, self.file.name())
     }
 
-    /// The repository, `{host}/{path}`, percent-decoded.
-    pub fn repository(&self) -> &str {
-        &self.repository
-    }
-
     /// Which snapshot file is asked for.
     pub fn file(&self) -> SnapshotFile {
         self.file
@@ -227,7 +222,6 @@ mod tests {
         ];
         for &(raw, repository, file) in cases {
             let path = SnapshotPath::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
-            assert_eq!(path.repository(), repository, "{raw}");
             assert_eq!(path.file(), file, "{raw}");
             assert_eq!(
                 path.object_key("cache/"),
@@ -399,7 +393,6 @@ mod tests {
             prop_assert!(path.is_ok(), "{raw}: {path:?}");
             let path = path.unwrap();
             let repository = segments.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("/");
-            prop_assert_eq!(path.repository(), repository.as_str());
             prop_assert_eq!(path.file(), file);
             prop_assert_eq!(path.object_key("p/"), format!("p/git/{repository}/{}", file.name()));
         }

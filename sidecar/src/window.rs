@@ -235,14 +235,6 @@ impl Slot {
         &mut self.data
     }
 
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-
     /// The chunk as `Bytes`; the slot returns when the last clone is dropped.
     pub fn into_bytes(self) -> Bytes {
         Bytes::from_owner(self)
@@ -303,7 +295,7 @@ mod tests {
         assert!(waits(window.take(1)), "only two slots");
         drop(first.into_bytes());
         let mut again = window.take(512).await;
-        assert!(again.is_empty(), "a reused buffer starts empty");
+        assert!(again.buffer().is_empty(), "a reused buffer starts empty");
         assert_eq!(
             again.buffer().as_ptr(),
             pointer,

@@ -14,7 +14,7 @@ use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
 
 use super::FetchError;
-use super::sink::sibling;
+use super::staging::sibling;
 
 /// Chunks queued ahead of the extractor (they count against the download window).
 const QUEUE: usize = 4;

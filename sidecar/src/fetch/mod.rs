@@ -8,6 +8,7 @@
 
 mod extract;
 mod sink;
+mod staging;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +24,10 @@ use tokio_util::task::AbortOnDropHandle;
 pub use self::extract::apply_bundle;
 use self::sink::Sink;
 use crate::http_range::ByteRange;
-use crate::pin::{PIN_HEADER, PROBE, SIZE_HEADER};
+use crate::protocol::{
+    BUNDLE_URL_HEADER, COMMIT_HEADER, PIN_HEADER, PROBE, REPR_DIGEST_HEADER, SIZE_HEADER,
+    parse_repr_digest,
+};
 use crate::window::Window;
 
 /// What to download and how.
@@ -297,22 +301,12 @@ fn probe_from(headers: &HeaderMap) -> Probe {
         size: text(SIZE_HEADER)
             .or_else(|| text("content-length"))
             .and_then(|s| s.parse().ok()),
-        digest: text("repr-digest").as_deref().and_then(parse_repr_digest),
-        commit: text("x-cachew-snapshot-commit"),
-        bundle_url: text("x-cachew-bundle-url"),
+        digest: text(REPR_DIGEST_HEADER)
+            .as_deref()
+            .and_then(parse_repr_digest),
+        commit: text(COMMIT_HEADER),
+        bundle_url: text(BUNDLE_URL_HEADER),
     }
-}
-
-/// The SHA-256 of an RFC 9530 `Repr-Digest` value, if it carries one.
-pub fn parse_repr_digest(value: &str) -> Option<[u8; 32]> {
-    use base64::Engine;
-    value.split(',').find_map(|member| {
-        let encoded = member.trim().strip_prefix("sha-256=:")?.strip_suffix(':')?;
-        let digest = base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .ok()?;
-        digest.try_into().ok()
-    })
 }
 
 async fn download_pinned(
@@ -524,19 +518,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn repr_digest_parses_the_sha256_member() {
-        let digest = parse_repr_digest(
-            "sha-512=:AAAA:, sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:",
-        );
-        assert_eq!(
-            digest.map(hex::encode).as_deref(),
-            Some("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-        );
-        assert_eq!(parse_repr_digest("sha-256=:short:"), None);
-        assert_eq!(parse_repr_digest("md5=:AAAA:"), None);
-    }
 
     #[test]
     fn exit_codes_are_distinct() {

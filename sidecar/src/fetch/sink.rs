@@ -5,12 +5,12 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::extract::Extractor;
+use super::staging::sibling;
 use super::{AttemptError, FetchError, FetchOptions};
 
 /// One attempt's output; dropped unfinished, it removes what it wrote.
@@ -170,16 +170,4 @@ fn unpack_error(err: std::io::Error) -> FetchError {
 
 fn failed(message: String) -> AttemptError {
     AttemptError::Fatal(FetchError::Failed(message))
-}
-
-/// A hidden name beside `path` for work in progress, `.name.<what>-<pid>-<n>`: unique,
-/// so the leftovers of an abandoned attempt never collide with the next one's.
-pub fn sibling(path: &Path, what: &str) -> PathBuf {
-    static ATTEMPT: AtomicU32 = AtomicU32::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "snapshot".to_owned());
-    let n = ATTEMPT.fetch_add(1, Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.{what}-{}-{n}", std::process::id()))
 }

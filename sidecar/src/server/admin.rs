@@ -48,7 +48,7 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
 /// any, takes a new file. S3's health is a metric (`snapcache_s3_up`), not readiness:
 /// disk hits are served and misses get 503 with Retry-After while S3 is away.
 async fn readiness(app: &App) -> Result<(), String> {
-    let Some(disk) = app.tiered.disk().cloned() else {
+    let Some(disk) = app.disk.clone() else {
         return Ok(());
     };
     match tokio::task::spawn_blocking(move || disk.check_writable()).await {

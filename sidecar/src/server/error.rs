@@ -1,4 +1,4 @@
-//! The one error type of the snapshot API: each variant is one HTTP status.
+//! The one error type of the snapshot API, and its one mapping to HTTP statuses.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -11,30 +11,23 @@ use crate::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("bad request: {0}")]
-    BadRequest(String),
+    BadPath(#[from] PathError),
+    #[error("bad request: {0}")]
+    BadPin(#[from] PinError),
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("method not allowed: use GET or HEAD")]
     MethodNotAllowed,
-}
-
-impl From<PinError> for ApiError {
-    fn from(err: PinError) -> ApiError {
-        ApiError::BadRequest(err.to_string())
-    }
-}
-
-impl From<PathError> for ApiError {
-    fn from(err: PathError) -> ApiError {
-        ApiError::BadRequest(err.to_string())
-    }
+    #[error("--pin-mode version needs a versioned bucket, and S3 reported no VersionId")]
+    UnversionedBucket,
 }
 
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadPath(_) | ApiError::BadPin(_) => StatusCode::BAD_REQUEST,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UnversionedBucket => StatusCode::BAD_GATEWAY,
             ApiError::Store(err) => match err {
                 StoreError::NotFound => StatusCode::NOT_FOUND,
                 StoreError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,

@@ -4,7 +4,10 @@ pub mod admin;
 pub mod connections;
 pub mod error;
 pub mod pinned;
+pub mod reply;
 pub mod revisions;
+#[cfg(test)]
+mod router_tests;
 pub mod snapshot;
 
 use std::sync::Arc;
@@ -15,17 +18,23 @@ use axum::Router;
 use crate::config::ServeConfig;
 use crate::metrics::{Buffers, Metrics, Port};
 use crate::pin::PinMode;
-use crate::store::Budgets;
 use crate::store::disk::DiskTier;
 use crate::store::parallel_get::ParallelGetConfig;
 use crate::store::s3::{BucketCheck, S3Store};
 use crate::store::tiered::Tiered;
+use crate::store::{Budgets, SnapshotSource};
 use crate::window::Budget;
 
 /// Shared state of both routers.
 #[derive(Debug)]
 pub struct App {
-    pub tiered: Tiered,
+    /// Plain reads: the tiers (disk, then S3).
+    pub snapshots: Arc<dyn SnapshotSource>,
+    /// Probes and pinned reads: S3 itself, so a pin never names a revision S3 has not
+    /// confirmed and a replaced one answers 412.
+    pub pins: Arc<dyn SnapshotSource>,
+    /// The disk tier, for readiness: it must take a new file.
+    pub disk: Option<Arc<DiskTier>>,
     pub metrics: Metrics,
     /// Prepended to every object key.
     pub prefix: String,
@@ -41,9 +50,12 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 impl App {
-    /// Connects to S3 and opens the disk tier as `config` says.
-    pub async fn from_config(config: &ServeConfig) -> anyhow::Result<App> {
-        let metrics = Metrics::new();
+    /// Opens the disk tier as `config` says, in front of `s3`.
+    pub fn from_config(
+        config: &ServeConfig,
+        s3: Arc<S3Store>,
+        metrics: Metrics,
+    ) -> anyhow::Result<App> {
         metrics
             .memory_limit
             .set(crate::cgroup::memory_limit().map_or(0, saturating_i64));
@@ -52,7 +64,6 @@ impl App {
                 .disk_capacity
                 .set(saturating_i64(config.disk_max_bytes));
         }
-        let s3 = S3Store::connect(&config.s3, metrics.clone()).await;
         let disk = match &config.disk_dir {
             Some(dir) => Some(Arc::new(
                 DiskTier::open(dir, config.disk_max_bytes, metrics.clone()).with_context(|| {
@@ -74,15 +85,18 @@ impl App {
             parallel_get: Budget::new(parallel_get_budget, Buffers::ParallelGet, metrics.clone()),
             disk_read: Budget::new(config.disk_read_budget, Buffers::DiskRead, metrics.clone()),
         };
+        let tiered = Tiered::new(
+            s3.clone(),
+            disk.clone(),
+            config.revalidate_after,
+            parallel,
+            budgets,
+            metrics.clone(),
+        );
         Ok(App {
-            tiered: Tiered::new(
-                Arc::new(s3),
-                disk,
-                config.revalidate_after,
-                parallel,
-                budgets,
-                metrics.clone(),
-            ),
+            snapshots: Arc::new(tiered),
+            pins: s3,
+            disk,
             metrics,
             prefix: config.s3.prefix.clone(),
             pin_mode: config.pin_mode,
@@ -133,7 +147,9 @@ impl Running {
 
 /// Binds both ports and serves on them until `Running::stop`.
 pub async fn start(config: &ServeConfig) -> anyhow::Result<Running> {
-    let app = Arc::new(App::from_config(config).await?);
+    let metrics = Metrics::new();
+    let s3 = Arc::new(S3Store::connect(&config.s3, metrics.clone()).await);
+    let app = Arc::new(App::from_config(config, s3.clone(), metrics)?);
     let api = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding the snapshot API to {} (--listen)", config.listen))?;
@@ -169,7 +185,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Running> {
         max_connections = caps.0,
         "snapcache sidecar serving"
     );
-    tokio::spawn(report_bucket_check(app.clone()));
+    tokio::spawn(report_bucket_check(s3));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {
@@ -226,8 +242,7 @@ fn connection_caps(api: u32, admin: u32, open_files: Option<u64>) -> (u32, u32) 
 
 /// Says once, loudly and with what to fix, whether the bucket and credentials work; a
 /// failure leaves the pod serving (disk hits) and Ready, and shows in `snapcache_s3_up`.
-async fn report_bucket_check(app: Arc<App>) {
-    let s3 = app.tiered.s3();
+async fn report_bucket_check(s3: Arc<S3Store>) {
     let bucket = s3.bucket();
     match s3.check_bucket().await {
         BucketCheck::Usable => tracing::info!(bucket, "S3 bucket reachable"),

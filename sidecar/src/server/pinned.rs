@@ -1,4 +1,4 @@
-//! The pin probe and pinned reads: answered from S3 only, never the disk tier, so
+//! The pin probe and pinned reads: answered by `App::pins` (S3, never the disk tier), so
 //! parallel ranges of one pin always come from one revision.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,24 +9,19 @@ use axum::response::Response;
 
 use super::App;
 use super::error::ApiError;
-use super::snapshot::{Reply, empty, plain, representation_headers};
-use crate::metrics::Source;
-use crate::pin::{PIN_HEADER, PinToken, SIZE_HEADER};
+use super::reply::{Reply, empty, plain, representation_headers};
+use crate::pin::PinToken;
+use crate::protocol::{PIN_HEADER, SIZE_HEADER};
 use crate::snapshot_path::SnapshotFile;
-use crate::store::s3::Revision;
-use crate::store::{ObjectInfo, StoreError};
+use crate::store::{ObjectInfo, Revision, StoreError};
 
 /// `X-Cachew-Snapshot-Pin: probe`: a token for the revision S3 holds now, and its size.
 pub async fn probe(app: &App, key: &str, file: SnapshotFile) -> Result<Response, ApiError> {
-    let info = app.tiered.s3().head(key).await?;
+    let info = app.pins.head(key, Revision::Current).await?;
     let token = app
         .pin_mode
         .token(&info.etag, info.version_id.as_deref())
-        .ok_or_else(|| {
-            ApiError::Store(StoreError::S3(
-                "--pin-mode version needs a versioned bucket, and S3 reported no VersionId".into(),
-            ))
-        })?;
+        .ok_or(ApiError::UnversionedBucket)?;
     let mut response = empty(StatusCode::OK);
     let headers = response.headers_mut();
     representation_headers(headers, &info, file);
@@ -68,7 +63,7 @@ pub async fn read(
             }
         }
         // The revision's size decides the range before any byte is read.
-        let info = app.tiered.s3().head_revision(key, revision).await?;
+        let info = app.pins.head(key, revision).await?;
         app.revisions
             .insert(key, token.clone(), info.clone(), Instant::now());
         pinned.reply(&info, &AtomicBool::new(false)).await
@@ -109,17 +104,12 @@ impl PinnedRead<'_> {
             info,
             file: self.file,
             with_body: self.with_body,
-            source: Source::S3,
         };
         reply
             .send(|range| async move {
                 asked_s3.store(true, Ordering::Relaxed);
-                let response = self
-                    .app
-                    .tiered
-                    .s3()
-                    .get(self.key, Some(range), self.revision);
-                Ok(response.await?.body)
+                let read = self.app.pins.get(self.key, Some(range), self.revision);
+                Ok(read.await?)
             })
             .await
     }

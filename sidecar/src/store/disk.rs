@@ -292,7 +292,8 @@ impl DiskTier {
         std::fs::remove_file(&probe)
     }
 
-    pub fn used_bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn used_bytes(&self) -> u64 {
         self.lock().used_bytes
     }
 

@@ -1,6 +1,7 @@
-//! Where snapshot bytes come from: S3 (`s3`, read in parallel by `parallel_get` and
-//! shared by identical reads in `shared_read`), the per-pod disk tier (`disk`), and the
-//! tiered read path that combines them (`tiered`). Nothing here knows about HTTP.
+//! Where snapshot bytes come from. `SnapshotSource` is the seam: S3 (`s3`) is one, and
+//! the tiered read path (`tiered`) is another that puts the per-pod disk tier (`disk`) in
+//! front of any source, reading it in parallel (`parallel_get`) and sharing identical
+//! reads (`shared_read`). Nothing here knows about HTTP.
 
 pub mod disk;
 pub mod file_reader;
@@ -13,8 +14,75 @@ use std::collections::HashMap;
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
+
+use crate::http_range::ByteRange;
+use crate::metrics::Source;
+
+#[cfg(test)]
+pub mod scripted;
+
+/// Where snapshot bytes come from: HeadObject and (ranged) GetObject of one revision.
+/// Futures are boxed so the server and the tiers hold any source as `dyn SnapshotSource`.
+pub trait SnapshotSource: std::fmt::Debug + Send + Sync {
+    /// What `revision` of `key` is: its ETag, size and metadata.
+    fn head<'a>(
+        &'a self,
+        key: &'a str,
+        revision: Revision<'a>,
+    ) -> BoxFuture<'a, Result<ObjectInfo, StoreError>>;
+
+    /// `range` of `revision` of `key` (the whole object when `None`), streamed. Refused
+    /// with `PreconditionFailed` (ETag) or `NotFound` (version) once the revision is gone.
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        range: Option<ByteRange>,
+        revision: Revision<'a>,
+    ) -> BoxFuture<'a, Result<Read, StoreError>>;
+}
+
+/// Which revision a read must return; a source refuses the read once it is gone.
+#[derive(Debug, Clone, Copy)]
+pub enum Revision<'a> {
+    /// Whatever the source holds now.
+    Current,
+    /// This ETag (unquoted): S3's `If-Match`, so 412 once the object was replaced.
+    ETag(&'a str),
+    /// This VersionId of a versioned bucket.
+    Version(&'a str),
+}
+
+impl Revision<'_> {
+    /// Whether an answer is this revision. Checked on every answer whatever the server
+    /// claims: one that ignores If-Match or VersionId (Garage ignores VersionId) would
+    /// otherwise hand out the current bytes under a stale pin.
+    pub fn is(&self, info: &ObjectInfo) -> bool {
+        match self {
+            Revision::Current => true,
+            Revision::ETag(etag) => info.etag == *etag,
+            Revision::Version(version) => info.version_id.as_deref() == Some(*version),
+        }
+    }
+}
+
+/// The answer to a `get`: the revision read, which tier its bytes come from, the bytes.
+pub struct Read {
+    pub info: ObjectInfo,
+    pub tier: Source,
+    pub body: ByteStream,
+}
+
+impl std::fmt::Debug for Read {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Read")
+            .field("info", &self.info)
+            .field("tier", &self.tier)
+            .finish_non_exhaustive()
+    }
+}
 
 /// One revision of one S3 object, as HeadObject or GetObject describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,3 +142,33 @@ pub struct Budgets {
 
 /// A stream of body bytes; an `Err` ends it and must close the client's connection.
 pub type ByteStream = BoxStream<'static, Result<Bytes, StoreError>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(etag: &str, version: Option<&str>) -> ObjectInfo {
+        ObjectInfo {
+            etag: etag.to_owned(),
+            size: 1,
+            last_modified: SystemTime::UNIX_EPOCH,
+            version_id: version.map(str::to_owned),
+            metadata: SnapshotMetadata::default(),
+        }
+    }
+
+    #[test]
+    fn an_answer_is_the_pinned_revision_only_when_its_validator_matches() {
+        let answer = info("e1", Some("v1"));
+        assert!(Revision::Current.is(&answer));
+        assert!(Revision::ETag("e1").is(&answer));
+        assert!(!Revision::ETag("e2").is(&answer));
+        assert!(!Revision::ETag("").is(&answer));
+        assert!(Revision::Version("v1").is(&answer));
+        assert!(!Revision::Version("v2").is(&answer));
+        assert!(
+            !Revision::Version("v1").is(&info("e1", None)),
+            "a server that reports no VersionId did not honour the version"
+        );
+    }
+}

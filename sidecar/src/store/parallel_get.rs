@@ -1,4 +1,4 @@
-//! Bounded parallel GET: one large S3 read split into chunk-size ranged GETs.
+//! Bounded parallel GET: one large read of a source (S3) split into chunk-size ranged GETs.
 //!
 //! A part takes a window slot before its request is sent and the slot returns only when
 //! the consumer drops that chunk's bytes, so one read never buffers more than workers x
@@ -14,8 +14,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::s3::{Revision, S3Store};
-use super::{ByteStream, StoreError};
+use super::{ByteStream, Revision, SnapshotSource, StoreError};
 use crate::http_range::ByteRange;
 use crate::metrics::Metrics;
 use crate::window::{Budget, Slot, Window};
@@ -33,7 +32,7 @@ pub struct ParallelGetConfig {
 
 /// Streams `range` of revision `etag` of `key`, in order, with bounded buffering.
 pub fn parallel_get(
-    s3: Arc<S3Store>,
+    source: Arc<dyn SnapshotSource>,
     budget: &Budget,
     metrics: Metrics,
     key: String,
@@ -43,7 +42,7 @@ pub fn parallel_get(
 ) -> ByteStream {
     let window = Arc::new(Window::with_budget(config.workers, budget.clone()));
     let part = Arc::new(PartRequest {
-        s3,
+        source,
         metrics,
         key,
         etag,
@@ -75,7 +74,7 @@ struct InFlight(AbortOnDropHandle<Result<Bytes, StoreError>>);
 
 #[derive(Debug)]
 struct PartRequest {
-    s3: Arc<S3Store>,
+    source: Arc<dyn SnapshotSource>,
     metrics: Metrics,
     key: String,
     etag: String,
@@ -111,7 +110,7 @@ impl PartRequest {
 
     async fn read_into(&self, chunk: ByteRange, data: &mut Vec<u8>) -> Result<(), StoreError> {
         let response = self
-            .s3
+            .source
             .get(&self.key, Some(chunk), Revision::ETag(&self.etag))
             .await?;
         let mut body = response.body;
@@ -128,5 +127,145 @@ impl PartRequest {
                 data.len()
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::metrics::Buffers;
+    use crate::store::scripted::{Fault, ScriptedSource};
+
+    const KEY: &str = "git/example/snapshot.tar.zst";
+
+    fn config(workers: usize) -> ParallelGetConfig {
+        ParallelGetConfig {
+            workers,
+            chunk_size: 4,
+            // Far beyond the paused clock's auto-advance: a part never times out here.
+            part_timeout: Duration::from_secs(86_400),
+            part_attempts: 3,
+        }
+    }
+
+    fn object() -> Vec<u8> {
+        (0..40u8).collect()
+    }
+
+    fn read(
+        source: &Arc<ScriptedSource>,
+        etag: &str,
+        workers: usize,
+        metrics: &Metrics,
+    ) -> ByteStream {
+        let budget = Budget::new(1 << 20, Buffers::ParallelGet, metrics.clone());
+        let range = ByteRange::whole(40).expect("a non-empty object");
+        parallel_get(
+            source.clone(),
+            &budget,
+            metrics.clone(),
+            KEY.into(),
+            etag.into(),
+            range,
+            config(workers),
+        )
+    }
+
+    /// Copies each chunk out and drops it, as a client does: a chunk kept holds its slot.
+    async fn drain(body: ByteStream) -> Result<Vec<u8>, StoreError> {
+        body.try_fold(Vec::new(), |mut all, chunk| {
+            all.extend_from_slice(&chunk);
+            async move { Ok(all) }
+        })
+        .await
+    }
+
+    /// Lets every task that can run do so: the paused clock only advances when none can.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parts_arrive_in_order_as_one_body() {
+        let source = Arc::new(ScriptedSource::default());
+        let info = source.put(KEY, &object());
+        let metrics = Metrics::new();
+        let body = drain(read(&source, &info.etag, 3, &metrics)).await;
+        assert_eq!(body.expect("the read"), object());
+        assert_eq!(source.gets().len(), 10, "one GET per 4-byte part");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_that_holds_its_chunk_stops_new_parts_at_the_window() {
+        let source = Arc::new(ScriptedSource::default());
+        let info = source.put(KEY, &object());
+        let metrics = Metrics::new();
+        let mut body = read(&source, &info.etag, 2, &metrics);
+        let first = body.next().await.expect("a chunk").expect("its bytes");
+        settle().await;
+        assert_eq!(
+            source.gets().len(),
+            2,
+            "the held chunk and one more, no third"
+        );
+        drop(first);
+        let second = body.next().await.expect("a chunk").expect("its bytes");
+        settle().await;
+        assert_eq!(
+            source.gets().len(),
+            3,
+            "one slot came back, one part went out"
+        );
+        assert_eq!(second.as_ref(), &object()[4..8]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_part_is_retried_and_the_body_stays_whole() {
+        let source = Arc::new(ScriptedSource::default());
+        let info = source.put(KEY, &object());
+        source.fail_next_get(Fault::Unreachable);
+        source.fail_next_get(Fault::CutAfter(2));
+        let metrics = Metrics::new();
+        let body = drain(read(&source, &info.etag, 1, &metrics)).await;
+        assert_eq!(body.expect("the read, after retries"), object());
+        assert_eq!(metrics.parallel_get_part_retries.get(), 2);
+        assert_eq!(source.gets().len(), 12, "ten parts and two retries");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_part_that_keeps_failing_fails_the_read() {
+        let source = Arc::new(ScriptedSource::default());
+        let info = source.put(KEY, &object());
+        for _ in 0..3 {
+            source.fail_next_get(Fault::Unreachable);
+        }
+        let metrics = Metrics::new();
+        let mut body = read(&source, &info.etag, 1, &metrics);
+        assert!(matches!(
+            body.next().await,
+            Some(Err(StoreError::Unreachable(_)))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replacement_mid_read_ends_it_with_412_and_no_new_bytes() {
+        let source = Arc::new(ScriptedSource::default());
+        let info = source.put(KEY, &object());
+        let metrics = Metrics::new();
+        let mut body = read(&source, &info.etag, 1, &metrics);
+        let first = body.next().await.expect("a chunk").expect("its bytes");
+        source.put(KEY, &[0xff; 40]);
+        drop(first);
+        assert!(matches!(
+            body.next().await,
+            Some(Err(StoreError::PreconditionFailed))
+        ));
+        assert_eq!(
+            metrics.parallel_get_part_retries.get(),
+            0,
+            "412 is never retried"
+        );
     }
 }

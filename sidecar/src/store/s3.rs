@@ -6,35 +6,12 @@ use aws_sdk_s3::config::{BehaviorVersion, Region, retry::RetryConfig, timeout::T
 use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectOutput;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 
-use super::{ByteStream, ObjectInfo, SnapshotMetadata, StoreError};
+use super::{ObjectInfo, Read, Revision, SnapshotMetadata, SnapshotSource, StoreError};
 use crate::config::S3Args;
 use crate::http_range::ByteRange;
-use crate::metrics::{Health, Metrics, S3Failure};
-
-/// Which revision a GET must read; S3 refuses the read when it is gone.
-#[derive(Debug, Clone, Copy)]
-pub enum Revision<'a> {
-    /// Whatever S3 holds now.
-    Current,
-    /// `If-Match` on this ETag (unquoted): 412 once the object was replaced.
-    ETag(&'a str),
-    /// This VersionId of a versioned bucket.
-    Version(&'a str),
-}
-
-impl Revision<'_> {
-    /// Whether S3's answer is this revision. Checked on every answer whatever the server
-    /// claims: one that ignores If-Match or VersionId (Garage ignores VersionId) would
-    /// otherwise hand out the current bytes under a stale pin.
-    pub fn is(&self, info: &ObjectInfo) -> bool {
-        match self {
-            Revision::Current => true,
-            Revision::ETag(etag) => info.etag == *etag,
-            Revision::Version(version) => info.version_id.as_deref() == Some(*version),
-        }
-    }
-}
+use crate::metrics::{Health, Metrics, S3Failure, Source};
 
 /// One bucket, with metrics on every request.
 #[derive(Debug, Clone)]
@@ -44,17 +21,22 @@ pub struct S3Store {
     metrics: Metrics,
 }
 
-/// The answer to a GetObject: the revision it read and its body.
-pub struct GetResponse {
-    pub info: ObjectInfo,
-    pub body: ByteStream,
-}
+impl SnapshotSource for S3Store {
+    fn head<'a>(
+        &'a self,
+        key: &'a str,
+        revision: Revision<'a>,
+    ) -> BoxFuture<'a, Result<ObjectInfo, StoreError>> {
+        Box::pin(self.head_object(key, revision))
+    }
 
-impl std::fmt::Debug for GetResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GetResponse")
-            .field("info", &self.info)
-            .finish_non_exhaustive()
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        range: Option<ByteRange>,
+        revision: Revision<'a>,
+    ) -> BoxFuture<'a, Result<Read, StoreError>> {
+        Box::pin(self.get_object(key, range, revision))
     }
 }
 
@@ -134,13 +116,8 @@ impl S3Store {
         &self.bucket
     }
 
-    /// The current revision of `key`.
-    pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
-        self.head_revision(key, Revision::Current).await
-    }
-
     /// HeadObject of the given revision: 412 (etag) or 404 (version) once it is gone.
-    pub async fn head_revision(
+    async fn head_object(
         &self,
         key: &str,
         revision: Revision<'_>,
@@ -164,12 +141,12 @@ impl S3Store {
     }
 
     /// GetObject of `range` (or the whole object) of the given revision, streamed.
-    pub async fn get(
+    async fn get_object(
         &self,
         key: &str,
         range: Option<ByteRange>,
         revision: Revision<'_>,
-    ) -> Result<GetResponse, StoreError> {
+    ) -> Result<Read, StoreError> {
         let mut request = self.client.get_object().bucket(&self.bucket).key(key);
         if let Some(range) = range {
             request = request.range(format!("bytes={}-{}", range.start, range.end));
@@ -205,7 +182,11 @@ impl S3Store {
             }
         })
         .boxed();
-        Ok(GetResponse { info, body })
+        Ok(Read {
+            info,
+            tier: Source::S3,
+            body,
+        })
     }
 
     fn verify(&self, revision: Revision<'_>, info: ObjectInfo) -> Result<ObjectInfo, StoreError> {
@@ -366,31 +347,6 @@ fn to_system_time(time: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn info(etag: &str, version: Option<&str>) -> ObjectInfo {
-        ObjectInfo {
-            etag: etag.to_owned(),
-            size: 1,
-            last_modified: SystemTime::UNIX_EPOCH,
-            version_id: version.map(str::to_owned),
-            metadata: SnapshotMetadata::default(),
-        }
-    }
-
-    #[test]
-    fn an_answer_is_the_pinned_revision_only_when_its_validator_matches() {
-        let answer = info("e1", Some("v1"));
-        assert!(Revision::Current.is(&answer));
-        assert!(Revision::ETag("e1").is(&answer));
-        assert!(!Revision::ETag("e2").is(&answer));
-        assert!(!Revision::ETag("").is(&answer));
-        assert!(Revision::Version("v1").is(&answer));
-        assert!(!Revision::Version("v2").is(&answer));
-        assert!(
-            !Revision::Version("v1").is(&info("e1", None)),
-            "a server that reports no VersionId did not honour the version"
-        );
-    }
 
     #[test]
     fn etags_lose_their_quotes() {

@@ -1,6 +1,8 @@
-//! The tiered read path: the disk tier when it holds the current revision, else S3
-//! through a single shared fill per object that clients stream from as it lands, or,
-//! where no fill can serve, one S3 read shared by identical requests.
+//! The tiered read path: a `SnapshotSource` that puts the disk tier in front of another
+//! source (S3, or another `Tiered`, so tiers compose in any order). The disk tier answers
+//! when it holds the revision asked for; otherwise one shared fill per object copies it
+//! from the source while clients stream from it as it lands, or, where no fill can
+//! serve, one read of the source is shared by identical requests.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,43 +11,19 @@ use std::time::{Duration, Instant};
 use std::os::unix::fs::FileExt;
 
 use futures::TryStreamExt;
+use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::disk::{DataFile, DiskTier, FillWriter};
+use super::disk::{DiskTier, FillWriter};
 use super::file_reader::{FillProgress, read_range};
 use super::parallel_get::{ParallelGetConfig, parallel_get};
-use super::s3::S3Store;
 use super::shared_read::SharedReads;
-use super::{Budgets, ByteStream, ObjectInfo, StoreError};
+use super::{Budgets, ByteStream, ObjectInfo, Read, Revision, SnapshotSource, StoreError};
 use crate::http_range::ByteRange;
 use crate::metrics::{Metrics, Source};
 
-/// Where the bytes of a resolved snapshot will come from.
-#[derive(Debug, Clone)]
-enum Location {
-    Disk(Arc<DataFile>),
-    Filling(Arc<Fill>),
-    S3,
-}
-
-/// A snapshot revision found by `Tiered::resolve`, ready to be read.
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    pub info: ObjectInfo,
-    location: Location,
-}
-
-impl Resolved {
-    /// Where a full read of this snapshot gets its bytes.
-    pub fn source(&self) -> Source {
-        match self.location {
-            Location::Disk(_) => Source::Disk,
-            Location::Filling(_) | Location::S3 => Source::S3,
-        }
-    }
-}
-
-/// One S3 download into the disk tier, shared by every client that asks meanwhile.
+/// One download from the source into the disk tier, shared by every client that asks
+/// meanwhile.
 #[derive(Debug)]
 struct Fill {
     info: ObjectInfo,
@@ -60,12 +38,14 @@ impl Fill {
     }
 }
 
-/// The disk tier (optional) in front of S3.
+/// The disk tier (optional) in front of a source.
 #[derive(Debug)]
 pub struct Tiered {
-    s3: Arc<S3Store>,
+    source: Arc<dyn SnapshotSource>,
     disk: Option<Arc<DiskTier>>,
     fills: Arc<Mutex<HashMap<String, Arc<Fill>>>>,
+    /// The revision each key last resolved to, so a read of it can start a fill.
+    resolved: Mutex<HashMap<String, ObjectInfo>>,
     shared: SharedReads,
     revalidate_after: Duration,
     parallel: ParallelGetConfig,
@@ -73,9 +53,43 @@ pub struct Tiered {
     metrics: Metrics,
 }
 
+impl SnapshotSource for Tiered {
+    /// The current revision: the disk tier's, revalidated against the source once it is
+    /// older than `revalidate_after` (and served stale when the source fails); other
+    /// revisions are the source's to describe.
+    fn head<'a>(
+        &'a self,
+        key: &'a str,
+        revision: Revision<'a>,
+    ) -> BoxFuture<'a, Result<ObjectInfo, StoreError>> {
+        match revision {
+            Revision::Current => Box::pin(self.current(key)),
+            other => self.source.head(key, other),
+        }
+    }
+
+    /// A range of one revision, from the disk tier or a fill when they hold exactly that
+    /// ETag, else from the source; a version is always the source's.
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        range: Option<ByteRange>,
+        revision: Revision<'a>,
+    ) -> BoxFuture<'a, Result<Read, StoreError>> {
+        match revision {
+            Revision::Current => Box::pin(async move {
+                let info = self.current(key).await?;
+                self.read(key, &info.etag, range).await
+            }),
+            Revision::ETag(etag) => Box::pin(self.read(key, etag, range)),
+            Revision::Version(_) => self.source.get(key, range, revision),
+        }
+    }
+}
+
 impl Tiered {
     pub fn new(
-        s3: Arc<S3Store>,
+        source: Arc<dyn SnapshotSource>,
         disk: Option<Arc<DiskTier>>,
         revalidate_after: Duration,
         parallel: ParallelGetConfig,
@@ -83,9 +97,10 @@ impl Tiered {
         metrics: Metrics,
     ) -> Tiered {
         Tiered {
-            s3,
+            source,
             disk,
             fills: Arc::default(),
+            resolved: Mutex::default(),
             shared: SharedReads::default(),
             revalidate_after,
             parallel,
@@ -94,62 +109,59 @@ impl Tiered {
         }
     }
 
-    pub fn s3(&self) -> &Arc<S3Store> {
-        &self.s3
+    /// The current revision of `key`, counted as a disk tier hit, miss or stale answer.
+    async fn current(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        let found = self.lookup(key).await;
+        let mut resolved = lock(&self.resolved);
+        match &found {
+            Ok(info) => {
+                resolved.insert(key.to_owned(), info.clone());
+            }
+            Err(StoreError::NotFound) => {
+                resolved.remove(key);
+            }
+            Err(_) => {}
+        }
+        found
     }
 
-    pub fn disk(&self) -> Option<&Arc<DiskTier>> {
-        self.disk.as_ref()
-    }
-
-    /// Finds the current revision of `key` and where to read it from.
-    pub async fn resolve(&self, key: &str) -> Result<Resolved, StoreError> {
+    async fn lookup(&self, key: &str) -> Result<ObjectInfo, StoreError> {
         if let Some(entry) = self.disk.as_ref().and_then(|disk| disk.lookup(key)) {
             if entry
                 .validated_at
                 .is_some_and(|at| at.elapsed() < self.revalidate_after)
             {
                 self.metrics.count_lookup("hit");
-                return Ok(disk_hit(entry.info, entry.file));
+                return Ok(entry.info);
             }
-            match self.s3.head(key).await {
+            return match self.source.head(key, Revision::Current).await {
                 Ok(info) if info.etag == entry.info.etag => {
                     self.mark_validated(key, &info.etag);
                     self.metrics.count_lookup("hit");
-                    return Ok(disk_hit(entry.info, entry.file));
+                    Ok(entry.info)
                 }
-                Ok(info) => return Ok(self.miss(key, info)),
+                Ok(info) => {
+                    self.metrics.count_lookup("miss");
+                    Ok(info)
+                }
                 Err(StoreError::NotFound) => {
                     if let Some(disk) = &self.disk {
                         disk.remove(key);
                     }
-                    return Err(StoreError::NotFound);
+                    Err(StoreError::NotFound)
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "S3 unavailable; serving the disk tier's copy");
                     self.metrics.count_lookup("stale");
-                    return Ok(disk_hit(entry.info, entry.file));
+                    Ok(entry.info)
                 }
-            }
+            };
         }
-        if let Some(fill) = self.fill_in_progress(key) {
-            self.metrics.count_lookup("miss");
-            return Ok(Resolved {
-                info: fill.info.clone(),
-                location: Location::Filling(fill),
-            });
-        }
-        let info = self.s3.head(key).await?;
-        Ok(self.miss(key, info))
-    }
-
-    fn miss(&self, key: &str, info: ObjectInfo) -> Resolved {
         self.metrics.count_lookup("miss");
-        let location = match self.fill_in_progress(key) {
-            Some(fill) if fill.info.etag == info.etag => Location::Filling(fill),
-            _ => Location::S3,
-        };
-        Resolved { info, location }
+        match self.fill_in_progress(key) {
+            Some(fill) => Ok(fill.info.clone()),
+            None => self.source.head(key, Revision::Current).await,
+        }
     }
 
     fn mark_validated(&self, key: &str, etag: &str) {
@@ -158,42 +170,84 @@ impl Tiered {
         }
     }
 
-    /// Streams `range` of a resolved snapshot. A read of a revision not on disk yet
-    /// starts (or joins) the fill; a range far into the object streams from S3 meanwhile.
-    pub fn read(&self, key: &str, resolved: Resolved, range: ByteRange) -> ByteStream {
+    /// Streams `range` (or all) of revision `etag`. A read of a revision not on disk yet
+    /// starts (or joins) the fill; a range far into the object streams from the source
+    /// meanwhile.
+    async fn read(
+        &self,
+        key: &str,
+        etag: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Read, StoreError> {
+        let on_disk = self.disk.as_ref().and_then(|disk| disk.lookup(key));
+        if let Some(entry) = on_disk.filter(|entry| entry.info.etag == etag) {
+            let handle = entry
+                .file
+                .open()
+                .map_err(|err| StoreError::Disk(err.to_string()))?;
+            let body = match range.or(ByteRange::whole(entry.info.size)) {
+                Some(range) => read_range(
+                    Arc::new(handle),
+                    range,
+                    None,
+                    &self.budgets.disk_read,
+                    entry.file,
+                ),
+                None => empty_stream(),
+            };
+            return Ok(Read {
+                info: entry.info,
+                tier: Source::Disk,
+                body,
+            });
+        }
+        let filling = self
+            .fill_in_progress(key)
+            .filter(|fill| fill.info.etag == etag);
+        let resolved = lock(&self.resolved)
+            .get(key)
+            .filter(|info| info.etag == etag)
+            .cloned();
+        let Some(info) = filling.as_ref().map(|fill| fill.info.clone()).or(resolved) else {
+            // A revision this tier never resolved: the source's, without a fill.
+            return self.source.get(key, range, Revision::ETag(etag)).await;
+        };
+        let Some(range) = range.or(ByteRange::whole(info.size)) else {
+            return Ok(Read {
+                info,
+                tier: Source::S3,
+                body: empty_stream(),
+            });
+        };
         // A range the fill's first wave of parts covers waits for the fill rather than
-        // reading its bytes from S3 a second time (a cold `bytes=1-` is a whole read).
+        // reading its bytes from the source a second time (a cold `bytes=1-` is a whole read).
         let first_wave = self
             .parallel
             .chunk_size
             .saturating_mul(self.parallel.workers as u64);
-        let fill_reaches_soon = range.start < first_wave;
-        match resolved.location {
-            Location::Disk(file) => match file.open() {
-                Ok(handle) => {
-                    read_range(Arc::new(handle), range, None, &self.budgets.disk_read, file)
-                }
-                Err(err) => error_stream(StoreError::Disk(err.to_string())),
-            },
-            Location::Filling(fill) => self.fill_reader(fill, range),
-            Location::S3 => match self.start_fill(key, &resolved.info) {
-                Some(fill) if fill_reaches_soon => self.fill_reader(fill, range),
-                _ => self.shared_s3_stream(key, &resolved.info.etag, range),
-            },
-        }
+        let body = match filling.or_else(|| self.start_fill(key, &info)) {
+            Some(fill) if range.start < first_wave => self.fill_reader(fill, range),
+            _ => self.shared_source_stream(key, etag, range),
+        };
+        Ok(Read {
+            info,
+            tier: Source::S3,
+            body,
+        })
     }
 
-    /// Streams from S3, sharing one parallel GET with identical reads that start meanwhile.
-    fn shared_s3_stream(&self, key: &str, etag: &str, range: ByteRange) -> ByteStream {
-        let (s3, budget, metrics) = (
-            self.s3.clone(),
+    /// Streams from the source, sharing one parallel GET with identical reads that start
+    /// meanwhile.
+    fn shared_source_stream(&self, key: &str, etag: &str, range: ByteRange) -> ByteStream {
+        let (source, budget, metrics) = (
+            self.source.clone(),
             self.budgets.parallel_get.clone(),
             self.metrics.clone(),
         );
         let (owned_key, owned_etag, config) = (key.to_owned(), etag.to_owned(), self.parallel);
-        let source = Arc::new(move |range: ByteRange| {
+        let read_range = Arc::new(move |range: ByteRange| {
             parallel_get(
-                s3.clone(),
+                source.clone(),
                 &budget,
                 metrics.clone(),
                 owned_key.clone(),
@@ -202,16 +256,16 @@ impl Tiered {
                 config,
             )
         });
-        let read = self.shared.read(key, etag, range, source);
+        let read = self.shared.read(key, etag, range, read_range);
         if read.joined {
             self.metrics.s3_reads_shared.inc();
         }
         read.stream
     }
 
-    fn s3_stream(&self, key: &str, etag: &str, range: ByteRange) -> ByteStream {
+    fn source_stream(&self, key: &str, etag: &str, range: ByteRange) -> ByteStream {
         parallel_get(
-            self.s3.clone(),
+            self.source.clone(),
             &self.budgets.parallel_get,
             self.metrics.clone(),
             key.to_owned(),
@@ -220,7 +274,6 @@ impl Tiered {
             self.parallel,
         )
     }
-
     fn fill_reader(&self, fill: Arc<Fill>, range: ByteRange) -> ByteStream {
         let progress = fill.progress.clone();
         let file = fill.file.clone();
@@ -256,7 +309,7 @@ impl Tiered {
         fills.insert(key.to_owned(), fill.clone());
         let job = FillJob {
             writer,
-            source: self.s3_stream(key, &info.etag, whole),
+            source: self.source_stream(key, &info.etag, whole),
             progress: progress_tx,
             metrics: self.metrics.clone(),
         };
@@ -272,15 +325,8 @@ impl Tiered {
     }
 }
 
-fn disk_hit(info: ObjectInfo, file: Arc<DataFile>) -> Resolved {
-    Resolved {
-        info,
-        location: Location::Disk(file),
-    }
-}
-
-fn error_stream(err: StoreError) -> ByteStream {
-    Box::pin(futures::stream::once(async move { Err(err) }))
+fn empty_stream() -> ByteStream {
+    Box::pin(futures::stream::empty())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -348,4 +394,272 @@ async fn copy(
         progress.send_modify(|p| p.written = offset);
     }
     Ok(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Buffers;
+    use crate::store::scripted::ScriptedSource;
+    use crate::window::Budget;
+
+    const KEY: &str = "git/example/snapshot.tar.zst";
+    const OTHER: &str = "git/other/snapshot.tar.zst";
+
+    struct Setup {
+        source: Arc<ScriptedSource>,
+        tiered: Arc<Tiered>,
+        disk: Arc<DiskTier>,
+        metrics: Metrics,
+        _dir: tempfile::TempDir,
+    }
+
+    fn setup(revalidate_after: Duration, disk_bytes: u64) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Metrics::new();
+        let disk = Arc::new(DiskTier::open(dir.path(), disk_bytes, metrics.clone()).expect("disk"));
+        let source = Arc::new(ScriptedSource::default());
+        let budgets = Budgets {
+            parallel_get: Budget::new(1 << 20, Buffers::ParallelGet, metrics.clone()),
+            disk_read: Budget::new(1 << 20, Buffers::DiskRead, metrics.clone()),
+        };
+        let parallel = ParallelGetConfig {
+            workers: 2,
+            chunk_size: 8,
+            part_timeout: Duration::from_secs(60),
+            part_attempts: 2,
+        };
+        let tiered = Arc::new(Tiered::new(
+            source.clone(),
+            Some(disk.clone()),
+            revalidate_after,
+            parallel,
+            budgets,
+            metrics.clone(),
+        ));
+        Setup {
+            source,
+            tiered,
+            disk,
+            metrics,
+            _dir: dir,
+        }
+    }
+
+    fn bytes(seed: u8) -> Vec<u8> {
+        (0..40u8)
+            .map(|i| i.wrapping_mul(7).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Reads all of `key` as it is now: the tier it came from and its bytes.
+    async fn read_all(tiered: &Tiered, key: &str) -> Result<(Source, Vec<u8>), StoreError> {
+        let read = tiered.get(key, None, Revision::Current).await?;
+        let body: Vec<u8> = read
+            .body
+            .try_fold(Vec::new(), |mut all, chunk| {
+                all.extend_from_slice(&chunk);
+                async move { Ok(all) }
+            })
+            .await?;
+        Ok((read.tier, body))
+    }
+
+    /// Waits for the fill of `key` to be committed; it runs on its own after the readers.
+    async fn until_on_disk(setup: &Setup, key: &str) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while setup.disk.lookup(key).is_none() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the fill to be committed");
+    }
+
+    fn lookups(metrics: &Metrics, result: &str) -> u64 {
+        let line = format!("snapcache_disk_tier_lookups_total{{result=\"{result}\"}} ");
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn readers_that_arrive_together_share_one_read_of_the_source() {
+        let setup = setup(Duration::from_secs(3600), 1 << 20);
+        setup.source.put(KEY, &bytes(1));
+        setup.source.hold_gets();
+        let readers: Vec<_> = (0..5)
+            .map(|_| {
+                let tiered = setup.tiered.clone();
+                tokio::spawn(async move { read_all(&tiered, KEY).await })
+            })
+            .collect();
+        setup.source.until_gets(1).await;
+        setup.source.release_gets();
+        for reader in readers {
+            let (_, body) = reader.await.expect("task").expect("read");
+            assert_eq!(body, bytes(1));
+        }
+        assert_eq!(
+            setup.source.gets().len(),
+            5,
+            "one fill: 40 bytes in 8-byte parts"
+        );
+        until_on_disk(&setup, KEY).await;
+        assert_eq!(
+            read_all(&setup.tiered, KEY).await.expect("read"),
+            (Source::Disk, bytes(1))
+        );
+        assert_eq!(
+            setup.source.gets().len(),
+            5,
+            "the next reader is a disk hit"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fresh_entry_is_served_without_asking_the_source() {
+        let setup = setup(Duration::from_secs(3600), 1 << 20);
+        setup.source.put(KEY, &bytes(1));
+        read_all(&setup.tiered, KEY).await.expect("cold read");
+        until_on_disk(&setup, KEY).await;
+        let heads = setup.source.heads();
+        setup.source.put(KEY, &bytes(2));
+        assert_eq!(
+            read_all(&setup.tiered, KEY).await.expect("read"),
+            (Source::Disk, bytes(1)),
+            "within --revalidate-after the disk tier's revision stands"
+        );
+        assert_eq!(setup.source.heads(), heads);
+    }
+
+    #[tokio::test]
+    async fn an_entry_due_for_revalidation_gives_way_to_a_new_revision() {
+        let setup = setup(Duration::ZERO, 1 << 20);
+        setup.source.put(KEY, &bytes(1));
+        read_all(&setup.tiered, KEY).await.expect("cold read");
+        until_on_disk(&setup, KEY).await;
+        assert_eq!(
+            read_all(&setup.tiered, KEY).await.expect("read"),
+            (Source::Disk, bytes(1)),
+            "S3 confirmed the revision: a hit"
+        );
+        setup.source.put(KEY, &bytes(2));
+        let (_, body) = read_all(&setup.tiered, KEY).await.expect("read");
+        assert_eq!(body, bytes(2));
+        until_new_revision_on_disk(&setup, &bytes(2)).await;
+    }
+
+    async fn until_new_revision_on_disk(setup: &Setup, expected: &[u8]) {
+        let etag = setup
+            .source
+            .head(KEY, Revision::Current)
+            .await
+            .expect("head")
+            .etag;
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while setup
+                .disk
+                .lookup(KEY)
+                .is_none_or(|entry| entry.info.etag != etag)
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the new revision to replace the old on disk");
+        assert_eq!(
+            read_all(&setup.tiered, KEY).await.expect("read"),
+            (Source::Disk, expected.to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_source_leaves_the_disk_copy_served_stale() {
+        let setup = setup(Duration::ZERO, 1 << 20);
+        setup.source.put(KEY, &bytes(1));
+        read_all(&setup.tiered, KEY).await.expect("cold read");
+        until_on_disk(&setup, KEY).await;
+        setup.source.set_down(true);
+        assert_eq!(
+            read_all(&setup.tiered, KEY).await.expect("stale read"),
+            (Source::Disk, bytes(1))
+        );
+        assert_eq!(lookups(&setup.metrics, "stale"), 1);
+        assert!(matches!(
+            read_all(&setup.tiered, OTHER).await,
+            Err(StoreError::Unreachable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_gone_from_the_source_is_gone_from_disk() {
+        let setup = setup(Duration::ZERO, 1 << 20);
+        setup.source.put(KEY, &bytes(1));
+        read_all(&setup.tiered, KEY).await.expect("cold read");
+        until_on_disk(&setup, KEY).await;
+        setup.source.remove(KEY);
+        assert!(matches!(
+            read_all(&setup.tiered, KEY).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(setup.disk.lookup(KEY).is_none());
+    }
+
+    #[tokio::test]
+    async fn eviction_passes_over_an_entry_being_read() {
+        // Room for two 40-byte snapshots.
+        let setup = setup(Duration::from_secs(3600), 80);
+        let third = "git/third/snapshot.tar.zst";
+        for (key, seed) in [(KEY, 1), (OTHER, 2)] {
+            setup.source.put(key, &bytes(seed));
+            read_all(&setup.tiered, key).await.expect("cold read");
+            until_on_disk(&setup, key).await;
+        }
+        // The least recently used entry, KEY, is being read when the third needs room.
+        read_all(&setup.tiered, OTHER).await.expect("read");
+        let reading = setup
+            .tiered
+            .get(KEY, None, Revision::Current)
+            .await
+            .expect("a disk read");
+        assert!(matches!(reading.tier, Source::Disk));
+        setup.source.put(third, &bytes(3));
+        read_all(&setup.tiered, third).await.expect("cold read");
+        until_on_disk(&setup, third).await;
+        assert!(setup.disk.lookup(OTHER).is_none(), "OTHER made the room");
+        let body: Vec<u8> = reading
+            .body
+            .try_fold(Vec::new(), |mut all, chunk| {
+                all.extend_from_slice(&chunk);
+                async move { Ok(all) }
+            })
+            .await
+            .expect("the read in progress");
+        assert_eq!(body, bytes(1));
+        assert!(setup.disk.lookup(KEY).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_revision_this_tier_never_resolved_comes_from_the_source_uncached() {
+        let setup = setup(Duration::from_secs(3600), 1 << 20);
+        let info = setup.source.put(KEY, &bytes(1));
+        let read = setup
+            .tiered
+            .get(KEY, None, Revision::ETag(&info.etag))
+            .await
+            .expect("read");
+        assert!(matches!(read.tier, Source::S3));
+        assert_eq!(setup.source.gets(), vec![None], "one plain GET, no fill");
+        setup.source.put(KEY, &bytes(2));
+        assert!(matches!(
+            setup
+                .tiered
+                .get(KEY, None, Revision::ETag(&info.etag))
+                .await,
+            Err(StoreError::PreconditionFailed)
+        ));
+    }
 }
