@@ -36,6 +36,8 @@ run_start=$SECONDS
 trap report EXIT
 
 phase "cargo fmt --check" cargo fmt --all --check
+# No module of either crate depends on itself through others (cargo-modules' --acyclic, from the source).
+phase "module cycles" python3 "$ENV_DIR/module_cycles.py" sidecar/src operator/src
 phase "install components" bash "$ENV_DIR/install.sh"
 phase "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 phase "CRD drift" crd_drift
