@@ -604,7 +604,7 @@ pub fn reporter() -> Reporter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn refused(code: u16) -> kube::Error {
@@ -648,7 +648,8 @@ mod tests {
         .expect("pod")
     }
 
-    fn filled<K>(objects: Vec<K>) -> (Store<K>, reflector::store::Writer<K>)
+    /// A store that has listed `objects`; the writer keeps it open.
+    pub(crate) fn listed_store<K>(objects: Vec<K>) -> (Store<K>, reflector::store::Writer<K>)
     where
         K: Resource + Clone + 'static,
         K::DynamicType: Default + Eq + std::hash::Hash + Clone,
@@ -664,7 +665,7 @@ mod tests {
 
     #[test]
     fn the_stores_give_the_pods_a_selector_chooses_in_one_namespace_and_its_labels() {
-        let (pods, _pod_writer) = filled(vec![
+        let (pods, _pod_writer) = listed_store(vec![
             pod("ci", "build-0", "build"),
             pod("ci", "web-0", "web"),
             pod("other", "build-0", "build"),
@@ -674,8 +675,8 @@ mod tests {
             "metadata": {"name": "ci", "labels": {"team": "ci"}},
         }))
         .expect("namespace");
-        let (namespaces, _namespace_writer) = filled(vec![namespace]);
-        let (snapshot_caches, _cache_writer) = filled(Vec::<SnapshotCache>::new());
+        let (namespaces, _namespace_writer) = listed_store(vec![namespace]);
+        let (snapshot_caches, _cache_writer) = listed_store(Vec::<SnapshotCache>::new());
         let stores = Stores {
             snapshot_caches,
             pods,

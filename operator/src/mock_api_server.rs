@@ -13,12 +13,11 @@ use kube::client::Body;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle, SendResponse};
 
 use crate::api::SnapshotCache;
+use crate::controller::tests::listed_store;
 use crate::controller::{self, Context, Error, Stores};
 use crate::lease::Leadership;
 use crate::metrics::Metrics;
@@ -139,21 +138,6 @@ fn running_pod(name: &str, created: &str, sidecar: bool) -> Pod {
     .expect("pod")
 }
 
-/// A store that has listed `objects`; the writer keeps it open.
-fn listed<K>(objects: Vec<K>) -> (Store<K>, reflector::store::Writer<K>)
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, mut writer) = reflector::store();
-    writer.apply_watcher_event(&watcher::Event::Init);
-    for object in objects {
-        writer.apply_watcher_event(&watcher::Event::InitApply(object));
-    }
-    writer.apply_watcher_event(&watcher::Event::InitDone);
-    (store, writer)
-}
-
 /// What a reconcile reads and whom it answers to, set up per test.
 struct World {
     caches: Vec<SnapshotCache>,
@@ -186,9 +170,9 @@ impl World {
                 .expect("namespace")
             })
             .collect();
-        let (snapshot_caches, cache_writer) = listed(self.caches);
-        let (pods, pod_writer) = listed(self.pods);
-        let (namespaces, namespace_writer) = listed(namespaces);
+        let (snapshot_caches, cache_writer) = listed_store(self.caches);
+        let (pods, pod_writer) = listed_store(self.pods);
+        let (namespaces, namespace_writer) = listed_store(namespaces);
         let stores = Stores {
             snapshot_caches,
             pods,
@@ -421,7 +405,7 @@ const CONFIGURATION_URI: &str =
 
 /// One pass of the entries' upkeep for the SnapshotCaches `caches`, on `client`.
 async fn sync_entries(client: Client, caches: Vec<SnapshotCache>) -> Result<(), kube::Error> {
-    let (store, _writer) = listed(caches);
+    let (store, _writer) = listed_store(caches);
     webhook::sync_entries(&client, "snapcache", &store, None, true).await
 }
 
