@@ -343,6 +343,17 @@ pub(crate) mod tests {
         serde_json::from_value(document).expect("a valid pod")
     }
 
+    /// What the webhook decides for `pod` in a namespace without labels, with one
+    /// SnapshotCache selecting app=build, on a cluster without native sidecars.
+    fn decide_with_one_cache(pod: &Pod) -> Decision {
+        decide(
+            pod,
+            &BTreeMap::new(),
+            &[cache("c", 1, "build")],
+            &env(false),
+        )
+    }
+
     fn inject_into(pod: &Pod, caches: &[SnapshotCache], env: &Environment<'_>) -> Pod {
         match decide(pod, &BTreeMap::new(), caches, env) {
             Decision::Inject { patch, .. } => patched(pod, &patch),
@@ -499,12 +510,7 @@ pub(crate) mod tests {
         }]);
         let pod = pod(&[("app", "build")], spec);
         assert_eq!(
-            decide(
-                &pod,
-                &BTreeMap::new(),
-                &[cache("c", 1, "build")],
-                &env(false)
-            ),
+            decide_with_one_cache(&pod),
             Decision::Skip(Skip::VolumeNameTaken)
         );
     }
@@ -512,12 +518,7 @@ pub(crate) mod tests {
     #[test]
     fn the_patch_only_adds() {
         let pod = pod(&[("app", "build")], app_spec());
-        let Decision::Inject { patch, cache } = decide(
-            &pod,
-            &BTreeMap::new(),
-            &[cache("c", 1, "build")],
-            &env(false),
-        ) else {
+        let Decision::Inject { patch, cache } = decide_with_one_cache(&pod) else {
             panic!("not injected");
         };
         assert_eq!(cache, "c");
@@ -635,12 +636,7 @@ pub(crate) mod tests {
             "github.com/org/a=relative",
         );
         assert_eq!(
-            decide(
-                &pod,
-                &BTreeMap::new(),
-                &[cache("c", 1, "build")],
-                &env(false)
-            ),
+            decide_with_one_cache(&pod),
             Decision::Skip(Skip::InvalidCheckout)
         );
     }
