@@ -9,6 +9,7 @@ pub mod config;
 pub mod fetch;
 pub mod http_range;
 pub mod metrics;
+pub mod parts;
 pub mod pin;
 pub mod protocol;
 pub mod publish;

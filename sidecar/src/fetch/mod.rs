@@ -15,15 +15,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, HeaderMap, RANGE};
-use tokio_util::task::AbortOnDropHandle;
 
 pub use self::extract::apply_bundle;
 use self::sink::Sink;
 use crate::http_range::ByteRange;
+use crate::parts::{Pacing, PartFailure, PartReader, read_in_parts};
 use crate::protocol::{
     BUNDLE_URL_HEADER, COMMIT_HEADER, PIN_HEADER, PROBE, REPR_DIGEST_HEADER, SIZE_HEADER,
     parse_repr_digest,
@@ -163,6 +163,7 @@ struct Probe {
 }
 
 /// How one attempt at the whole download ended, when it did not succeed.
+#[derive(Debug)]
 enum AttemptError {
     /// The pinned revision is gone: probe again.
     Stale,
@@ -324,25 +325,22 @@ async fn download_pinned(
     let Some(whole) = ByteRange::whole(size) else {
         return Ok(());
     };
-    let chunk = Arc::new(ChunkRequest {
-        window: Window::new(options.workers),
+    let chunks = Arc::new(ChunkRequest {
         client: client.clone(),
         url: options.url.clone(),
         token: token.to_owned(),
-        attempts: options.chunk_attempts,
-        timeout: options.chunk_timeout,
         retries: retries.clone(),
     });
-    let mut parts = futures::stream::iter(whole.split(options.chunk_size))
-        .map(|range| {
-            let task = AbortOnDropHandle::new(tokio::spawn(chunk.clone().fetch(range)));
-            async move {
-                task.await.map_err(|e| {
-                    AttemptError::Fatal(FetchError::Failed(format!("chunk task: {e}")))
-                })?
-            }
-        })
-        .buffered(options.workers);
+    let pacing = Pacing {
+        workers: options.workers,
+        chunk_size: options.chunk_size,
+        part_timeout: options.chunk_timeout,
+        part_attempts: options.chunk_attempts,
+        first_backoff: Duration::from_millis(400),
+    };
+    // Reused chunk buffers: at most `workers` chunks in memory.
+    let window = Arc::new(Window::new(options.workers));
+    let mut parts = read_in_parts(chunks, whole, window, pacing);
     while let Some(part) = parts.next().await {
         let bytes = part?;
         let len = bytes.len() as u64;
@@ -352,47 +350,65 @@ async fn download_pinned(
     Ok(())
 }
 
+/// Pinned ranged GETs of one download, for the ranged-read engine.
 #[derive(Debug)]
 struct ChunkRequest {
-    /// Reused chunk buffers: at most `workers` chunks in memory.
-    window: Window,
     client: reqwest::Client,
     url: String,
     token: String,
-    attempts: u32,
-    timeout: Duration,
     retries: Arc<AtomicU32>,
 }
 
-impl ChunkRequest {
-    async fn fetch(self: Arc<Self>, range: ByteRange) -> Result<Bytes, AttemptError> {
-        let mut slot = self.window.take(range.len()).await;
-        let mut attempt = 1;
-        loop {
-            slot.buffer().clear();
-            let outcome = tokio::time::timeout(self.timeout, self.try_fetch(range, slot.buffer()))
-                .await
-                .unwrap_or_else(|_| Err(ChunkError::Transient("timed out".into())));
-            match outcome {
-                Ok(()) => return Ok(slot.into_bytes()),
-                Err(ChunkError::Final(err)) => return Err(err),
-                Err(ChunkError::Transient(reason)) if attempt < self.attempts => {
-                    tracing::warn!(attempt, start = range.start, %reason, "retrying a chunk");
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
-                    attempt += 1;
-                }
-                Err(ChunkError::Transient(reason)) => {
-                    return Err(AttemptError::Fatal(FetchError::Failed(format!(
-                        "bytes {}-{}: {reason} after {} tries",
-                        range.start, range.end, self.attempts
-                    ))));
-                }
+impl PartReader for ChunkRequest {
+    type Error = AttemptError;
+
+    fn read<'a>(
+        &'a self,
+        part: ByteRange,
+        buffer: &'a mut Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), PartFailure<AttemptError>>> {
+        Box::pin(self.try_fetch(part, buffer))
+    }
+
+    fn timed_out(&self) -> AttemptError {
+        AttemptError::Fatal(FetchError::Failed("timed out".into()))
+    }
+
+    fn retrying(&self, part: ByteRange, attempt: u32, failure: &AttemptError) {
+        if let AttemptError::Fatal(reason) = failure {
+            tracing::warn!(attempt, start = part.start, %reason, "retrying a chunk");
+        }
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn gave_up(&self, part: ByteRange, attempts: u32, last: AttemptError) -> AttemptError {
+        match last {
+            AttemptError::Fatal(FetchError::Failed(reason)) => {
+                AttemptError::Fatal(FetchError::Failed(format!(
+                    "bytes {}-{}: {reason} after {attempts} tries",
+                    part.start, part.end
+                )))
             }
+            other => other,
         }
     }
 
-    async fn try_fetch(&self, range: ByteRange, buffer: &mut Vec<u8>) -> Result<(), ChunkError> {
+    fn task_failed(&self, reason: String) -> AttemptError {
+        AttemptError::Fatal(FetchError::Failed(format!("chunk task: {reason}")))
+    }
+}
+
+/// A failure worth another try, with what went wrong.
+fn transient(reason: String) -> PartFailure<AttemptError> {
+    PartFailure::Transient(AttemptError::Fatal(FetchError::Failed(reason)))
+}
+
+impl ChunkRequest {
+    async fn try_fetch(
+        &self,
+        range: ByteRange,
+        buffer: &mut Vec<u8>,
+    ) -> Result<(), PartFailure<AttemptError>> {
         let mut response = self
             .client
             .get(&self.url)
@@ -400,21 +416,21 @@ impl ChunkRequest {
             .header(RANGE, format!("bytes={}-{}", range.start, range.end))
             .send()
             .await
-            .map_err(|e| ChunkError::Transient(e.to_string()))?;
+            .map_err(|e| transient(e.to_string()))?;
         match response.status() {
             StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::PRECONDITION_FAILED => return Err(ChunkError::Final(AttemptError::Stale)),
-            StatusCode::OK => return Err(ChunkError::Final(AttemptError::NoRanges)),
+            StatusCode::PRECONDITION_FAILED => return Err(PartFailure::Final(AttemptError::Stale)),
+            StatusCode::OK => return Err(PartFailure::Final(AttemptError::NoRanges)),
             StatusCode::NOT_FOUND => {
-                return Err(ChunkError::Final(AttemptError::Fatal(
+                return Err(PartFailure::Final(AttemptError::Fatal(
                     FetchError::NotFound(self.url.clone()),
                 )));
             }
             status if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS => {
-                return Err(ChunkError::Transient(format!("HTTP {status}")));
+                return Err(transient(format!("HTTP {status}")));
             }
             status => {
-                return Err(ChunkError::Final(AttemptError::Fatal(FetchError::Failed(
+                return Err(PartFailure::Final(AttemptError::Fatal(FetchError::Failed(
                     format!("bytes {}-{}: HTTP {status}", range.start, range.end),
                 ))));
             }
@@ -425,32 +441,27 @@ impl ChunkRequest {
             .get(CONTENT_RANGE)
             .and_then(|v| v.to_str().ok());
         if !content_range.is_some_and(|v| v.starts_with(&expected)) {
-            return Err(ChunkError::Final(AttemptError::Fatal(FetchError::Failed(
+            return Err(PartFailure::Final(AttemptError::Fatal(FetchError::Failed(
                 format!("asked for {expected}… and got Content-Range {content_range:?}"),
             ))));
         }
         while let Some(frame) = response
             .chunk()
             .await
-            .map_err(|e| ChunkError::Transient(e.to_string()))?
+            .map_err(|e| transient(e.to_string()))?
         {
             buffer.extend_from_slice(&frame);
         }
         if buffer.len() as u64 == range.len() {
             Ok(())
         } else {
-            Err(ChunkError::Transient(format!(
+            Err(transient(format!(
                 "{} of {} bytes",
                 buffer.len(),
                 range.len()
             )))
         }
     }
-}
-
-enum ChunkError {
-    Transient(String),
-    Final(AttemptError),
 }
 
 /// One plain GET of the whole object, for servers that know no pins or ranges.

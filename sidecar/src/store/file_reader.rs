@@ -152,3 +152,126 @@ fn read_block(file: &File, offset: u64, len: u64, mut slot: Slot) -> std::io::Re
     file.read_exact_at(buffer, offset)?;
     Ok(slot.into_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use futures::TryStreamExt;
+
+    use super::*;
+    use crate::metrics::{Buffers, Metrics};
+
+    /// A file of `size` bytes, each its offset modulo 251 (a prime: no block repeats).
+    fn file_of(size: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(&bytes).expect("write");
+        (file, bytes)
+    }
+
+    fn budget() -> Budget {
+        Budget::new(16 << 20, Buffers::DiskRead, Metrics::new())
+    }
+
+    async fn drain(stream: ByteStream) -> Result<Vec<u8>, StoreError> {
+        stream
+            .try_fold(Vec::new(), |mut all, chunk| {
+                all.extend_from_slice(&chunk);
+                async move { Ok(all) }
+            })
+            .await
+    }
+
+    fn open(file: &tempfile::NamedTempFile) -> Arc<File> {
+        Arc::new(file.reopen().expect("reopen"))
+    }
+
+    #[tokio::test]
+    async fn a_range_of_a_complete_file_reads_exactly_its_bytes() {
+        let (file, bytes) = file_of(3 * BLOCK as usize + 17);
+        for (start, end) in [(0, 10), (5, 5), (1, 3 * BLOCK + 16), (BLOCK - 1, 2 * BLOCK)] {
+            let range = ByteRange { start, end };
+            let read = drain(read_range(open(&file), range, None, &budget(), ())).await;
+            assert_eq!(
+                read.expect("the read"),
+                &bytes[start as usize..=end as usize],
+                "{start}-{end}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_of_a_fill_waits_for_its_bytes_and_ends_with_it() {
+        let (file, bytes) = file_of(2 * BLOCK as usize);
+        let (progress, watched) = watch::channel(FillProgress::default());
+        let whole = ByteRange::whole(bytes.len() as u64).expect("non-empty");
+        let reader = tokio::spawn(drain(read_range(
+            open(&file),
+            whole,
+            Some(watched),
+            &budget(),
+            (),
+        )));
+        // The file holds every byte already: only the fill's progress lets them out.
+        for written in [1, BLOCK, BLOCK + 3, 2 * BLOCK] {
+            progress.send_modify(|p| p.written = written);
+        }
+        progress.send_modify(|p| p.done = true);
+        assert_eq!(reader.await.expect("task").expect("read"), bytes);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_fails_its_readers() {
+        let (file, bytes) = file_of(2 * BLOCK as usize);
+        let (progress, watched) = watch::channel(FillProgress::default());
+        let whole = ByteRange::whole(bytes.len() as u64).expect("non-empty");
+        let mut stream = read_range(open(&file), whole, Some(watched), &budget(), ());
+        progress.send_modify(|p| p.written = SMALL_BLOCK);
+        let first = stream.try_next().await.expect("the first block");
+        assert_eq!(first.as_deref(), Some(&bytes[..SMALL_BLOCK as usize]));
+        progress.send_modify(|p| p.failed = Some(StoreError::Unreachable("cut".into())));
+        assert!(matches!(
+            stream.try_next().await,
+            Err(StoreError::Unreachable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_ends_short_of_the_range_is_an_error() {
+        let (file, bytes) = file_of(1000);
+        let (progress, watched) = watch::channel(FillProgress::default());
+        let whole = ByteRange::whole(bytes.len() as u64).expect("non-empty");
+        let reader = tokio::spawn(drain(read_range(
+            open(&file),
+            whole,
+            Some(watched),
+            &budget(),
+            (),
+        )));
+        progress.send_modify(|p| {
+            p.written = 500;
+            p.done = true;
+        });
+        assert!(matches!(
+            reader.await.expect("task"),
+            Err(StoreError::Disk(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_lease_is_held_until_the_stream_ends() {
+        let (file, _) = file_of(10);
+        let lease = Arc::new(());
+        let stream = read_range(
+            open(&file),
+            ByteRange { start: 0, end: 9 },
+            None,
+            &budget(),
+            lease.clone(),
+        );
+        assert_eq!(Arc::strong_count(&lease), 2);
+        drain(stream).await.expect("read");
+        assert_eq!(Arc::strong_count(&lease), 1);
+    }
+}
