@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
 
-use super::FetchError;
+use super::error::FetchError;
 use super::staging::sibling;
 
 /// Chunks queued ahead of the extractor (they count against the download window).

@@ -6,11 +6,12 @@
 //! pass. A 412 means the revision changed: re-probe and restart. A transient error
 //! retries that chunk. A server without pins or ranges gets one streaming GET.
 
+mod error;
 mod extract;
+mod options;
 mod sink;
 mod staging;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -20,7 +21,10 @@ use futures::future::BoxFuture;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_RANGE, HeaderMap, RANGE};
 
+use self::error::AttemptError;
+pub use self::error::FetchError;
 pub use self::extract::apply_bundle;
+pub use self::options::FetchOptions;
 use self::sink::Sink;
 use crate::http_range::ByteRange;
 use crate::parts::{Pacing, PartFailure, PartReader, read_in_parts};
@@ -29,22 +33,6 @@ use crate::protocol::{
     parse_repr_digest,
 };
 use crate::window::Window;
-
-/// What to download and how.
-#[derive(Debug, Clone)]
-pub struct FetchOptions {
-    pub url: String,
-    /// Where the verified tarball goes; none when it is only extracted.
-    pub output: Option<PathBuf>,
-    pub workers: usize,
-    pub chunk_size: u64,
-    pub max_restarts: u32,
-    /// Tries per chunk before the download fails, the first included.
-    pub chunk_attempts: u32,
-    pub chunk_timeout: Duration,
-    /// Unpack the snapshot into this directory as it downloads.
-    pub extract: Option<PathBuf>,
-}
 
 /// What a finished download did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -58,39 +46,6 @@ pub struct FetchSummary {
     pub mode: &'static str,
     /// The bundle applied after extraction, if the snapshot named one.
     pub bundle_applied: bool,
-}
-
-/// Why a download failed; each kind has its own exit code (see `exit_code`).
-#[derive(Debug, thiserror::Error)]
-pub enum FetchError {
-    #[error("no snapshot at {0}")]
-    NotFound(String),
-    #[error("gave up after {0} restarts: the snapshot kept changing during the download")]
-    GaveUp(u32),
-    #[error("verification failed: {0}")]
-    Verification(String),
-    /// The server is up but cannot reach its storage (503): worth retrying later.
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Usage(String),
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl FetchError {
-    /// Documented exit codes: 0 success, 1 other failure, 2 bad usage, 3 not found,
-    /// 4 gave up after restarts, 5 verification failed, 6 the server's storage unreachable.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            FetchError::Failed(_) => 1,
-            FetchError::Usage(_) => 2,
-            FetchError::NotFound(_) => 3,
-            FetchError::GaveUp(_) => 4,
-            FetchError::Verification(_) => 5,
-            FetchError::Unavailable(_) => 6,
-        }
-    }
 }
 
 /// Reports progress of a download (a terminal bar, or nothing).
@@ -160,22 +115,6 @@ struct Probe {
     digest: Option<[u8; 32]>,
     commit: Option<String>,
     bundle_url: Option<String>,
-}
-
-/// How one attempt at the whole download ended, when it did not succeed.
-#[derive(Debug)]
-enum AttemptError {
-    /// The pinned revision is gone: probe again.
-    Stale,
-    /// The server answered a ranged request with the whole object.
-    NoRanges,
-    Fatal(FetchError),
-}
-
-impl From<FetchError> for AttemptError {
-    fn from(err: FetchError) -> Self {
-        AttemptError::Fatal(err)
-    }
 }
 
 /// Downloads `options.url` to `options.output` (and extracts it), verifying it.

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use super::error::{AttemptError, FetchError};
 use super::extract::Extractor;
+use super::options::FetchOptions;
 use super::staging::sibling;
-use super::{AttemptError, FetchError, FetchOptions};
 
 /// One attempt's output; dropped unfinished, it removes what it wrote.
 pub struct Sink {

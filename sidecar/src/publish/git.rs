@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::PublishError;
+use super::error::PublishError;
 
 /// A bare mirror of the repository being published.
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! commit and SHA-256 as metadata, and optionally a delta bundle beside it.
 
 mod archive;
+mod error;
 mod git;
 pub mod service;
 mod upload;
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use self::error::PublishError;
 use self::git::{Head, Mirror};
 use crate::snapshot_path::SnapshotPath;
 
@@ -41,18 +43,6 @@ pub struct PublishSummary {
     /// Bytes uploaded: the snapshot, the bundle, or 0.
     pub bytes: u64,
     pub seconds: f64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("{0}")]
-    Usage(String),
-    #[error("{0}")]
-    Git(String),
-    #[error("{0}")]
-    S3(String),
-    #[error("{0}")]
-    Io(String),
 }
 
 const SNAPSHOT_TYPE: &str = "application/zstd";

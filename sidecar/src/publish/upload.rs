@@ -10,7 +10,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
 
-use super::PublishError;
+use super::error::PublishError;
 use crate::store::s3::HasStatus;
 
 /// The user metadata of the object at `key`, or `None` when there is none.

@@ -1,6 +1,7 @@
 //! `snapcache-sidecar serve`: the snapshot API on localhost and the admin port.
 
 pub mod admin;
+pub mod app;
 pub mod connections;
 pub mod error;
 pub mod pinned;
@@ -15,98 +16,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 
+use self::app::App;
 use crate::config::ServeConfig;
-use crate::metrics::{Buffers, Metrics, Port};
-use crate::pin::PinMode;
-use crate::store::disk::DiskTier;
-use crate::store::parallel_get::ParallelGetConfig;
+use crate::metrics::{Metrics, Port};
 use crate::store::s3::{BucketCheck, S3Store};
-use crate::store::tiered::Tiered;
-use crate::store::{Budgets, SnapshotSource};
-use crate::window::Budget;
-
-/// Shared state of both routers.
-#[derive(Debug)]
-pub struct App {
-    /// Plain reads: the tiers (disk, then S3).
-    pub snapshots: Arc<dyn SnapshotSource>,
-    /// Probes and pinned reads: S3 itself, so a pin never names a revision S3 has not
-    /// confirmed and a replaced one answers 412.
-    pub pins: Arc<dyn SnapshotSource>,
-    /// The disk tier, for readiness: it must take a new file.
-    pub disk: Option<Arc<DiskTier>>,
-    pub metrics: Metrics,
-    /// Prepended to every object key.
-    pub prefix: String,
-    /// Which pin tokens probes hand out.
-    pub pin_mode: PinMode,
-    /// HeadObject answers for pinned revisions.
-    pub revisions: revisions::RevisionCache,
-}
 
 /// The snapshot API: every path is a snapshot path or a 400.
 pub fn router(app: Arc<App>) -> Router {
     Router::new().fallback(snapshot::handle).with_state(app)
-}
-
-impl App {
-    /// Opens the disk tier as `config` says, in front of `s3`.
-    pub fn from_config(
-        config: &ServeConfig,
-        s3: Arc<S3Store>,
-        metrics: Metrics,
-    ) -> anyhow::Result<App> {
-        metrics
-            .memory_limit
-            .set(crate::cgroup::memory_limit().map_or(0, saturating_i64));
-        if config.disk_dir.is_some() {
-            metrics
-                .disk_capacity
-                .set(saturating_i64(config.disk_max_bytes));
-        }
-        let disk = match &config.disk_dir {
-            Some(dir) => Some(Arc::new(
-                DiskTier::open(dir, config.disk_max_bytes, metrics.clone()).with_context(|| {
-                    format!("opening the disk tier at {} (--disk-dir)", dir.display())
-                })?,
-            )),
-            None => None,
-        };
-        let parallel = ParallelGetConfig {
-            workers: usize::from(config.parallel_get_workers),
-            chunk_size: config.parallel_get_chunk_size,
-            part_timeout: config.part_timeout,
-            part_attempts: 3,
-        };
-        let parallel_get_budget = config.parallel_get_budget.unwrap_or(
-            u64::from(config.parallel_get_workers).saturating_mul(config.parallel_get_chunk_size),
-        );
-        let budgets = Budgets {
-            parallel_get: Budget::new(parallel_get_budget, Buffers::ParallelGet, metrics.clone()),
-            disk_read: Budget::new(config.disk_read_budget, Buffers::DiskRead, metrics.clone()),
-        };
-        let tiered = Tiered::new(
-            s3.clone(),
-            disk.clone(),
-            config.revalidate_after,
-            parallel,
-            budgets,
-            metrics.clone(),
-        );
-        Ok(App {
-            snapshots: Arc::new(tiered),
-            pins: s3,
-            disk,
-            metrics,
-            prefix: config.s3.prefix.clone(),
-            pin_mode: config.pin_mode,
-            revisions: Default::default(),
-        })
-    }
-}
-
-fn saturating_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// Serves until SIGTERM or Ctrl-C, then lets in-flight responses finish for up to

@@ -7,7 +7,7 @@ use std::time::Instant;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 
-use super::App;
+use super::app::App;
 use super::error::ApiError;
 use super::reply::{Reply, empty, plain, representation_headers};
 use crate::pin::PinToken;

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
-use super::App;
+use super::app::App;
 use super::error::ApiError;
 use crate::http_range::{
     ByteRange, Outcome, RequestConditions, Validators, evaluate, unsatisfied_content_range,

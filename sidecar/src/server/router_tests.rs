@@ -7,7 +7,8 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode, header};
 use tower::ServiceExt;
 
-use super::{App, router};
+use super::app::App;
+use super::router;
 use crate::metrics::Metrics;
 use crate::pin::PinMode;
 use crate::protocol::{

@@ -6,9 +6,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, Uri};
 use axum::response::{IntoResponse, Response};
 
+use super::app::App;
 use super::error::ApiError;
+use super::pinned;
 use super::reply::Reply;
-use super::{App, pinned};
 use crate::pin::PinRequest;
 use crate::protocol::PIN_HEADER;
 use crate::snapshot_path::SnapshotPath;
