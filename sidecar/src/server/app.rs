@@ -49,14 +49,6 @@ impl App {
                 .disk_capacity
                 .set(saturating_i64(config.disk_max_bytes));
         }
-        let disk = match &config.disk_dir {
-            Some(dir) => Some(Arc::new(
-                DiskTier::open(dir, config.disk_max_bytes, metrics.clone()).with_context(|| {
-                    format!("opening the disk tier at {} (--disk-dir)", dir.display())
-                })?,
-            )),
-            None => None,
-        };
         let parallel = ParallelGetConfig {
             workers: usize::from(config.parallel_get_workers),
             chunk_size: config.parallel_get_chunk_size,
@@ -69,6 +61,20 @@ impl App {
         let budgets = Budgets {
             parallel_get: Budget::new(parallel_get_budget, Buffers::ParallelGet, metrics.clone()),
             disk_read: Budget::new(config.disk_read_budget, Buffers::DiskRead, metrics.clone()),
+        };
+        let disk = match &config.disk_dir {
+            Some(dir) => Some(Arc::new(
+                DiskTier::open(
+                    dir,
+                    config.disk_max_bytes,
+                    budgets.disk_read.clone(),
+                    metrics.clone(),
+                )
+                .with_context(|| {
+                    format!("opening the disk tier at {} (--disk-dir)", dir.display())
+                })?,
+            )),
+            None => None,
         };
         let tiered = Tiered::new(
             s3.clone(),

@@ -1,4 +1,6 @@
-//! The per-pod disk tier: complete snapshot revisions on local disk, evicted LRU.
+//! The per-pod disk tier: complete snapshot revisions on local disk, evicted LRU. As a
+//! `SnapshotSource` it answers for exactly the revisions it holds; revalidating them
+//! and filling it are `Tiered`'s work.
 //!
 //! Layout: `<key-hash>.json` describes the entry and names its data file
 //! `<key-hash>-<etag-hash>.data`; fills write `*.tmp` files that are renamed into
@@ -13,11 +15,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::ObjectInfo;
-use crate::metrics::Metrics;
+use super::file_reader::read_range;
+use super::{ObjectInfo, Read, Revision, SnapshotSource, StoreError};
+use crate::http_range::ByteRange;
+use crate::metrics::{Metrics, Source};
+use crate::window::Budget;
 
 /// The disk tier of one sidecar.
 #[derive(Debug)]
@@ -25,6 +31,8 @@ pub struct DiskTier {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<State>,
+    /// Blocks read on their way to clients come from this budget.
+    read_budget: Budget,
     metrics: Metrics,
 }
 
@@ -92,12 +100,18 @@ struct EntryRecord {
 
 impl DiskTier {
     /// Opens `dir`, keeping complete entries and removing everything else.
-    pub fn open(dir: &Path, max_bytes: u64, metrics: Metrics) -> io::Result<DiskTier> {
+    pub fn open(
+        dir: &Path,
+        max_bytes: u64,
+        read_budget: Budget,
+        metrics: Metrics,
+    ) -> io::Result<DiskTier> {
         std::fs::create_dir_all(dir)?;
         let tier = DiskTier {
             dir: dir.to_owned(),
             max_bytes,
             state: Mutex::new(State::default()),
+            read_budget,
             metrics,
         };
         tier.load_entries()?;
@@ -164,6 +178,39 @@ impl DiskTier {
             info: entry.info.clone(),
             file: entry.file.clone(),
             validated_at: entry.validated_at,
+        })
+    }
+
+    /// The entry for `key` when it is `revision`; otherwise what a source says of a
+    /// revision it does not hold.
+    fn entry(&self, key: &str, revision: Revision<'_>) -> Result<CachedEntry, StoreError> {
+        let entry = self.lookup(key).ok_or(StoreError::NotFound)?;
+        if revision.is(&entry.info) {
+            Ok(entry)
+        } else {
+            Err(revision.refusal())
+        }
+    }
+
+    fn read(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+        revision: Revision<'_>,
+    ) -> Result<Read, StoreError> {
+        let entry = self.entry(key, revision)?;
+        let handle = entry
+            .file
+            .open()
+            .map_err(|err| StoreError::Disk(err.to_string()))?;
+        let body = match range.or(ByteRange::whole(entry.info.size)) {
+            Some(range) => read_range(Arc::new(handle), range, None, &self.read_budget, entry.file),
+            None => Box::pin(futures::stream::empty()),
+        };
+        Ok(Read {
+            info: entry.info,
+            tier: Source::Disk,
+            body,
         })
     }
 
@@ -316,6 +363,27 @@ impl DiskTier {
     }
 }
 
+impl SnapshotSource for DiskTier {
+    fn head<'a>(
+        &'a self,
+        key: &'a str,
+        revision: Revision<'a>,
+    ) -> BoxFuture<'a, Result<ObjectInfo, StoreError>> {
+        Box::pin(std::future::ready(
+            self.entry(key, revision).map(|entry| entry.info),
+        ))
+    }
+
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        range: Option<ByteRange>,
+        revision: Revision<'a>,
+    ) -> BoxFuture<'a, Result<Read, StoreError>> {
+        Box::pin(std::future::ready(self.read(key, range, revision)))
+    }
+}
+
 /// A fill in progress: a temporary file that becomes an entry only by `commit`.
 /// Dropping it uncommitted removes the file and releases the reservation.
 #[derive(Debug)]
@@ -426,7 +494,12 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
+    use crate::metrics::Buffers;
     use crate::store::SnapshotMetadata;
+
+    fn budget(metrics: &Metrics) -> Budget {
+        Budget::new(1 << 20, Buffers::DiskRead, metrics.clone())
+    }
 
     fn info(etag: &str, size: u64) -> ObjectInfo {
         ObjectInfo {
@@ -448,7 +521,8 @@ mod tests {
     }
 
     fn tier(dir: &Path, max: u64) -> Arc<DiskTier> {
-        Arc::new(DiskTier::open(dir, max, Metrics::new()).expect("open tier"))
+        let metrics = Metrics::new();
+        Arc::new(DiskTier::open(dir, max, budget(&metrics), metrics).expect("open tier"))
     }
 
     use std::os::unix::fs::FileExt;
@@ -466,6 +540,41 @@ mod tests {
         assert_eq!(second.used_bytes(), 100);
         // Entries from an earlier run must be revalidated before they are served.
         assert!(entry.validated_at.is_none());
+    }
+
+    #[tokio::test]
+    async fn as_a_source_it_answers_for_exactly_the_revisions_it_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tier = tier(dir.path(), 1000);
+        fill(&tier, "a", "e1", 100).expect("a");
+        let held = tier.head("a", Revision::Current).await.expect("held");
+        assert_eq!(held.etag, "e1");
+        assert!(tier.head("a", Revision::ETag("e1")).await.is_ok());
+        assert!(matches!(
+            tier.head("a", Revision::ETag("e2")).await,
+            Err(StoreError::PreconditionFailed)
+        ));
+        assert!(matches!(
+            tier.head("a", Revision::Version("v1")).await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            tier.head("b", Revision::Current).await,
+            Err(StoreError::NotFound)
+        ));
+        let read = tier
+            .get(
+                "a",
+                Some(ByteRange { start: 10, end: 19 }),
+                Revision::ETag("e1"),
+            )
+            .await
+            .expect("a range");
+        assert_eq!(read.tier, Source::Disk);
+        let body: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(read.body)
+            .await
+            .expect("the body");
+        assert_eq!(body.concat(), vec![7; 10]);
     }
 
     #[test]
@@ -571,8 +680,10 @@ mod tests {
     fn a_snapshot_the_filesystem_cannot_hold_is_remembered_and_not_tried_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let metrics = Metrics::new();
-        let tier =
-            Arc::new(DiskTier::open(dir.path(), u64::MAX / 2, metrics.clone()).expect("open"));
+        let tier = Arc::new(
+            DiskTier::open(dir.path(), u64::MAX / 2, budget(&metrics), metrics.clone())
+                .expect("open"),
+        );
         let huge = info("e", 1 << 50);
         assert!(tier.begin_fill("a", &huge).is_none(), "1 PiB does not fit");
         assert!(tier.begin_fill("a", &huge).is_none());

@@ -66,6 +66,15 @@ impl Revision<'_> {
             Revision::Version(version) => info.version_id.as_deref() == Some(*version),
         }
     }
+
+    /// What a source answers when it does not hold this revision: S3's 412 for a
+    /// replaced ETag, its 404 for a missing version.
+    pub fn refusal(&self) -> StoreError {
+        match self {
+            Revision::Version(_) => StoreError::NotFound,
+            Revision::Current | Revision::ETag(_) => StoreError::PreconditionFailed,
+        }
+    }
 }
 
 /// The answer to a `get`: the revision read, which tier its bytes come from, the bytes.

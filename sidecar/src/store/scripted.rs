@@ -138,10 +138,7 @@ impl ScriptedSource {
         if revision.is(info) {
             return Ok((info.clone(), bytes.clone()));
         }
-        Err(match revision {
-            Revision::Version(_) => StoreError::NotFound,
-            _ => StoreError::PreconditionFailed,
-        })
+        Err(revision.refusal())
     }
 
     async fn answer(

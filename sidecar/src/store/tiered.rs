@@ -179,27 +179,11 @@ impl Tiered {
         etag: &str,
         range: Option<ByteRange>,
     ) -> Result<Read, StoreError> {
-        let on_disk = self.disk.as_ref().and_then(|disk| disk.lookup(key));
-        if let Some(entry) = on_disk.filter(|entry| entry.info.etag == etag) {
-            let handle = entry
-                .file
-                .open()
-                .map_err(|err| StoreError::Disk(err.to_string()))?;
-            let body = match range.or(ByteRange::whole(entry.info.size)) {
-                Some(range) => read_range(
-                    Arc::new(handle),
-                    range,
-                    None,
-                    &self.budgets.disk_read,
-                    entry.file,
-                ),
-                None => empty_stream(),
-            };
-            return Ok(Read {
-                info: entry.info,
-                tier: Source::Disk,
-                body,
-            });
+        if let Some(disk) = &self.disk {
+            match disk.get(key, range, Revision::ETag(etag)).await {
+                Err(StoreError::NotFound | StoreError::PreconditionFailed) => {}
+                answer => return answer,
+            }
         }
         let filling = self
             .fill_in_progress(key)
@@ -417,12 +401,18 @@ mod tests {
     fn setup(revalidate_after: Duration, disk_bytes: u64) -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
         let metrics = Metrics::new();
-        let disk = Arc::new(DiskTier::open(dir.path(), disk_bytes, metrics.clone()).expect("disk"));
-        let source = Arc::new(ScriptedSource::default());
         let budgets = Budgets {
             parallel_get: Budget::new(1 << 20, Buffers::ParallelGet, metrics.clone()),
             disk_read: Budget::new(1 << 20, Buffers::DiskRead, metrics.clone()),
         };
+        let disk = DiskTier::open(
+            dir.path(),
+            disk_bytes,
+            budgets.disk_read.clone(),
+            metrics.clone(),
+        );
+        let disk = Arc::new(disk.expect("disk"));
+        let source = Arc::new(ScriptedSource::default());
         let parallel = ParallelGetConfig {
             workers: 2,
             chunk_size: 8,
