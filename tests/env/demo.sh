@@ -67,10 +67,21 @@ status=$(git -C "$WORK/checkout" status --porcelain) || fail "git status failed 
 echo "checkout at $head ($(git -C "$WORK/checkout" log -1 --format=%s)), git status clean"
 # Pinned ranges bypass the disk tier; a plain GET takes the tiered path: the first one
 # fills the disk tier with a bounded parallel GET from S3, the second reads the disk.
-for source in "S3, filling the disk tier" "the disk tier"; do
-  size=$(curl -sf -o /dev/null -w '%{size_download}' "$URL") || fail "plain GET of $URL failed"
-  echo "plain GET: $size bytes from $source"
+# metric NAME_AND_LABELS: its value on the admin port, 0 while it has no sample.
+metric() { curl -sf "http://$ADMIN/metrics" | awk -v name="$1" '$1 == name { print $2; found=1 } END { if (!found) print 0 }'; }
+size=$(curl -sf -o /dev/null -w '%{size_download}' "$URL") || fail "plain GET of $URL failed"
+echo "plain GET: $size bytes from S3, filling the disk tier"
+# The fill commits just after its last byte reaches the client: wait for it (10 s at most).
+for _ in $(seq 100); do
+  [[ $(metric snapcache_disk_fill_duration_seconds_count) == 1 ]] && break
+  sleep 0.1
 done
+[[ $(metric snapcache_disk_fill_duration_seconds_count) == 1 ]] || fail "the disk tier was not filled"
+before=$(metric 'snapcache_response_bytes_total{source="disk"}')
+size=$(curl -sf -o /dev/null -w '%{size_download}' "$URL") || fail "plain GET of $URL failed"
+from_disk=$(( $(metric 'snapcache_response_bytes_total{source="disk"}') - before ))
+(( from_disk == size )) || fail "the second GET sent $from_disk of its $size bytes from the disk tier"
+echo "plain GET: $size bytes from the disk tier"
 
 step "7/7 Sidecar metrics"
 curl -sf "http://$ADMIN/metrics" |

@@ -201,18 +201,22 @@ mod tests {
         }
     }
 
+    /// A stream of all of `file` that follows a fill, and the fill's progress to drive.
+    fn following_a_fill(
+        file: &tempfile::NamedTempFile,
+        size: usize,
+    ) -> (ByteStream, watch::Sender<FillProgress>) {
+        let (progress, watched) = watch::channel(FillProgress::default());
+        let whole = ByteRange::whole(size as u64).expect("non-empty");
+        let stream = read_range(open(file), whole, Some(watched), &budget(), ());
+        (stream, progress)
+    }
+
     #[tokio::test]
     async fn a_reader_of_a_fill_waits_for_its_bytes_and_ends_with_it() {
         let (file, bytes) = file_of(2 * BLOCK as usize);
-        let (progress, watched) = watch::channel(FillProgress::default());
-        let whole = ByteRange::whole(bytes.len() as u64).expect("non-empty");
-        let reader = tokio::spawn(drain(read_range(
-            open(&file),
-            whole,
-            Some(watched),
-            &budget(),
-            (),
-        )));
+        let (stream, progress) = following_a_fill(&file, bytes.len());
+        let reader = tokio::spawn(drain(stream));
         // The file holds every byte already: only the fill's progress lets them out.
         for written in [1, BLOCK, BLOCK + 3, 2 * BLOCK] {
             progress.send_modify(|p| p.written = written);
@@ -224,9 +228,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_fill_fails_its_readers() {
         let (file, bytes) = file_of(2 * BLOCK as usize);
-        let (progress, watched) = watch::channel(FillProgress::default());
-        let whole = ByteRange::whole(bytes.len() as u64).expect("non-empty");
-        let mut stream = read_range(open(&file), whole, Some(watched), &budget(), ());
+        let (mut stream, progress) = following_a_fill(&file, bytes.len());
         progress.send_modify(|p| p.written = SMALL_BLOCK);
         let first = stream.try_next().await.expect("the first block");
         assert_eq!(first.as_deref(), Some(&bytes[..SMALL_BLOCK as usize]));
@@ -240,15 +242,8 @@ mod tests {
     #[tokio::test]
     async fn a_fill_that_ends_short_of_the_range_is_an_error() {
         let (file, bytes) = file_of(1000);
-        let (progress, watched) = watch::channel(FillProgress::default());
-        let whole = ByteRange::whole(bytes.len() as u64).expect("non-empty");
-        let reader = tokio::spawn(drain(read_range(
-            open(&file),
-            whole,
-            Some(watched),
-            &budget(),
-            (),
-        )));
+        let (stream, progress) = following_a_fill(&file, bytes.len());
+        let reader = tokio::spawn(drain(stream));
         progress.send_modify(|p| {
             p.written = 500;
             p.done = true;
