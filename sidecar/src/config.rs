@@ -78,6 +78,22 @@ pub struct ServeConfig {
     #[arg(long, env = "SNAPCACHE_HEADER_READ_TIMEOUT", default_value = "15s", value_parser = parse_timeout)]
     pub header_read_timeout: Duration,
 
+    /// The snapshot API of the node cache on this pod's node, e.g. `http://10.0.0.5:8766`
+    /// (the operator sets it from the node's address): reads of a known revision try it
+    /// first and fall back to S3.
+    #[arg(long, env = "SNAPCACHE_NODE_TIER", value_parser = parse_node_tier)]
+    pub node_tier: Option<String>,
+
+    /// How long the node cache may take to answer (connect and response head) before a
+    /// read goes to S3 instead.
+    #[arg(long, env = "SNAPCACHE_NODE_TIER_TIMEOUT", default_value = "2s", value_parser = parse_timeout)]
+    pub node_tier_timeout: Duration,
+
+    /// Serve as a node cache: a range of a revision being filled waits for the fill
+    /// instead of reading S3 beside it, so the pods of a node read each revision once.
+    #[arg(long, env = "SNAPCACHE_NODE_CACHE")]
+    pub node_cache: bool,
+
     /// How long in-flight responses may run after SIGTERM before the process exits.
     #[arg(long, env = "SNAPCACHE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -114,6 +130,24 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
         Err("a timeout must be longer than 0s, e.g. 15s".to_owned())
     } else {
         Ok(timeout)
+    }
+}
+
+/// `http://host:port` and nothing more: the node cache's snapshot API.
+fn parse_node_tier(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|err| format!("`{text}` is not a URL: {err}"))?;
+    let plain = url.scheme() == "http"
+        && url.host_str().is_some()
+        && url.port().is_some()
+        && url.path() == "/"
+        && url.query().is_none()
+        && url.username().is_empty();
+    if plain {
+        Ok(text.trim_end_matches('/').to_owned())
+    } else {
+        Err(format!(
+            "`{text}`: the node tier is http://HOST:PORT, e.g. http://10.0.0.5:8766"
+        ))
     }
 }
 
@@ -154,6 +188,25 @@ mod tests {
         assert_eq!(parse_timeout("15s"), Ok(Duration::from_secs(15)));
         assert!(parse_timeout("0s").is_err());
         assert!(parse_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn the_node_tier_is_a_plain_http_host_and_port() {
+        assert_eq!(
+            parse_node_tier("http://10.0.0.5:8766/"),
+            Ok("http://10.0.0.5:8766".to_owned())
+        );
+        let not_a_url = parse_node_tier("10.0.0.5:8766").expect_err("no scheme");
+        assert!(not_a_url.contains("is not a URL"), "{not_a_url}");
+        for refused in [
+            "https://10.0.0.5:8766",
+            "http://10.0.0.5",
+            "http://10.0.0.5:8766/git",
+            "http://user@10.0.0.5:8766",
+        ] {
+            let err = parse_node_tier(refused).expect_err(refused);
+            assert!(err.contains("the node tier is http://HOST:PORT"), "{err}");
+        }
     }
 
     #[test]

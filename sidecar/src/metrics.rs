@@ -14,6 +14,8 @@ use prometheus::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Disk,
+    /// The node cache on this pod's node.
+    Node,
     S3,
 }
 
@@ -21,6 +23,7 @@ impl Source {
     fn label(self) -> &'static str {
         match self {
             Source::Disk => "disk",
+            Source::Node => "node",
             Source::S3 => "s3",
         }
     }
@@ -201,6 +204,8 @@ pub struct Metrics {
     response_bytes: IntCounterVec,
     /// Disk tier lookups by result (`hit`, `miss`, `stale`).
     tier_lookups: IntCounterVec,
+    /// Reads the node tier could not serve, by why, that went to S3 instead.
+    node_tier_fallbacks: IntCounterVec,
     /// S3 request latency by operation (`head`, `get`).
     pub s3_latency: HistogramVec,
     /// Body bytes read from S3.
@@ -294,6 +299,12 @@ impl Metrics {
                 "snapcache_disk_tier_lookups_total",
                 "Disk tier lookups: hit, miss, or stale (served while S3 was unreachable).",
                 &["result"],
+            ),
+            node_tier_fallbacks: counter_vec(
+                "snapcache_node_tier_fallbacks_total",
+                "Reads the node cache could not serve, so S3 did: unreachable (absent, slow or \
+                 down), other_revision, not_found or error.",
+                &["reason"],
             ),
             s3_latency,
             s3_bytes_read: counter("snapcache_s3_read_bytes_total", "Body bytes read from S3."),
@@ -414,6 +425,10 @@ impl Metrics {
         self.response_bytes
             .with_label_values(&[source.label()])
             .inc_by(bytes);
+    }
+
+    pub fn count_node_tier_fallback(&self, reason: &'static str) {
+        self.node_tier_fallbacks.with_label_values(&[reason]).inc();
     }
 
     pub fn count_lookup(&self, result: &'static str) {

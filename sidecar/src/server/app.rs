@@ -9,6 +9,8 @@ use crate::config::ServeConfig;
 use crate::metrics::{Buffers, Metrics};
 use crate::pin::PinMode;
 use crate::store::disk::DiskTier;
+use crate::store::fallback::Fallback;
+use crate::store::node::NodeTier;
 use crate::store::parallel_get::ParallelGetConfig;
 use crate::store::s3::S3Store;
 use crate::store::tiered::Tiered;
@@ -18,10 +20,11 @@ use crate::window::Budget;
 /// Shared state of both routers.
 #[derive(Debug)]
 pub struct App {
-    /// Plain reads: the tiers (disk, then S3).
+    /// Plain reads: the tiers (disk, then the node tier if any, then S3).
     pub snapshots: Arc<dyn SnapshotSource>,
-    /// Probes and pinned reads: S3 itself, so a pin never names a revision S3 has not
-    /// confirmed and a replaced one answers 412.
+    /// Probes and pinned reads: S3, with the node tier (if any) in front for exact ETags,
+    /// so a pin never names a revision S3 has not confirmed and a replaced one answers 412
+    /// unless a tier holds exactly its bytes.
     pub pins: Arc<dyn SnapshotSource>,
     /// The disk tier, for readiness: it must take a new file.
     pub disk: Option<Arc<DiskTier>>,
@@ -35,7 +38,8 @@ pub struct App {
 }
 
 impl App {
-    /// Opens the disk tier as `config` says, in front of `s3`.
+    /// Opens the disk tier as `config` says, in front of the node tier (when
+    /// `--node-tier` names one) and `s3`.
     pub fn from_config(
         config: &ServeConfig,
         s3: Arc<S3Store>,
@@ -76,17 +80,28 @@ impl App {
             )),
             None => None,
         };
-        let tiered = Tiered::new(
-            s3.clone(),
+        let origin: Arc<dyn SnapshotSource> = match &config.node_tier {
+            Some(url) => {
+                let node = NodeTier::new(url, &config.s3.prefix, config.node_tier_timeout)
+                    .map_err(anyhow::Error::msg)?;
+                Arc::new(Fallback::new(Arc::new(node), s3, metrics.clone()))
+            }
+            None => s3,
+        };
+        let mut tiered = Tiered::new(
+            origin.clone(),
             disk.clone(),
             config.revalidate_after,
             parallel,
             budgets,
             metrics.clone(),
         );
+        if config.node_cache {
+            tiered = tiered.with_ranges_waiting_for_fills();
+        }
         Ok(App {
             snapshots: Arc::new(tiered),
-            pins: s3,
+            pins: origin,
             disk,
             metrics,
             prefix: config.s3.prefix.clone(),

@@ -4,7 +4,9 @@
 //! reads (`shared_read`). Nothing here knows about HTTP.
 
 pub mod disk;
+pub mod fallback;
 pub mod file_reader;
+pub mod node;
 pub mod parallel_get;
 pub mod s3;
 pub mod shared_read;

@@ -51,6 +51,9 @@ pub struct Tiered {
     parallel: ParallelGetConfig,
     budgets: Budgets,
     metrics: Metrics,
+    /// Every range of a revision being filled waits for the fill (a node cache), rather
+    /// than only those its first wave of parts covers.
+    ranges_wait_for_fills: bool,
 }
 
 impl SnapshotSource for Tiered {
@@ -106,7 +109,15 @@ impl Tiered {
             parallel,
             budgets,
             metrics,
+            ranges_wait_for_fills: false,
         }
+    }
+
+    /// Makes every read of a revision being filled wait for the fill: the node cache's
+    /// way, so the pods of a node cost one read of the source per revision.
+    pub fn with_ranges_waiting_for_fills(mut self) -> Tiered {
+        self.ranges_wait_for_fills = true;
+        self
     }
 
     /// The current revision of `key`, counted as a disk tier hit, miss or stale answer.
@@ -210,7 +221,9 @@ impl Tiered {
             .chunk_size
             .saturating_mul(self.parallel.workers as u64);
         let body = match filling.or_else(|| self.start_fill(key, &info)) {
-            Some(fill) if range.start < first_wave => self.fill_reader(fill, range),
+            Some(fill) if range.start < first_wave || self.ranges_wait_for_fills => {
+                self.fill_reader(fill, range)
+            }
             _ => self.shared_source_stream(key, etag, range),
         };
         Ok(Read {
