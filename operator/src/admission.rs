@@ -301,6 +301,7 @@ pub(crate) mod tests {
                 sidecar: Default::default(),
                 injection: InjectionMode::Auto,
                 checkout: Default::default(),
+                node_tier: Default::default(),
             },
         );
         cache.metadata.creation_timestamp = Some(Time(

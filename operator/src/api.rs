@@ -45,6 +45,70 @@ pub struct SnapshotCacheSpec {
     /// annotation takes precedence).
     #[serde(default, skip_serializing_if = "CheckoutSpec::is_empty")]
     pub checkout: CheckoutSpec,
+    /// A node cache on every node (off by default): a DaemonSet of this namespace whose
+    /// pods serve snapshots from the node's disk on the node's address; the sidecars and
+    /// checkouts of this SnapshotCache's pods read through the one on their node before S3.
+    #[serde(default, skip_serializing_if = "NodeTierSpec::is_default")]
+    pub node_tier: NodeTierSpec,
+}
+
+/// The node tier: one node cache per node, reached on the node's address.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTierSpec {
+    /// Run the node caches and point the injected sidecars at them (default false).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Port of the node cache's snapshot API on the node's address (default 8766). The
+    /// node caches use the host network: each SnapshotCache with a node tier in the
+    /// cluster needs ports of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Admin port (/metrics, /healthz, /readyz) on the node's address (default 9766).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub admin_port: Option<i32>,
+    /// Directory on each node under which the node cache keeps its snapshots, in
+    /// `<hostPath>/<namespace>/<name>` (default `/var/cache/snapcache`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(/[A-Za-z0-9_-][A-Za-z0-9._-]*)+$"))]
+    pub host_path: Option<String>,
+    /// Most bytes the node cache keeps on each node's disk (default 20Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
+    /// Compute resources of the node cache container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl NodeTierSpec {
+    pub const DEFAULT_PORT: i32 = 8766;
+    pub const DEFAULT_ADMIN_PORT: i32 = 9766;
+    pub const DEFAULT_HOST_PATH: &str = "/var/cache/snapcache";
+    pub const DEFAULT_SIZE: &str = "20Gi";
+
+    pub fn is_default(&self) -> bool {
+        *self == NodeTierSpec::default()
+    }
+
+    pub fn port(&self) -> i32 {
+        self.port.unwrap_or(Self::DEFAULT_PORT)
+    }
+
+    pub fn admin_port(&self) -> i32 {
+        self.admin_port.unwrap_or(Self::DEFAULT_ADMIN_PORT)
+    }
+
+    pub fn host_path(&self) -> &str {
+        self.host_path.as_deref().unwrap_or(Self::DEFAULT_HOST_PATH)
+    }
+
+    pub fn size(&self) -> &str {
+        self.size
+            .as_ref()
+            .map_or(Self::DEFAULT_SIZE, |q| q.0.as_str())
+    }
 }
 
 /// Git checkouts made before a pod's app containers start.
@@ -188,4 +252,64 @@ pub struct SnapshotCacheStatus {
     /// before this SnapshotCache, or while the webhook was unavailable); the first 20 by name.
     #[serde(default)]
     pub pods_needing_restart: Vec<String>,
+    /// The node caches, while `spec.nodeTier` is enabled, as their DaemonSet reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_caches: Option<NodeCachesStatus>,
+}
+
+/// How many node caches should run and how many are ready.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCachesStatus {
+    /// Nodes that should run a node cache.
+    pub desired: i32,
+    /// Node caches whose /readyz answers 200.
+    pub ready: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn the_node_tier_is_off_and_left_out_unless_asked_for() {
+        let spec: SnapshotCacheSpec =
+            serde_json::from_value(json!({"selector": {}, "s3": {"bucket": "snapshots"}}))
+                .expect("spec");
+        assert!(!spec.node_tier.enabled);
+        assert!(spec.node_tier.is_default());
+        let written = serde_json::to_value(&spec).expect("json");
+        assert_eq!(written.get("nodeTier"), None);
+    }
+
+    #[test]
+    fn an_enabled_node_tier_takes_its_defaults_for_what_it_leaves_out() {
+        let tier: NodeTierSpec = serde_json::from_value(json!({"enabled": true})).expect("tier");
+        assert!(tier.enabled && !tier.is_default());
+        assert_eq!(
+            (
+                tier.port(),
+                tier.admin_port(),
+                tier.host_path(),
+                tier.size()
+            ),
+            (8766, 9766, "/var/cache/snapcache", "20Gi")
+        );
+        let chosen: NodeTierSpec = serde_json::from_value(json!({
+            "enabled": true, "port": 18766, "adminPort": 19766,
+            "hostPath": "/mnt/ssd", "size": "100Gi",
+        }))
+        .expect("tier");
+        assert_eq!(
+            (
+                chosen.port(),
+                chosen.admin_port(),
+                chosen.host_path(),
+                chosen.size()
+            ),
+            (18766, 19766, "/mnt/ssd", "100Gi")
+        );
+    }
 }

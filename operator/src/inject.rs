@@ -308,6 +308,7 @@ mod tests {
             },
             injection: mode,
             checkout: Default::default(),
+            node_tier: Default::default(),
         }
     }
 

@@ -65,6 +65,16 @@ async fn the_schema_refuses_bad_resources_with_its_message() {
             json!({"selector": {}, "s3": {"bucket": "snapshots"}, "sidecar": {"port": 70000}}),
             "port",
         ),
+        (
+            json!({"selector": {}, "s3": {"bucket": "snapshots"},
+                   "nodeTier": {"enabled": true, "hostPath": "/var/../etc"}}),
+            "spec.nodeTier.hostPath",
+        ),
+        (
+            json!({"selector": {}, "s3": {"bucket": "snapshots"},
+                   "nodeTier": {"enabled": true, "adminPort": 0}}),
+            "spec.nodeTier.adminPort",
+        ),
     ];
     // Raw JSON: the typed struct could not even express some of these.
     let raw: Api<DynamicObject> = Api::namespaced_with(

@@ -65,6 +65,7 @@ fn injected_templates_validate_against_kubernetes_1_30() {
             sidecar: Default::default(),
             injection: mode,
             checkout: Default::default(),
+            node_tier: Default::default(),
         };
         let env = Environment {
             default_image: "snapcache/sidecar:0.1.0",

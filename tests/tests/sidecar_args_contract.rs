@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use snapcache_operator::api::{
-    CheckoutSpec, InjectionMode, PinMode, S3Spec, SidecarSpec, SnapshotCacheSpec,
+    CheckoutSpec, InjectionMode, NodeTierSpec, PinMode, S3Spec, SidecarSpec, SnapshotCacheSpec,
 };
 use snapcache_operator::checkout;
 use snapcache_operator::inject::{self, Environment};
@@ -60,6 +60,14 @@ fn every_option(pin_mode: PinMode) -> SnapshotCacheSpec {
                 "github.com/org/tools=/workspace/tools".to_owned(),
             ],
             give_up_after: Some("2m".to_owned()),
+        },
+        node_tier: NodeTierSpec {
+            enabled: false,
+            port: Some(18766),
+            admin_port: Some(19766),
+            host_path: Some("/mnt/ssd/snapcache".to_owned()),
+            size: Some(Quantity("100Gi".to_owned())),
+            resources: Some(ResourceRequirements::default()),
         },
     }
 }
@@ -126,6 +134,7 @@ fn the_sidecar_parses_the_injected_serve_args_of_a_spec_with_only_its_bucket() {
         sidecar: SidecarSpec::default(),
         injection: InjectionMode::Auto,
         checkout: CheckoutSpec::default(),
+        node_tier: Default::default(),
     };
     let container = inject::sidecar_container(&minimal, &ENV);
     let Command::Serve(config) = parse(container.args.as_deref().unwrap_or_default()) else {
