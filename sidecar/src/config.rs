@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::pin::PinMode;
+use crate::snapshot_path::SnapshotPath;
 
 /// How `snapcache-sidecar serve` reaches S3 and keeps its disk tier.
 #[derive(Debug, Clone, Args)]
@@ -94,6 +95,16 @@ pub struct ServeConfig {
     #[arg(long, env = "SNAPCACHE_NODE_CACHE")]
     pub node_cache: bool,
 
+    /// Repositories (`{host}/{path}`) whose snapshot this node cache keeps at its current
+    /// revision before any pod asks; comma-separated in the variable. Needs --disk-dir.
+    #[arg(long, env = "SNAPCACHE_PREWARM", value_delimiter = ',', value_parser = parse_repository)]
+    pub prewarm: Vec<String>,
+
+    /// How often the --prewarm snapshots are checked for a new revision (a HeadObject
+    /// each once their disk entry is older than --revalidate-after).
+    #[arg(long, env = "SNAPCACHE_PREWARM_INTERVAL", default_value = "30s", value_parser = parse_timeout)]
+    pub prewarm_interval: Duration,
+
     /// How long in-flight responses may run after SIGTERM before the process exits.
     #[arg(long, env = "SNAPCACHE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -131,6 +142,14 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
     } else {
         Ok(timeout)
     }
+}
+
+/// A repository, `{host}/{path}`, as a snapshot path takes it.
+fn parse_repository(text: &str) -> Result<String, String> {
+    let repository = text.trim().trim_matches('/');
+    SnapshotPath::parse(&format!("/git/{repository}/snapshot.tar.zst"))
+        .map(|_| repository.to_owned())
+        .map_err(|err| format!("`{text}` is not a repository like github.com/org/repo: {err}"))
 }
 
 /// `http://host:port` and nothing more: the node cache's snapshot API.
@@ -206,6 +225,22 @@ mod tests {
         ] {
             let err = parse_node_tier(refused).expect_err(refused);
             assert!(err.contains("the node tier is http://HOST:PORT"), "{err}");
+        }
+    }
+
+    #[test]
+    fn prewarm_takes_repositories_as_snapshot_paths_do() {
+        assert_eq!(
+            parse_repository("github.com/org/repo"),
+            Ok("github.com/org/repo".to_owned())
+        );
+        assert_eq!(
+            parse_repository("/github.com/org/repo/"),
+            Ok("github.com/org/repo".to_owned())
+        );
+        for refused in ["github.com", "github.com/../etc", "github.com//repo", ""] {
+            let err = parse_repository(refused).expect_err(refused);
+            assert!(err.contains("is not a repository like"), "{err}");
         }
     }
 

@@ -206,6 +206,14 @@ pub struct Metrics {
     tier_lookups: IntCounterVec,
     /// Reads the node tier could not serve, by why, that went to S3 instead.
     node_tier_fallbacks: IntCounterVec,
+    /// Snapshots this node cache is told to keep warm (`--prewarm`).
+    pub prewarm_listed: IntGauge,
+    /// Of those, how many it held at their current revision after the last round.
+    pub prewarm_current: IntGauge,
+    /// Bytes read in by pre-warming.
+    pub prewarm_bytes: IntCounter,
+    /// From a revision's Last-Modified in S3 to its being warm, for the last one warmed.
+    pub prewarm_lag: Gauge,
     /// S3 request latency by operation (`head`, `get`).
     pub s3_latency: HistogramVec,
     /// Body bytes read from S3.
@@ -305,6 +313,25 @@ impl Metrics {
                 "Reads the node cache could not serve, so S3 did: unreachable (absent, slow or \
                  down), other_revision, not_found or error.",
                 &["reason"],
+            ),
+            prewarm_listed: gauge(
+                "snapcache_prewarm_snapshots",
+                "Snapshots this node cache keeps warm (--prewarm).",
+            ),
+            prewarm_current: gauge(
+                "snapcache_prewarm_snapshots_current",
+                "Snapshots of --prewarm held at their current revision after the last round.",
+            ),
+            prewarm_bytes: counter(
+                "snapcache_prewarm_read_bytes_total",
+                "Bytes read in by pre-warming.",
+            ),
+            prewarm_lag: register(
+                &registry,
+                Gauge::new(
+                    "snapcache_prewarm_lag_seconds",
+                    "From the last pre-warmed revision's Last-Modified in S3 to its being warm.",
+                ),
             ),
             s3_latency,
             s3_bytes_read: counter("snapcache_s3_read_bytes_total", "Body bytes read from S3."),

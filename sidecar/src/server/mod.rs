@@ -19,7 +19,9 @@ use axum::Router;
 use self::app::App;
 use crate::config::ServeConfig;
 use crate::metrics::{Metrics, Port};
+use crate::store::prewarm;
 use crate::store::s3::{BucketCheck, S3Store};
+use tokio_util::task::AbortOnDropHandle;
 
 /// The snapshot API: every path is a snapshot path or a 400.
 pub fn router(app: Arc<App>) -> Router {
@@ -42,6 +44,8 @@ pub struct Running {
     pub admin: std::net::SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
     servers: Vec<tokio::task::JoinHandle<()>>,
+    /// The pre-warming rounds, stopped with the server.
+    _prewarm: Option<AbortOnDropHandle<()>>,
     grace: std::time::Duration,
 }
 
@@ -64,9 +68,25 @@ impl Running {
 
 /// Binds both ports and serves on them until `Running::stop`.
 pub async fn start(config: &ServeConfig) -> anyhow::Result<Running> {
+    if !config.prewarm.is_empty() && config.disk_dir.is_none() {
+        anyhow::bail!("--prewarm needs a disk tier to keep the snapshots in: set --disk-dir");
+    }
     let metrics = Metrics::new();
     let s3 = Arc::new(S3Store::connect(&config.s3, metrics.clone()).await);
     let app = Arc::new(App::from_config(config, s3.clone(), metrics)?);
+    let prewarm = (!config.prewarm.is_empty()).then(|| {
+        let keys = config
+            .prewarm
+            .iter()
+            .map(|repository| format!("{}git/{repository}/snapshot.tar.zst", config.s3.prefix))
+            .collect();
+        AbortOnDropHandle::new(tokio::spawn(prewarm::run(
+            app.snapshots.clone(),
+            keys,
+            config.prewarm_interval,
+            app.metrics.clone(),
+        )))
+    });
     let api = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding the snapshot API to {} (--listen)", config.listen))?;
@@ -136,6 +156,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Running> {
         admin: admin_addr,
         stop: stop_tx,
         servers: vec![api_server, admin_server],
+        _prewarm: prewarm,
         grace: config.shutdown_grace,
     })
 }

@@ -8,6 +8,7 @@ pub mod fallback;
 pub mod file_reader;
 pub mod node;
 pub mod parallel_get;
+pub mod prewarm;
 pub mod s3;
 pub mod shared_read;
 pub mod tiered;
