@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::Client;
 use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
 use serde_json::json;
+use snapcache_operator::api::SnapshotCache;
 
 use crate::sidecar::{binary, free_addr};
 use crate::{TestEnv, unique_name, within};
@@ -239,4 +240,49 @@ impl Drop for Operator {
         let _ = self.process.kill();
         let _ = self.process.wait();
     }
+}
+
+/// A namespace (named from `prefix`) with the Garage credentials, a SnapshotCache `ci`
+/// selecting app=ci whose pods reach Garage at `endpoint`, with `spec` merged into its
+/// spec, and a host operator injecting it.
+pub async fn namespace_with_snapshot_cache(
+    client: &Client,
+    prefix: &str,
+    bucket: &str,
+    endpoint: &str,
+    spec: serde_json::Value,
+) -> (String, Operator) {
+    let garage = TestEnv::get().s3_server("garage");
+    let namespace = crate::create_namespace(client, prefix).await;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s3-credentials"},
+        "stringData": {"AWS_ACCESS_KEY_ID": garage.access_key_id,
+                       "AWS_SECRET_ACCESS_KEY": garage.secret_access_key},
+    }))
+    .expect("secret");
+    Api::<Secret>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create secret");
+    let mut cache = json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": "ci"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "ci"}},
+            "s3": {"bucket": bucket, "endpoint": endpoint,
+                   "credentialsSecret": "s3-credentials"},
+            "sidecar": {"diskSize": "2Gi"},
+        }
+    });
+    if let (Some(into), Some(extra)) = (cache["spec"].as_object_mut(), spec.as_object()) {
+        into.extend(extra.clone());
+    }
+    let cache: SnapshotCache = serde_json::from_value(cache).expect("snapshot cache");
+    Api::<SnapshotCache>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &cache)
+        .await
+        .expect("create snapshot cache");
+    let operator = Operator::start(client, &namespace).await;
+    until_admitted(client, &namespace, &[("app", "ci")], true).await;
+    (namespace, operator)
 }

@@ -6,17 +6,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod, Secret};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{Operator, container_log, until_admitted};
+use snapcache_tests::cluster::{Operator, container_log, namespace_with_snapshot_cache};
 use snapcache_tests::git::{git, init_repository};
 use snapcache_tests::proxy::CutProxy;
 use snapcache_tests::sidecar::binary;
-use snapcache_tests::{
-    TestEnv, create_bucket, create_namespace, install_snapshot_cache_crd, unique_name, within,
-};
+use snapcache_tests::{TestEnv, create_bucket, install_snapshot_cache_crd, unique_name, within};
 
 const REPO: &str = "example.com/snapcache/self";
 
@@ -55,38 +52,8 @@ async fn namespace_at_endpoint(
     endpoint: &str,
     checkout: serde_json::Value,
 ) -> (String, Operator) {
-    let env = TestEnv::get();
-    let garage = env.s3_server("garage");
-    let namespace = create_namespace(client, "checkout").await;
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "s3-credentials"},
-        "stringData": {"AWS_ACCESS_KEY_ID": garage.access_key_id,
-                       "AWS_SECRET_ACCESS_KEY": garage.secret_access_key},
-    }))
-    .expect("secret");
-    Api::<Secret>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &secret)
-        .await
-        .expect("create secret");
-    let cache: SnapshotCache = serde_json::from_value(json!({
-        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
-        "metadata": {"name": "ci"},
-        "spec": {
-            "selector": {"matchLabels": {"app": "ci"}},
-            "s3": {"bucket": bucket, "endpoint": endpoint,
-                   "credentialsSecret": "s3-credentials"},
-            "sidecar": {"diskSize": "2Gi"},
-            "checkout": checkout,
-        }
-    }))
-    .expect("snapshot cache");
-    Api::<SnapshotCache>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &cache)
-        .await
-        .expect("create snapshot cache");
-    let operator = Operator::start(client, &namespace).await;
-    until_admitted(client, &namespace, &[("app", "ci")], true).await;
-    (namespace, operator)
+    let spec = json!({"checkout": checkout});
+    namespace_with_snapshot_cache(client, "checkout", bucket, endpoint, spec).await
 }
 
 /// A Job `name` whose pod (app=ci, annotations `annotations`) runs `script` in the git

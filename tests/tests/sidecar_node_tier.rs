@@ -191,13 +191,26 @@ async fn a_prewarmed_node_cache_holds_each_new_revision_before_any_pod_asks() {
     let pod = pod_sidecar(&server, &bucket, &node);
     assert!(get_all(&pod).await == first);
     assert_eq!(s3_bytes(&pod).await, 0.0, "the first pod found it warm");
-    assert_eq!(s3_bytes(&node).await, SIZE as f64, "read once, by pre-warming");
+    assert_eq!(
+        s3_bytes(&node).await,
+        SIZE as f64,
+        "read once, by pre-warming"
+    );
 
     let second = snapshot_bytes(SIZE, 57);
     put_snapshot(&server.client(), &bucket, REPO, &second, COMMIT).await;
-    until_metric(&node, "snapcache_prewarm_read_bytes_total", 2.0 * SIZE as f64).await;
+    until_metric(
+        &node,
+        "snapcache_prewarm_read_bytes_total",
+        2.0 * SIZE as f64,
+    )
+    .await;
     let new_pod = pod_sidecar(&server, &bucket, &node);
     assert!(get_all(&new_pod).await == second);
     assert_eq!(s3_bytes(&new_pod).await, 0.0);
-    assert_eq!(s3_bytes(&node).await, 2.0 * SIZE as f64, "one S3 read per revision");
+    assert_eq!(
+        s3_bytes(&node).await,
+        2.0 * SIZE as f64,
+        "one S3 read per revision"
+    );
 }
