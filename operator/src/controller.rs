@@ -1,9 +1,10 @@
-//! Reconciles SnapshotCaches into their status: the pods each selects, which carry its
-//! sidecar, which need a restart to get it, and what the sidecars say of the bucket.
+//! Reconciles SnapshotCaches into their node tier and their status: the pods each
+//! selects, which carry its sidecar, which need a restart to get it, what the sidecars say
+//! of the bucket, and how many of its node caches are ready.
 //!
 //! Injection itself happens at pod creation, in the admission webhook; the controller
-//! writes nothing but SnapshotCache status and events, so it needs no write access to
-//! workloads or pods.
+//! writes SnapshotCache status and events, and the DaemonSet and NetworkPolicy of a node
+//! tier, which it owns; it needs no write access to workloads or pods.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,8 +13,10 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::{Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodStatus};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::{PartialObjectMeta, Selector, SelectorExt};
 use kube::runtime::controller::{self as kube_controller, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -23,16 +26,16 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::api::SnapshotCache;
+use crate::FIELD_MANAGER;
+use crate::api::{NodeCachesStatus, SnapshotCache};
 use crate::bucket_health::{self, BucketCondition};
 use crate::census::{self, Census};
 use crate::checkout_outcome::{self, CHECKOUT_LABEL};
 use crate::inject::Environment;
 use crate::lease::Leadership;
 use crate::metrics::{Metrics, ReconcileFailure};
+use crate::node_tier::{self, Owner};
 
-/// The field manager of every server-side apply the operator makes.
-pub const FIELD_MANAGER: &str = "snapcache-operator";
 /// How many pod names the status and events list at most.
 const NAMES_LISTED: usize = 20;
 
@@ -44,7 +47,9 @@ pub struct Stores {
     pub pods: Store<Pod>,
     /// Every namespace's metadata: its labels may opt its pods out.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
-    /// Set once the pod and namespace watches have listed what exists.
+    /// The node tiers' DaemonSets, trimmed to their metadata and status (`trim_daemon_set`).
+    pub daemon_sets: Store<DaemonSet>,
+    /// Set once the pod, namespace and DaemonSet watches have listed what exists.
     pub synced: Arc<AtomicBool>,
 }
 
@@ -73,6 +78,23 @@ impl Stores {
     fn namespace_labels(&self, namespace: &str) -> Option<BTreeMap<String, String>> {
         let found = self.namespaces.get(&ObjectRef::new(namespace))?;
         Some(found.labels().clone())
+    }
+
+    /// The DaemonSet of `owner`'s node tier, as its watch last saw it.
+    fn daemon_set(&self, owner: &Owner) -> Option<Arc<DaemonSet>> {
+        self.daemon_sets
+            .get(&ObjectRef::new(&owner.object_name()).within(&owner.namespace))
+    }
+
+    /// What the status says of `cache`'s node caches: nothing without a node tier.
+    fn node_caches(&self, cache: &SnapshotCache) -> Option<NodeCachesStatus> {
+        let owner = Owner::of(cache)?;
+        let daemon_set = self.daemon_set(&owner);
+        cache
+            .spec
+            .node_tier
+            .enabled
+            .then(|| node_tier::node_caches(daemon_set.as_deref()))
     }
 }
 
@@ -110,6 +132,12 @@ pub enum Error {
     WriteStatus(#[source] kube::Error),
     #[error("the SnapshotCache has no namespace")]
     NoNamespace,
+    #[error("writing its node tier (DaemonSet and NetworkPolicy {name}): {source}{advice}", advice = advice(.source))]
+    NodeTier {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 impl Error {
@@ -118,6 +146,7 @@ impl Error {
         match self {
             Error::WriteStatus(_) => ReconcileFailure::WriteStatus,
             Error::NoNamespace => ReconcileFailure::NoNamespace,
+            Error::NodeTier { .. } => ReconcileFailure::NodeTier,
         }
     }
 }
@@ -143,7 +172,7 @@ pub async fn reconcile(cache: Arc<SnapshotCache>, ctx: Arc<Context>) -> Result<A
     }
     if !ctx.stores.synced.load(Ordering::SeqCst) {
         // Counting pods before the first list would write a status that says none.
-        tracing::debug!(name = %cache.name_any(), "waiting for the pod and namespace watches to list");
+        tracing::debug!(name = %cache.name_any(), "waiting for the pod, namespace and DaemonSet watches to list");
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
     let started = std::time::Instant::now();
@@ -186,7 +215,68 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
-    let namespace = cache.namespace().ok_or(Error::NoNamespace)?;
+    let owner = Owner::of(cache).ok_or(Error::NoNamespace)?;
+    // A node tier that cannot be written holds back neither the status nor the pods' census.
+    let node_tier = reconcile_node_tier(ctx, cache, &owner).await;
+    let action = report(cache, ctx, &owner.namespace).await?;
+    node_tier?;
+    Ok(action)
+}
+
+/// While the spec asks for a node tier, applies its NetworkPolicy, then its DaemonSet (so
+/// the port is policed before it serves); once it no longer does, deletes both.
+async fn reconcile_node_tier(
+    ctx: &Context,
+    cache: &SnapshotCache,
+    owner: &Owner,
+) -> Result<(), Error> {
+    let name = owner.object_name();
+    let failed = |source| Error::NodeTier {
+        name: name.clone(),
+        source,
+    };
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    if cache.spec.node_tier.enabled {
+        let apply = PatchParams::apply(FIELD_MANAGER).force();
+        let policy = node_tier::network_policy(owner, &cache.spec);
+        policies
+            .patch(&name, &apply, &Patch::Apply(&policy))
+            .await
+            .map_err(failed)?;
+        let env = Environment {
+            default_image: &ctx.default_image,
+            native_sidecars: ctx.native_sidecars,
+        };
+        let daemon_set = node_tier::daemon_set(owner, &cache.spec, &env);
+        daemon_sets
+            .patch(&name, &apply, &Patch::Apply(&daemon_set))
+            .await
+            .map_err(failed)?;
+    } else if ctx.stores.daemon_set(owner).is_some() {
+        // The DaemonSet last: while it is listed, a failed delete of either is retried.
+        delete_if_present(&policies, &name).await.map_err(failed)?;
+        delete_if_present(&daemon_sets, &name)
+            .await
+            .map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// Deletes `name`; one already gone is fine.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// The status: the census of the pods it selects, their sidecars' view of the bucket,
+/// and its node caches.
+async fn report(cache: &SnapshotCache, ctx: &Context, namespace: &str) -> Result<Action, Error> {
     let selector = match Selector::try_from(cache.spec.selector.clone()) {
         Ok(selector) => selector,
         Err(err) => {
@@ -198,12 +288,12 @@ async fn apply(cache: &SnapshotCache, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
-    let Some(namespace_labels) = ctx.stores.namespace_labels(&namespace) else {
+    let Some(namespace_labels) = ctx.stores.namespace_labels(namespace) else {
         // The namespace's watch event reconciles this SnapshotCache again when it arrives.
         return Ok(Action::await_change());
     };
-    let selected = ctx.stores.pods_selected(&namespace, &selector);
-    let caches = ctx.stores.snapshot_caches_in(&namespace);
+    let selected = ctx.stores.pods_selected(namespace, &selector);
+    let caches = ctx.stores.snapshot_caches_in(namespace);
     let env = Environment {
         default_image: &ctx.default_image,
         native_sidecars: ctx.native_sidecars,
@@ -383,7 +473,7 @@ async fn set_status(
             })
         })
         .collect();
-    let patch = json!({
+    let mut patch = json!({
         "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
         "status": {
             "observedGeneration": cache.metadata.generation,
@@ -392,6 +482,10 @@ async fn set_status(
             "podsNeedingRestart": census.need_restart.iter().take(NAMES_LISTED).collect::<Vec<_>>(),
         }
     });
+    // Left out without a node tier, so the apply removes what an earlier one wrote.
+    if let Some(node_caches) = ctx.stores.node_caches(cache) {
+        patch["status"]["nodeCaches"] = json!(node_caches);
+    }
     api.patch_status(
         &cache.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -443,6 +537,13 @@ fn trim_pod(pod: &mut Pod) {
     });
 }
 
+/// Trims a node tier's DaemonSet to what the status and the deletion read (its metadata
+/// and status): every change to its pods rewrites its status, not its spec.
+fn trim_daemon_set(daemon_set: &mut DaemonSet) {
+    daemon_set.metadata.managed_fields = None;
+    daemon_set.spec = None;
+}
+
 /// Runs the controller until SIGTERM or Ctrl-C, and the reconciles in flight have finished.
 pub async fn run(
     client: Client,
@@ -459,14 +560,17 @@ pub async fn run(
     .with_config(kube_controller::Config::default().debounce(Duration::from_millis(500)));
     let (pods, pod_writer) = reflector::store();
     let (namespaces, namespace_writer) = reflector::store();
+    let (daemon_sets, daemon_set_writer) = reflector::store();
     let stores = Stores {
         snapshot_caches: controller.store(),
         pods,
         namespaces,
+        daemon_sets,
         synced: Arc::default(),
     };
     let (pods_synced, pods_listed) = oneshot::channel();
     let (namespaces_synced, namespaces_listed) = oneshot::channel();
+    let (daemon_sets_synced, daemon_sets_listed) = oneshot::channel();
     let (caches, synced, readiness) = (
         stores.snapshot_caches.clone(),
         stores.synced.clone(),
@@ -479,7 +583,10 @@ pub async fn run(
             .await
             .is_err()
         {}
-        if pods_listed.await.is_ok() && namespaces_listed.await.is_ok() {
+        if pods_listed.await.is_ok()
+            && namespaces_listed.await.is_ok()
+            && daemon_sets_listed.await.is_ok()
+        {
             synced.store(true, Ordering::SeqCst);
             readiness.set_ready();
         }
@@ -491,6 +598,11 @@ pub async fn run(
         watcher::Config::default(),
     )
     .modify(|namespace| namespace.metadata.managed_fields = None);
+    let daemon_set_events = watcher(
+        Api::<DaemonSet>::all(client.clone()),
+        watcher::Config::default().labels(&node_tier::watch_selector()),
+    )
+    .modify(trim_daemon_set);
     let (by_pod, by_namespace, by_neighbour) = (
         stores.snapshot_caches.clone(),
         stores.snapshot_caches.clone(),
@@ -515,6 +627,12 @@ pub async fn run(
             reflect(namespace_events, namespace_writer, namespaces_synced),
             move |namespace| caches_of(&by_namespace, Some(namespace.name_any())),
         )
+        // A node tier's DaemonSet reconciles the SnapshotCache owning it.
+        .owns_stream(reflect(
+            daemon_set_events,
+            daemon_set_writer,
+            daemon_sets_synced,
+        ))
         .watches(
             Api::<SnapshotCache>::all(client),
             watcher::Config::default(),
@@ -624,6 +742,14 @@ pub(crate) mod tests {
                 "writing its status",
             ),
             (Error::NoNamespace, "no_namespace", "no namespace"),
+            (
+                Error::NodeTier {
+                    name: "snapcache-node-monorepo".to_owned(),
+                    source: refused(500),
+                },
+                "node_tier",
+                "writing its node tier (DaemonSet and NetworkPolicy snapcache-node-monorepo)",
+            ),
         ];
         for (error, reason, message) in errors {
             assert!(ReconcileFailure::ALL.contains(&error.reason()), "{error}");
@@ -677,10 +803,12 @@ pub(crate) mod tests {
         .expect("namespace");
         let (namespaces, _namespace_writer) = listed_store(vec![namespace]);
         let (snapshot_caches, _cache_writer) = listed_store(Vec::<SnapshotCache>::new());
+        let (daemon_sets, _daemon_set_writer) = listed_store(Vec::<DaemonSet>::new());
         let stores = Stores {
             snapshot_caches,
             pods,
             namespaces,
+            daemon_sets,
             synced: Arc::default(),
         };
         let selector = Selector::from_iter([("app", "build")]);
@@ -695,6 +823,30 @@ pub(crate) mod tests {
             Some(BTreeMap::from([("team".to_owned(), "ci".to_owned())]))
         );
         assert_eq!(stores.namespace_labels("not-seen-yet"), None);
+    }
+
+    #[test]
+    fn a_trimmed_daemon_set_keeps_its_metadata_and_status() {
+        let mut daemon_set: DaemonSet = serde_json::from_value(json!({
+            "metadata": {"name": "snapcache-node-monorepo", "namespace": "ci",
+                         "ownerReferences": [{"apiVersion": "snapcache.io/v1alpha1",
+                                              "kind": "SnapshotCache", "name": "monorepo",
+                                              "uid": "u"}],
+                         "managedFields": [{"manager": "snapcache-operator"}]},
+            "spec": {"selector": {}, "template": {}},
+            "status": {"desiredNumberScheduled": 2, "numberReady": 1,
+                       "currentNumberScheduled": 2, "numberMisscheduled": 0},
+        }))
+        .expect("daemon set");
+        let (metadata, status) = (daemon_set.metadata.clone(), daemon_set.status.clone());
+        trim_daemon_set(&mut daemon_set);
+        assert_eq!(daemon_set.spec, None);
+        assert_eq!(daemon_set.status, status);
+        assert_eq!(daemon_set.metadata.managed_fields, None);
+        assert_eq!(
+            daemon_set.metadata.owner_references,
+            metadata.owner_references
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext,
-    Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -19,7 +19,10 @@ pub const CONTAINER_NAME: &str = "snapcache-sidecar";
 pub const VOLUME_NAME: &str = "snapcache-disk";
 /// The admin port's name, which a PodMonitor selects.
 pub const ADMIN_PORT_NAME: &str = "snapcache-admin";
-const DISK_PATH: &str = "/var/cache/snapcache";
+/// Where the disk tier is mounted, in the sidecar and the node cache alike.
+pub const DISK_PATH: &str = "/var/cache/snapcache";
+/// The environment variable holding the node's address.
+pub const HOST_IP: &str = "HOST_IP";
 const DEFAULT_PORT: i32 = 8765;
 const DEFAULT_ADMIN_PORT: i32 = 9765;
 const DEFAULT_DISK_SIZE: &str = "10Gi";
@@ -132,25 +135,26 @@ pub fn is_injected(template: &PodTemplateSpec) -> bool {
     })
 }
 
-/// The sidecar container the spec describes.
-pub fn sidecar_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Container {
+/// Where a `serve` listens and how much its disk tier holds: what sets the injected
+/// sidecar and the node cache apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Serving {
+    pub listen: String,
+    pub admin_listen: String,
+    pub disk_max_bytes: u64,
+}
+
+/// `serve` args: where it listens, its disk tier at `DISK_PATH`, and the spec's S3 and
+/// tuning flags.
+pub fn serve_args(spec: &SnapshotCacheSpec, serving: &Serving) -> Vec<String> {
     let sidecar = &spec.sidecar;
-    let port = sidecar.port.unwrap_or(DEFAULT_PORT);
-    let admin_port = sidecar.admin_port.unwrap_or(DEFAULT_ADMIN_PORT);
-    let disk_size = sidecar
-        .disk_size
-        .as_ref()
-        .map_or(DEFAULT_DISK_SIZE, |q| q.0.as_str());
     let mut args = vec![
         "serve".to_owned(),
-        format!("--listen=127.0.0.1:{port}"),
-        format!("--admin-listen=0.0.0.0:{admin_port}"),
+        format!("--listen={}", serving.listen),
+        format!("--admin-listen={}", serving.admin_listen),
         format!("--s3-bucket={}", spec.s3.bucket),
         format!("--disk-dir={DISK_PATH}"),
-        format!(
-            "--disk-max-bytes={}",
-            disk_budget(disk_size).unwrap_or(DEFAULT_DISK_BUDGET)
-        ),
+        format!("--disk-max-bytes={}", serving.disk_max_bytes),
     ];
     let optional = [
         ("--s3-prefix", spec.s3.prefix.clone()),
@@ -171,7 +175,11 @@ pub fn sidecar_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Con
             .into_iter()
             .filter_map(|(flag, value)| value.map(|v| format!("{flag}={v}"))),
     );
+    args
+}
 
+/// The S3 region and credentials the spec names, then the sidecar's extra environment.
+pub fn s3_environment(spec: &SnapshotCacheSpec) -> Vec<EnvVar> {
     let mut environment = vec![EnvVar {
         name: "AWS_REGION".to_owned(),
         value: Some(
@@ -198,7 +206,41 @@ pub fn sidecar_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Con
             });
         }
     }
-    environment.extend(sidecar.env.iter().cloned());
+    environment.extend(spec.sidecar.env.iter().cloned());
+    environment
+}
+
+/// `HOST_IP`: the address of the pod's node, from the downward API.
+pub fn host_ip_env() -> EnvVar {
+    EnvVar {
+        name: HOST_IP.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "status.hostIP".to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The sidecar container the spec describes.
+pub fn sidecar_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Container {
+    let sidecar = &spec.sidecar;
+    let port = sidecar.port.unwrap_or(DEFAULT_PORT);
+    let admin_port = sidecar.admin_port.unwrap_or(DEFAULT_ADMIN_PORT);
+    let disk_size = sidecar
+        .disk_size
+        .as_ref()
+        .map_or(DEFAULT_DISK_SIZE, |q| q.0.as_str());
+    let serving = Serving {
+        listen: format!("127.0.0.1:{port}"),
+        admin_listen: format!("0.0.0.0:{admin_port}"),
+        disk_max_bytes: disk_budget(disk_size).unwrap_or(DEFAULT_DISK_BUDGET),
+    };
+    let args = serve_args(spec, &serving);
+    let environment = s3_environment(spec);
 
     let readyz = Probe {
         http_get: Some(HTTPGetAction {
@@ -243,7 +285,7 @@ pub fn sidecar_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Con
 }
 
 /// The Pod Security Standards' "restricted" profile.
-fn restricted_security_context() -> SecurityContext {
+pub fn restricted_security_context() -> SecurityContext {
     SecurityContext {
         run_as_non_root: Some(true),
         run_as_user: Some(SIDECAR_UID),
@@ -265,6 +307,12 @@ fn restricted_security_context() -> SecurityContext {
 /// The disk tier's budget for an emptyDir of `size` (a Kubernetes quantity): 90% of
 /// it, so the kubelet never evicts the pod for exceeding the sizeLimit.
 pub fn disk_budget(size: &str) -> Option<u64> {
+    let bytes = quantity_bytes(size)?;
+    Some((bytes as f64 * 0.9) as u64)
+}
+
+/// The bytes a Kubernetes quantity like `20Gi` or `1G` stands for.
+pub fn quantity_bytes(size: &str) -> Option<u64> {
     let size = size.trim();
     let split = size
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -282,7 +330,7 @@ pub fn disk_budget(size: &str) -> Option<u64> {
         ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
     ]);
     let bytes = number.parse::<f64>().ok()? * units.get(suffix)?;
-    Some((bytes * 0.9) as u64)
+    Some(bytes as u64)
 }
 
 #[cfg(test)]
@@ -484,6 +532,16 @@ mod tests {
         assert_eq!(disk_budget("1000"), Some(900));
         assert_eq!(disk_budget("10Xi"), None);
         assert_eq!(disk_budget("lots"), None);
+    }
+
+    #[test]
+    fn quantities_read_as_bytes_in_binary_and_decimal_units() {
+        assert_eq!(quantity_bytes("20Gi"), Some(20 << 30));
+        assert_eq!(quantity_bytes("1.5Ki"), Some(1536));
+        assert_eq!(quantity_bytes("100G"), Some(100_000_000_000));
+        assert_eq!(quantity_bytes(" 512 "), Some(512));
+        assert_eq!(quantity_bytes("10Xi"), None);
+        assert_eq!(quantity_bytes(""), None);
     }
 
     #[test]

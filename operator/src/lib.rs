@@ -1,5 +1,10 @@
 //! snapcache operator: injects the sidecar a `SnapshotCache` describes into the pods it
-//! selects, at their creation (the admission webhook), and reports on them in its status.
+//! selects, at their creation (the admission webhook), runs its node caches when it asks
+//! for a node tier, and reports on them in its status.
+
+/// The field manager of every server-side apply the operator makes, and the
+/// `app.kubernetes.io/managed-by` of the objects it makes.
+pub const FIELD_MANAGER: &str = "snapcache-operator";
 
 pub mod admission;
 pub mod api;
@@ -15,6 +20,7 @@ pub mod lease;
 pub mod metrics;
 #[cfg(test)]
 mod mock_api_server;
+pub mod node_tier;
 pub mod routing;
 pub mod upgrade;
 pub mod webhook;

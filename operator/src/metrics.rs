@@ -22,17 +22,23 @@ use crate::checkout_outcome::{CheckoutResult, Outcome, failure_reasons};
 pub enum ReconcileFailure {
     WriteStatus,
     NoNamespace,
+    /// Applying or deleting a node tier's DaemonSet or NetworkPolicy.
+    NodeTier,
 }
 
 impl ReconcileFailure {
     /// Every value, so each series starts at 0.
-    pub const ALL: [ReconcileFailure; 2] =
-        [ReconcileFailure::WriteStatus, ReconcileFailure::NoNamespace];
+    pub const ALL: [ReconcileFailure; 3] = [
+        ReconcileFailure::WriteStatus,
+        ReconcileFailure::NoNamespace,
+        ReconcileFailure::NodeTier,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             ReconcileFailure::WriteStatus => "write_status",
             ReconcileFailure::NoNamespace => "no_namespace",
+            ReconcileFailure::NodeTier => "node_tier",
         }
     }
 }
@@ -89,7 +95,7 @@ impl Metrics {
         let errors = IntCounterVec::new(
             Opts::new(
                 "snapcache_operator_reconcile_errors_total",
-                "Failed reconciles by what failed (write_status, no_namespace).",
+                "Failed reconciles by what failed (write_status, no_namespace, node_tier).",
             ),
             &["reason"],
         )?;

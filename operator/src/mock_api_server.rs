@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::Client;
 use kube::client::Body;
@@ -143,6 +144,7 @@ struct World {
     caches: Vec<SnapshotCache>,
     pods: Vec<Pod>,
     namespaces: Vec<&'static str>,
+    daemon_sets: Vec<DaemonSet>,
     synced: bool,
     leadership: Leadership,
 }
@@ -153,6 +155,7 @@ impl World {
             caches,
             pods,
             namespaces: vec!["ci"],
+            daemon_sets: Vec::new(),
             synced: true,
             leadership: Leadership::always(),
         }
@@ -173,10 +176,12 @@ impl World {
         let (snapshot_caches, cache_writer) = listed_store(self.caches);
         let (pods, pod_writer) = listed_store(self.pods);
         let (namespaces, namespace_writer) = listed_store(namespaces);
+        let (daemon_sets, daemon_set_writer) = listed_store(self.daemon_sets);
         let stores = Stores {
             snapshot_caches,
             pods,
             namespaces,
+            daemon_sets,
             synced: Arc::new(self.synced.into()),
         };
         let ctx = Context {
@@ -190,7 +195,13 @@ impl World {
             default_image: "snapcache/sidecar:test".to_owned(),
             native_sidecars: false,
         };
-        (Arc::new(ctx), (cache_writer, pod_writer, namespace_writer))
+        let writers = (
+            cache_writer,
+            pod_writer,
+            namespace_writer,
+            daemon_set_writer,
+        );
+        (Arc::new(ctx), writers)
     }
 }
 
@@ -330,6 +341,191 @@ async fn an_invalid_selector_becomes_a_condition_and_an_event_not_a_retry() {
             .expect("reconcile task")
             .expect("reconciled"),
         Action::await_change()
+    );
+}
+
+/// `monorepo` with a node tier, or with one it no longer wants.
+fn with_node_tier(enabled: bool) -> SnapshotCache {
+    let mut cache = builds();
+    cache.spec.node_tier = serde_json::from_value(json!({"enabled": enabled})).expect("tier");
+    cache
+}
+
+/// The node tier's DaemonSet of `monorepo` as its watch delivers it.
+fn node_daemon_set(desired: i32, ready: i32) -> DaemonSet {
+    serde_json::from_value(json!({
+        "metadata": {"name": "snapcache-node-monorepo", "namespace": "ci",
+                     "ownerReferences": [{"apiVersion": "snapcache.io/v1alpha1",
+                                          "kind": "SnapshotCache", "name": "monorepo",
+                                          "uid": "5e0c7f4e-0000-4000-8000-000000000001",
+                                          "controller": true}]},
+        "status": {"desiredNumberScheduled": desired, "numberReady": ready,
+                   "currentNumberScheduled": desired, "numberMisscheduled": 0},
+    }))
+    .expect("daemon set")
+}
+
+const NETWORK_POLICY_URI: &str =
+    "/apis/networking.k8s.io/v1/namespaces/ci/networkpolicies/snapcache-node-monorepo";
+const DAEMON_SET_URI: &str = "/apis/apps/v1/namespaces/ci/daemonsets/snapcache-node-monorepo";
+const APPLIED: &str = "?&force=true&fieldManager=snapcache-operator";
+
+impl ApiServer {
+    /// The next request, which must apply the object at `uri` as the operator; not answered.
+    async fn applied(&mut self, uri: &str) -> Call {
+        let call = self.next().await;
+        assert_eq!(call.method, Method::PATCH, "{}", call.uri);
+        assert_eq!(call.uri, format!("{uri}{APPLIED}"));
+        call
+    }
+
+    /// The next request, which must delete the object at `uri`; not answered.
+    async fn deleted(&mut self, uri: &str) -> Call {
+        let call = self.next().await;
+        assert_eq!(
+            (&call.method, call.uri.as_str()),
+            (&Method::DELETE, &*format!("{uri}?"))
+        );
+        call
+    }
+}
+
+#[tokio::test]
+async fn a_node_tier_applies_its_network_policy_then_its_daemon_set_and_reports_the_daemon_sets_counts()
+ {
+    let (client, mut server) = ApiServer::start();
+    let mut world = World::new(vec![with_node_tier(true)], vec![]);
+    world.daemon_sets = vec![node_daemon_set(3, 2)];
+    let (ctx, _writers) = world.context(client);
+    let reconcile = tokio::spawn(controller::reconcile(
+        Arc::new(with_node_tier(true)),
+        ctx.clone(),
+    ));
+
+    let policy = server.applied(NETWORK_POLICY_URI).await;
+    assert_eq!(policy.body["kind"], "NetworkPolicy");
+    let owner = &policy.body["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (&owner["kind"], &owner["uid"]),
+        (
+            &json!("SnapshotCache"),
+            &json!("5e0c7f4e-0000-4000-8000-000000000001")
+        )
+    );
+    let body = policy.body.clone();
+    policy.respond(StatusCode::OK, &body);
+    let daemon_set = server.applied(DAEMON_SET_URI).await;
+    assert_eq!(daemon_set.body["kind"], "DaemonSet");
+    assert_eq!(
+        daemon_set.body["spec"]["template"]["spec"]["hostNetwork"],
+        true
+    );
+    assert_eq!(
+        daemon_set.body["metadata"]["ownerReferences"][0]["name"],
+        "monorepo"
+    );
+    let body = daemon_set.body.clone();
+    daemon_set.respond(StatusCode::OK, &body);
+
+    let patch = server.status_patch().await;
+    let status = patch.body.clone();
+    patch.respond(
+        StatusCode::OK,
+        &serde_json::to_value(with_node_tier(true)).expect("cache"),
+    );
+    assert_eq!(
+        status["status"]["nodeCaches"],
+        json!({"desired": 3, "ready": 2})
+    );
+    reconcile
+        .await
+        .expect("reconcile task")
+        .expect("reconciled");
+}
+
+#[tokio::test]
+async fn a_node_tier_no_longer_wanted_is_deleted_and_leaves_the_status() {
+    let (client, mut server) = ApiServer::start();
+    let mut world = World::new(vec![with_node_tier(false)], vec![]);
+    world.daemon_sets = vec![node_daemon_set(3, 3)];
+    let (ctx, _writers) = world.context(client);
+    let reconcile = tokio::spawn(controller::reconcile(
+        Arc::new(with_node_tier(false)),
+        ctx.clone(),
+    ));
+
+    // Already gone (a person deleted it) is as good as deleted.
+    let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": "not found"});
+    server
+        .deleted(NETWORK_POLICY_URI)
+        .await
+        .respond(StatusCode::NOT_FOUND, &not_found);
+    let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
+    server
+        .deleted(DAEMON_SET_URI)
+        .await
+        .respond(StatusCode::OK, &gone);
+    let patch = server.status_patch().await;
+    let status = patch.body.clone();
+    patch.respond(
+        StatusCode::OK,
+        &serde_json::to_value(builds()).expect("cache"),
+    );
+    assert_eq!(status["status"].get("nodeCaches"), None, "{status}");
+    reconcile
+        .await
+        .expect("reconcile task")
+        .expect("reconciled");
+}
+
+#[tokio::test]
+async fn a_refused_node_tier_still_writes_the_status_then_fails_pointing_at_the_rbac() {
+    let (client, mut server) = ApiServer::start();
+    let (ctx, _writers) = World::new(vec![with_node_tier(true)], vec![]).context(client);
+    let reconcile = tokio::spawn(controller::reconcile(
+        Arc::new(with_node_tier(true)),
+        ctx.clone(),
+    ));
+
+    let policy = server.applied(NETWORK_POLICY_URI).await;
+    let body = policy.body.clone();
+    policy.respond(StatusCode::OK, &body);
+    let forbidden = json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+        "reason": "Forbidden",
+        "message": "daemonsets.apps \"snapcache-node-monorepo\" is forbidden",
+    });
+    server
+        .applied(DAEMON_SET_URI)
+        .await
+        .respond(StatusCode::FORBIDDEN, &forbidden);
+    let patch = server.status_patch().await;
+    let status = patch.body.clone();
+    patch.respond(
+        StatusCode::OK,
+        &serde_json::to_value(with_node_tier(true)).expect("cache"),
+    );
+    assert_eq!(
+        status["status"]["nodeCaches"],
+        json!({"desired": 0, "ready": 0}),
+        "no DaemonSet reports yet"
+    );
+    let event = server.event("ReconcileFailed").await;
+    let note = event["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("snapcache-node-monorepo") && note.contains("ClusterRole"),
+        "{note}"
+    );
+
+    let result = reconcile.await.expect("reconcile task");
+    assert!(matches!(result, Err(Error::NodeTier { .. })), "{result:?}");
+    assert_eq!(
+        metric(
+            &ctx,
+            r#"snapcache_operator_reconcile_errors_total{reason="node_tier"}"#
+        ),
+        Some(1.0)
     );
 }
 

@@ -14,8 +14,8 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::FIELD_MANAGER;
 use crate::api::SnapshotCache;
-use crate::controller::FIELD_MANAGER;
 
 /// The finalizer versions before the webhook put on every SnapshotCache.
 pub const LEGACY_FINALIZER: &str = "snapcache.io/cleanup";

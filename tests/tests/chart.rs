@@ -416,7 +416,6 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
     let workload_kinds = [
         ("apps", "deployments"),
         ("apps", "statefulsets"),
-        ("apps", "daemonsets"),
         ("apps", "replicasets"),
         ("batch", "jobs"),
         ("batch", "cronjobs"),
@@ -430,10 +429,30 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
             );
         }
     }
+    // Node tiers: it applies (server-side) and deletes its own DaemonSets and
+    // NetworkPolicies, and never updates or deletes them wholesale.
+    for (group, resource) in [
+        ("apps", "daemonsets"),
+        ("networking.k8s.io", "networkpolicies"),
+    ] {
+        for verb in ["update", "deletecollection"] {
+            assert!(
+                !can_i(&client, &user, &groups, verb, group, resource).await,
+                "the chart lets the operator {verb} {resource}"
+            );
+        }
+    }
     for (verb, group, resource) in [
         ("watch", "", "pods"),
         ("get", "", "namespaces"),
         ("patch", "snapcache.io", "snapshotcaches/status"),
+        ("watch", "apps", "daemonsets"),
+        ("create", "apps", "daemonsets"),
+        ("patch", "apps", "daemonsets"),
+        ("delete", "apps", "daemonsets"),
+        ("create", "networking.k8s.io", "networkpolicies"),
+        ("patch", "networking.k8s.io", "networkpolicies"),
+        ("delete", "networking.k8s.io", "networkpolicies"),
     ] {
         assert!(
             can_i(&client, &user, &groups, verb, group, resource).await,

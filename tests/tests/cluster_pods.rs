@@ -695,7 +695,7 @@ async fn the_chart_runs_the_operator_as_a_pod_that_injects_running_pods() {
     deployments
         .patch(
             "legacy",
-            &PatchParams::apply(snapcache_operator::controller::FIELD_MANAGER).force(),
+            &PatchParams::apply(snapcache_operator::FIELD_MANAGER).force(),
             &Patch::Apply(&old_intent),
         )
         .await

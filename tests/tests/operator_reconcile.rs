@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::jiff::SignedDuration;
 use kube::Client;
@@ -20,10 +21,10 @@ use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use serde_json::json;
-use snapcache_operator::api::{SnapshotCache, SnapshotCacheStatus};
+use snapcache_operator::FIELD_MANAGER;
+use snapcache_operator::api::{NodeCachesStatus, SnapshotCache, SnapshotCacheStatus};
 use snapcache_operator::certificates;
 use snapcache_operator::checkout_outcome::CHECKOUT_LABEL;
-use snapcache_operator::controller::FIELD_MANAGER;
 use snapcache_operator::inject::{self, Environment};
 use snapcache_operator::routing::TEMPLATE_ANNOTATION;
 use snapcache_operator::upgrade::LEGACY_FINALIZER;
@@ -417,6 +418,151 @@ async fn release_workloads_removes_what_the_previous_version_patched_in() {
     assert!(second.status.success());
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(!stdout.contains(&namespace), "{stdout}");
+}
+
+/// Waits until SnapshotCache `name`'s status says `node_caches` of its node tier.
+async fn node_caches_reported(
+    caches: &Api<SnapshotCache>,
+    name: &str,
+    node_caches: Option<NodeCachesStatus>,
+) {
+    eventually(
+        &format!("{name}: node caches {node_caches:?}"),
+        async || {
+            let status = caches.get(name).await.ok()?.status?;
+            (status.node_caches == node_caches).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A node tier on the real API server: its DaemonSet and NetworkPolicy are applied, owned
+/// by the SnapshotCache (the garbage collector deletes them with it), follow its spec,
+/// report the DaemonSet's counts, and go when it no longer asks for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_tier_becomes_an_owned_daemon_set_and_network_policy_that_follow_the_spec() {
+    let (client, namespace) = setup().await;
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &namespace);
+    let _operator = Operator::start();
+    let cache: SnapshotCache = serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": "monorepo"},
+        "spec": {"selector": {"matchLabels": {"app": "builder"}},
+                 "s3": {"bucket": "snapshots", "credentialsSecret": "s3-creds"},
+                 "nodeTier": {"enabled": true}}
+    }))
+    .expect("snapshot cache");
+    let cache = caches
+        .create(&PostParams::default(), &cache)
+        .await
+        .expect("create snapshot cache");
+    let uid = cache.metadata.uid.clone().expect("uid");
+    let name = "snapcache-node-monorepo";
+
+    let daemon_set = eventually("the node tier's DaemonSet", async || {
+        daemon_sets.get_opt(name).await.ok()?
+    })
+    .await;
+    let policy = eventually("the node tier's NetworkPolicy", async || {
+        policies.get_opt(name).await.ok()?
+    })
+    .await;
+    for owners in [
+        daemon_set.metadata.owner_references.clone(),
+        policy.metadata.owner_references.clone(),
+    ] {
+        let owners = owners.unwrap_or_default();
+        assert_eq!(owners.len(), 1, "{owners:?}");
+        let owner = &owners[0];
+        assert_eq!(
+            (
+                owner.api_version.as_str(),
+                owner.kind.as_str(),
+                owner.name.as_str(),
+                owner.uid.as_str(),
+                owner.controller
+            ),
+            (
+                "snapcache.io/v1alpha1",
+                "SnapshotCache",
+                "monorepo",
+                uid.as_str(),
+                Some(true)
+            )
+        );
+    }
+    let pod = daemon_set
+        .spec
+        .clone()
+        .and_then(|spec| spec.template.spec)
+        .expect("pod spec");
+    assert_eq!(pod.host_network, Some(true));
+    let args = pod.containers[0].args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&"--listen=$(HOST_IP):8766".to_owned()),
+        "{args:?}"
+    );
+    let host_path = pod.volumes.unwrap_or_default()[0].host_path.clone();
+    assert_eq!(
+        host_path.map(|h| h.path),
+        Some(format!("/var/cache/snapcache/{namespace}/monorepo"))
+    );
+    node_caches_reported(&caches, "monorepo", Some(NodeCachesStatus::default())).await;
+
+    // What the DaemonSet controller writes as the kubelets report its pods (none runs here).
+    let status = json!({"status": {"desiredNumberScheduled": 3, "numberReady": 2,
+                                   "currentNumberScheduled": 3, "numberMisscheduled": 0}});
+    daemon_sets
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("DaemonSet status");
+    node_caches_reported(
+        &caches,
+        "monorepo",
+        Some(NodeCachesStatus {
+            desired: 3,
+            ready: 2,
+        }),
+    )
+    .await;
+
+    // A new port reaches the DaemonSet and the NetworkPolicy.
+    let new_port = json!({"spec": {"nodeTier": {"port": 18766}}});
+    caches
+        .patch(
+            "monorepo",
+            &PatchParams::default(),
+            &Patch::Merge(&new_port),
+        )
+        .await
+        .expect("change the port");
+    eventually("the DaemonSet serving on the new port", async || {
+        let daemon_set = daemon_sets.get(name).await.ok()?;
+        let container = daemon_set.spec?.template.spec?.containers.remove(0);
+        let args = container.args?;
+        args.contains(&"--listen=$(HOST_IP):18766".to_owned())
+            .then_some(())
+    })
+    .await;
+    let policy = policies.get(name).await.expect("NetworkPolicy");
+    let ports = serde_json::to_value(policy.spec.and_then(|s| s.ingress)).expect("json");
+    assert_eq!(ports[0]["ports"][0]["port"], 18766, "{ports}");
+
+    // No longer asked for: both go, and so does the status's count.
+    let disable = json!({"spec": {"nodeTier": {"enabled": false}}});
+    caches
+        .patch("monorepo", &PatchParams::default(), &Patch::Merge(&disable))
+        .await
+        .expect("disable the node tier");
+    eventually("the DaemonSet and NetworkPolicy deleted", async || {
+        let gone = daemon_sets.get_opt(name).await.ok()?.is_none()
+            && policies.get_opt(name).await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+    node_caches_reported(&caches, "monorepo", None).await;
 }
 
 const LEASE: &str = "snapcache-operator";
@@ -827,7 +973,8 @@ async fn readyz_waits_for_the_pod_watch() {
         &format!("{user}-caches"),
         json!([
             rule("snapcache.io", &["snapshotcaches"]),
-            rule("", &["namespaces"])
+            rule("", &["namespaces"]),
+            rule("apps", &["daemonsets"])
         ]),
     )
     .await;
@@ -869,7 +1016,8 @@ async fn readyz_waits_for_the_pod_watch() {
         async || {
             let log = operator.log();
             let reconciled = log.lines().any(|line| {
-                line.contains("waiting for the pod and namespace watches") && line.contains(&listed)
+                line.contains("waiting for the pod, namespace and DaemonSet watches")
+                    && line.contains(&listed)
             });
             let refused = refusals(&log);
             (reconciled && refused > 0).then_some(refused)

@@ -1,0 +1,632 @@
+//! The node tier, pure: the DaemonSet that runs a SnapshotCache's node cache on every
+//! node, the NetworkPolicy that admits only its own namespace to the snapshot API, and the
+//! counts its status reports. No IO; the controller applies what these build.
+//!
+//! A node cache is `snapcache-sidecar serve --node-cache` with the SnapshotCache's own S3
+//! flags and credentials (built by `inject`, as for the sidecar) and a disk tier on the
+//! node, listening on the node's address, which the injected sidecars reach through the
+//! downward API's `status.hostIP`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, HTTPGetAction, HostPathVolumeSource, PodSpec, PodTemplateSpec, Probe,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::admission::OPT_OUT_LABEL;
+use crate::api::{NodeCachesStatus, NodeTierSpec, SnapshotCache, SnapshotCacheSpec};
+use crate::inject::{self, Environment, HOST_IP, Serving};
+
+pub const CONTAINER_NAME: &str = "snapcache-node-cache";
+/// The snapshot API port's name (the admin port is `inject::ADMIN_PORT_NAME`, which the
+/// chart's PodMonitor scrapes).
+pub const API_PORT_NAME: &str = "snapshot-api";
+/// Selects the pods of one SnapshotCache's node cache; the value names the SnapshotCache.
+pub const NODE_CACHE_LABEL: &str = "snapcache.io/node-cache";
+/// On every object the operator makes for a node tier, so its watch lists only those.
+pub const COMPONENT_LABEL: (&str, &str) = ("app.kubernetes.io/component", "node-cache");
+const VOLUME_NAME: &str = "snapcache-node-disk";
+const NAME_PREFIX: &str = "snapcache-node-";
+/// Longest object name and label value Kubernetes takes.
+const MAX_NAME: usize = 253;
+const MAX_LABEL_VALUE: usize = 63;
+
+/// What names a SnapshotCache's node tier objects and owns them, so they go with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Owner {
+    pub namespace: String,
+    pub cache: String,
+    reference: OwnerReference,
+}
+
+impl Owner {
+    /// `None` for a SnapshotCache the API server has not stored (no namespace or uid).
+    pub fn of(cache: &SnapshotCache) -> Option<Owner> {
+        Some(Owner {
+            namespace: cache.namespace()?,
+            cache: cache.name_any(),
+            reference: cache.controller_owner_ref(&())?,
+        })
+    }
+
+    /// `snapcache-node-<cache>`: the DaemonSet's and the NetworkPolicy's name.
+    pub fn object_name(&self) -> String {
+        fitted(&format!("{NAME_PREFIX}{}", self.cache), MAX_NAME)
+    }
+
+    fn metadata(&self) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(self.object_name()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(self.labels()),
+            owner_references: Some(vec![self.reference.clone()]),
+            ..Default::default()
+        }
+    }
+
+    fn selector_labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([(
+            NODE_CACHE_LABEL.to_owned(),
+            fitted(&self.cache, MAX_LABEL_VALUE),
+        )])
+    }
+
+    fn labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.selector_labels();
+        labels.extend(
+            [
+                ("app.kubernetes.io/name", "snapcache"),
+                COMPONENT_LABEL,
+                ("app.kubernetes.io/part-of", "snapcache"),
+                ("app.kubernetes.io/managed-by", crate::FIELD_MANAGER),
+            ]
+            .map(|(key, value)| (key.to_owned(), value.to_owned())),
+        );
+        labels
+    }
+}
+
+/// The label selector of the operator's watch of node cache DaemonSets.
+pub fn watch_selector() -> String {
+    format!("{}={}", COMPONENT_LABEL.0, COMPONENT_LABEL.1)
+}
+
+/// The DaemonSet running `owner`'s node cache on every node.
+pub fn daemon_set(owner: &Owner, spec: &SnapshotCacheSpec, env: &Environment<'_>) -> DaemonSet {
+    let mut pod_labels = owner.labels();
+    // Never a target of the webhook: a sidecar in a host-network pod would take the node's
+    // loopback port.
+    pod_labels.insert(OPT_OUT_LABEL.to_owned(), "false".to_owned());
+    let tier = &spec.node_tier;
+    let host_path = format!(
+        "{}/{}/{}",
+        tier.host_path().trim_end_matches('/'),
+        owner.namespace,
+        owner.cache
+    );
+    DaemonSet {
+        metadata: owner.metadata(),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(owner.selector_labels()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    host_network: Some(true),
+                    // Host network pods resolve cluster names only with this policy.
+                    dns_policy: Some("ClusterFirstWithHostNet".to_owned()),
+                    // It reads S3, never the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    containers: vec![node_cache_container(spec, env)],
+                    volumes: Some(vec![Volume {
+                        name: VOLUME_NAME.to_owned(),
+                        host_path: Some(HostPathVolumeSource {
+                            path: host_path,
+                            type_: Some("DirectoryOrCreate".to_owned()),
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// `serve --node-cache` on the node's address with the spec's S3 flags and credentials,
+/// its disk tier on the node.
+fn node_cache_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Container {
+    let tier = &spec.node_tier;
+    let serving = Serving {
+        listen: format!("$({HOST_IP}):{}", tier.port()),
+        admin_listen: format!("$({HOST_IP}):{}", tier.admin_port()),
+        disk_max_bytes: disk_max_bytes(tier),
+    };
+    let mut args = inject::serve_args(spec, &serving);
+    args.push("--node-cache".to_owned());
+    let mut environment = vec![inject::host_ip_env()];
+    environment.extend(inject::s3_environment(spec));
+    let probe = |path: &str, period_seconds: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(inject::ADMIN_PORT_NAME.to_owned()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period_seconds),
+        ..Default::default()
+    };
+    let port = |name: &str, number: i32| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    };
+    Container {
+        name: CONTAINER_NAME.to_owned(),
+        // The operator's, never the SnapshotCache's: it runs on the host's network, so
+        // whoever installs the operator chooses it, not whoever may write a SnapshotCache.
+        image: Some(env.default_image.to_owned()),
+        args: Some(args),
+        env: Some(environment),
+        // On the host network these are the node's ports: the scheduler keeps two node
+        // caches wanting one port off the same node.
+        ports: Some(vec![
+            port(API_PORT_NAME, tier.port()),
+            port(inject::ADMIN_PORT_NAME, tier.admin_port()),
+        ]),
+        resources: tier.resources.clone(),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(Probe {
+            failure_threshold: Some(3),
+            ..probe("/healthz", 10)
+        }),
+        security_context: Some(SecurityContext {
+            // The kubelet creates the hostPath directory owned by root, mode 0755: only
+            // root may write there. Every capability stays dropped.
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            ..inject::restricted_security_context()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: VOLUME_NAME.to_owned(),
+            mount_path: inject::DISK_PATH.to_owned(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+/// The spec's size in bytes; the default 20Gi for one the operator cannot read.
+fn disk_max_bytes(tier: &NodeTierSpec) -> u64 {
+    inject::quantity_bytes(tier.size())
+        .or_else(|| inject::quantity_bytes(NodeTierSpec::DEFAULT_SIZE))
+        .unwrap_or_default()
+}
+
+/// Admits the pods of `owner`'s namespace to the snapshot API and anyone to the admin
+/// port, which serves metrics and probes but no snapshot bytes. Only where the network
+/// plugin enforces policy on host-network pods, which most do not (see the README).
+pub fn network_policy(owner: &Owner, spec: &SnapshotCacheSpec) -> NetworkPolicy {
+    let tcp = |port: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    };
+    NetworkPolicy {
+        metadata: owner.metadata(),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(owner.selector_labels()),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    // A pod selector alone means this namespace's pods: unlike a selector
+                    // on kubernetes.io/metadata.name, it works before Kubernetes 1.21.
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(LabelSelector::default()),
+                        ..Default::default()
+                    }]),
+                    ports: Some(vec![tcp(spec.node_tier.port())]),
+                },
+                NetworkPolicyIngressRule {
+                    from: None,
+                    ports: Some(vec![tcp(spec.node_tier.admin_port())]),
+                },
+            ]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// What the DaemonSet reports: nodes that should run a node cache, and those ready.
+pub fn node_caches(daemon_set: Option<&DaemonSet>) -> NodeCachesStatus {
+    let status = daemon_set.and_then(|d| d.status.as_ref());
+    NodeCachesStatus {
+        desired: status.map_or(0, |s| s.desired_number_scheduled),
+        ready: status.map_or(0, |s| s.number_ready),
+    }
+}
+
+/// `text` when it fits in `max` bytes, else its start and a stable hash of all of it, so
+/// two long names stay apart and keep their value from one operator version to the next
+/// (a DaemonSet's selector cannot change).
+fn fitted(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let hash = format!("{:016x}", fnv1a(text.as_bytes()));
+    let mut keep = max - hash.len() - 1;
+    while !text.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    // A label value must not end in `-` or `.`.
+    let start = text[..keep].trim_end_matches(['-', '.']);
+    format!("{start}-{hash}")
+}
+
+/// 64-bit FNV-1a: stable across builds, unlike std's hasher.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::DaemonSetStatus;
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use serde_json::json;
+
+    use super::*;
+
+    const ENV: Environment<'static> = Environment {
+        default_image: "snapcache/sidecar:test",
+        native_sidecars: false,
+    };
+
+    /// SnapshotCache `monorepo` of `ci`, as the API server stores it, with a node tier.
+    fn cache(node_tier: serde_json::Value) -> SnapshotCache {
+        serde_json::from_value(json!({
+            "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+            "metadata": {"name": "monorepo", "namespace": "ci",
+                         "uid": "5e0c7f4e-0000-4000-8000-000000000001"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "build"}},
+                "s3": {"bucket": "snapshots", "prefix": "mirror/", "region": "eu-west-1",
+                       "endpoint": "http://minio.storage:9000", "credentialsSecret": "s3-creds"},
+                "sidecar": {"parallelGetWorkers": 4, "diskSize": "5Gi",
+                            "env": [{"name": "RUST_LOG", "value": "debug"}]},
+                "nodeTier": node_tier,
+            }
+        }))
+        .expect("cache")
+    }
+
+    fn built(node_tier: serde_json::Value) -> (Owner, DaemonSet, SnapshotCacheSpec) {
+        let cache = cache(node_tier);
+        let owner = Owner::of(&cache).expect("owner");
+        let daemon_set = daemon_set(&owner, &cache.spec, &ENV);
+        (owner, daemon_set, cache.spec)
+    }
+
+    fn pod_spec(daemon_set: &DaemonSet) -> PodSpec {
+        daemon_set
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.template.spec.clone())
+            .expect("pod spec")
+    }
+
+    #[test]
+    fn the_daemon_set_is_named_for_its_cache_owned_by_it_and_selects_its_own_pods() {
+        let (owner, daemon_set, _) = built(json!({"enabled": true}));
+        assert_eq!(owner.object_name(), "snapcache-node-monorepo");
+        let meta = &daemon_set.metadata;
+        assert_eq!(meta.name.as_deref(), Some("snapcache-node-monorepo"));
+        assert_eq!(meta.namespace.as_deref(), Some("ci"));
+        let owners = meta.owner_references.clone().unwrap_or_default();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(
+            (
+                owners[0].kind.as_str(),
+                owners[0].name.as_str(),
+                owners[0].uid.as_str()
+            ),
+            (
+                "SnapshotCache",
+                "monorepo",
+                "5e0c7f4e-0000-4000-8000-000000000001"
+            )
+        );
+        assert_eq!(owners[0].controller, Some(true));
+        let spec = daemon_set.spec.clone().expect("spec");
+        let selected = spec.selector.match_labels.clone().unwrap_or_default();
+        assert_eq!(
+            selected,
+            BTreeMap::from([(NODE_CACHE_LABEL.to_owned(), "monorepo".to_owned())])
+        );
+        let pod_labels = spec
+            .template
+            .metadata
+            .and_then(|m| m.labels)
+            .unwrap_or_default();
+        assert!(
+            selected.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+            "{pod_labels:?}"
+        );
+        assert_eq!(
+            pod_labels.get(OPT_OUT_LABEL).map(String::as_str),
+            Some("false"),
+            "the webhook never injects a node cache"
+        );
+        assert_eq!(
+            meta.labels
+                .as_ref()
+                .and_then(|l| l.get(COMPONENT_LABEL.0))
+                .map(String::as_str),
+            Some(COMPONENT_LABEL.1)
+        );
+        assert_eq!(watch_selector(), "app.kubernetes.io/component=node-cache");
+    }
+
+    #[test]
+    fn a_node_cache_runs_on_the_host_network_with_its_disk_under_the_host_path() {
+        let (_, default, _) = built(json!({"enabled": true}));
+        let pod = pod_spec(&default);
+        assert_eq!(pod.host_network, Some(true));
+        assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let volume = &pod.volumes.clone().unwrap_or_default()[0];
+        let host_path = volume.host_path.clone().expect("hostPath");
+        assert_eq!(host_path.path, "/var/cache/snapcache/ci/monorepo");
+        assert_eq!(host_path.type_.as_deref(), Some("DirectoryOrCreate"));
+        let mount = &pod.containers[0].volume_mounts.clone().unwrap_or_default()[0];
+        assert_eq!(
+            (mount.name.as_str(), mount.mount_path.as_str()),
+            (volume.name.as_str(), inject::DISK_PATH)
+        );
+
+        let (_, chosen, _) = built(json!({"enabled": true, "hostPath": "/mnt/ssd/"}));
+        let volume = &pod_spec(&chosen).volumes.unwrap_or_default()[0];
+        assert_eq!(
+            volume.host_path.as_ref().map(|h| h.path.as_str()),
+            Some("/mnt/ssd/ci/monorepo")
+        );
+    }
+
+    #[test]
+    fn a_node_cache_serves_on_the_nodes_address_with_the_caches_s3_flags_and_credentials() {
+        let (_, daemon_set, spec) = built(json!({"enabled": true}));
+        let container = &pod_spec(&daemon_set).containers[0];
+        let args = container.args.clone().unwrap_or_default();
+        let sidecar = inject::sidecar_container(&spec, &ENV);
+        let sidecar_args = sidecar.args.clone().unwrap_or_default();
+        let only_in = |args: &[String], other: &[String]| -> Vec<String> {
+            args.iter()
+                .filter(|a| !other.contains(a))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            only_in(&args, &sidecar_args),
+            [
+                "--listen=$(HOST_IP):8766",
+                "--admin-listen=$(HOST_IP):9766",
+                "--disk-max-bytes=21474836480",
+                "--node-cache",
+            ],
+            "the sidecar's S3 and tuning flags, its own address and disk"
+        );
+        assert_eq!(args[0], "serve");
+        assert!(
+            !args.iter().any(|a| a.starts_with("--node-tier")),
+            "a node cache never reads through itself: {args:?}"
+        );
+        let env = container.env.clone().unwrap_or_default();
+        assert_eq!(
+            env[0],
+            inject::host_ip_env(),
+            "defined before the args use it"
+        );
+        assert_eq!(
+            env[1..],
+            inject::s3_environment(&spec),
+            "region, credentials Secret and extra env as the sidecar gets them"
+        );
+        assert_eq!(container.image.as_deref(), Some(ENV.default_image));
+    }
+
+    #[test]
+    fn a_node_cache_runs_the_operators_image_whatever_the_cache_names() {
+        let mut cache = cache(json!({"enabled": true}));
+        cache.spec.sidecar.image = Some("registry.example/anything:1".to_owned());
+        let owner = Owner::of(&cache).expect("owner");
+        let daemon_set = daemon_set(&owner, &cache.spec, &ENV);
+        assert_eq!(
+            pod_spec(&daemon_set).containers[0].image.as_deref(),
+            Some(ENV.default_image)
+        );
+    }
+
+    #[test]
+    fn a_node_cache_is_probed_and_scraped_on_its_named_admin_port() {
+        let (_, daemon_set, _) = built(json!({"enabled": true, "port": 18766, "adminPort": 19766}));
+        let container = &pod_spec(&daemon_set).containers[0];
+        let ports: Vec<(Option<&str>, i32)> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (Some(API_PORT_NAME), 18766),
+                (Some(inject::ADMIN_PORT_NAME), 19766)
+            ]
+        );
+        for (probe, path) in [
+            (&container.readiness_probe, "/readyz"),
+            (&container.liveness_probe, "/healthz"),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.clone())
+                .expect("http probe");
+            assert_eq!(get.path.as_deref(), Some(path));
+            assert_eq!(
+                get.port,
+                IntOrString::String(inject::ADMIN_PORT_NAME.to_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn a_node_cache_keeps_every_capability_dropped_and_writes_its_root_owned_directory() {
+        let (_, daemon_set, _) = built(json!({"enabled": true}));
+        let security = pod_spec(&daemon_set).containers[0]
+            .security_context
+            .clone()
+            .expect("security context");
+        assert_eq!(security.run_as_user, Some(0));
+        assert_eq!(security.run_as_non_root, Some(false));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            security.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_owned()])
+        );
+        assert_eq!(security.privileged, None);
+    }
+
+    #[test]
+    fn the_size_is_the_disk_budget_and_resources_come_from_the_node_tier() {
+        let limits = BTreeMap::from([("memory".to_owned(), Quantity("512Mi".to_owned()))]);
+        let (_, daemon_set, _) = built(json!({
+            "enabled": true, "size": "100G", "resources": {"limits": {"memory": "512Mi"}},
+        }));
+        let container = &pod_spec(&daemon_set).containers[0];
+        assert!(
+            container
+                .args
+                .iter()
+                .flatten()
+                .any(|a| a == "--disk-max-bytes=100000000000"),
+            "{:?}",
+            container.args
+        );
+        assert_eq!(
+            container.resources,
+            Some(ResourceRequirements {
+                limits: Some(limits),
+                ..Default::default()
+            })
+        );
+        let (_, unreadable, _) = built(json!({"enabled": true, "size": "lots"}));
+        assert!(
+            pod_spec(&unreadable).containers[0]
+                .args
+                .iter()
+                .flatten()
+                .any(|a| a == "--disk-max-bytes=21474836480"),
+            "an unreadable size falls back to 20Gi"
+        );
+    }
+
+    #[test]
+    fn the_network_policy_admits_the_namespace_to_the_api_and_anyone_to_the_admin_port() {
+        let cache = cache(json!({"enabled": true, "port": 18766, "adminPort": 19766}));
+        let owner = Owner::of(&cache).expect("owner");
+        let policy = network_policy(&owner, &cache.spec);
+        assert_eq!(policy.metadata, owner.metadata());
+        let policy = serde_json::to_value(policy.spec.expect("spec")).expect("json");
+        assert_eq!(
+            policy,
+            json!({
+                "podSelector": {"matchLabels": {NODE_CACHE_LABEL: "monorepo"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {"from": [{"podSelector": {}}], "ports": [{"port": 18766, "protocol": "TCP"}]},
+                    {"ports": [{"port": 19766, "protocol": "TCP"}]},
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn the_status_counts_come_from_the_daemon_set_and_are_zero_before_it_reports() {
+        let (_, mut daemon_set, _) = built(json!({"enabled": true}));
+        assert_eq!(node_caches(None), NodeCachesStatus::default());
+        assert_eq!(node_caches(Some(&daemon_set)), NodeCachesStatus::default());
+        daemon_set.status = Some(DaemonSetStatus {
+            desired_number_scheduled: 3,
+            number_ready: 2,
+            current_number_scheduled: 3,
+            ..Default::default()
+        });
+        assert_eq!(
+            node_caches(Some(&daemon_set)),
+            NodeCachesStatus {
+                desired: 3,
+                ready: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_cache_the_api_server_has_not_stored_has_no_owner() {
+        let mut unstored = cache(json!({"enabled": true}));
+        unstored.metadata.uid = None;
+        assert_eq!(Owner::of(&unstored), None);
+        let mut no_namespace = cache(json!({"enabled": true}));
+        no_namespace.metadata.namespace = None;
+        assert_eq!(Owner::of(&no_namespace), None);
+    }
+
+    #[test]
+    fn long_names_and_label_values_fit_keep_apart_and_stay_the_same() {
+        assert_eq!(fitted("monorepo", 63), "monorepo");
+        let long = "a".repeat(60) + "-tail";
+        let other = "a".repeat(60) + "-tall";
+        let (one, two) = (fitted(&long, 63), fitted(&other, 63));
+        assert_eq!(one.len(), 63);
+        assert_ne!(one, two);
+        assert_eq!(one, fitted(&long, 63));
+        // FNV-1a's published vector: a DaemonSet's selector cannot change, so neither may
+        // the hash in it.
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let dotted = "b".repeat(45) + "." + &"c".repeat(30);
+        let fitted_dotted = fitted(&dotted, 63);
+        assert!(
+            fitted_dotted.starts_with(&("b".repeat(45) + "-")),
+            "no `.` before the hash: {fitted_dotted}"
+        );
+        let name = Owner {
+            namespace: "ci".to_owned(),
+            cache: "x".repeat(250),
+            reference: OwnerReference::default(),
+        }
+        .object_name();
+        assert_eq!(name.len(), 253);
+    }
+}
