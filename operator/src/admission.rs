@@ -631,6 +631,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn with_a_node_tier_the_checkout_and_the_sidecar_both_read_through_the_node_cache() {
+        let pod = with_checkout(
+            pod(&[("app", "build")], app_spec()),
+            "github.com/org/a=/src/a",
+        );
+        let mut cache = cache("c", 1, "build");
+        cache.spec.node_tier.enabled = true;
+        let injected = inject_into(&pod, &[cache], &env(false));
+        let spec = injected.spec.expect("spec");
+        let checkout = &spec.init_containers.expect("init containers")[0];
+        let sidecar = spec
+            .containers
+            .iter()
+            .find(|c| c.name == inject::CONTAINER_NAME)
+            .expect("sidecar");
+        for container in [checkout, sidecar] {
+            let args = container.args.clone().unwrap_or_default();
+            assert!(
+                args.contains(&"--node-tier=http://$(HOST_IP):8766".to_owned()),
+                "{}: {args:?}",
+                container.name
+            );
+            let host_ip = container
+                .env
+                .iter()
+                .flatten()
+                .position(|e| e.name == "HOST_IP");
+            assert_eq!(host_ip, Some(0), "{}: {:?}", container.name, container.env);
+        }
+    }
+
+    #[test]
     fn a_malformed_checkout_annotation_leaves_the_pod_alone() {
         let pod = with_checkout(
             pod(&[("app", "build")], app_spec()),

@@ -225,7 +225,9 @@ pub fn host_ip_env() -> EnvVar {
     }
 }
 
-/// The sidecar container the spec describes.
+/// The sidecar container the spec describes. With a node tier it reads through the node
+/// cache on its own node, at the node's address (`$(HOST_IP)`, which the kubelet expands
+/// from the container's environment).
 pub fn sidecar_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Container {
     let sidecar = &spec.sidecar;
     let port = sidecar.port.unwrap_or(DEFAULT_PORT);
@@ -239,8 +241,17 @@ pub fn sidecar_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Con
         admin_listen: format!("0.0.0.0:{admin_port}"),
         disk_max_bytes: disk_budget(disk_size).unwrap_or(DEFAULT_DISK_BUDGET),
     };
-    let args = serve_args(spec, &serving);
-    let environment = s3_environment(spec);
+    let mut args = serve_args(spec, &serving);
+    let mut environment = Vec::new();
+    if spec.node_tier.enabled {
+        // First, so the extra env of the spec cannot shadow the address the flag uses.
+        environment.push(host_ip_env());
+        args.push(format!(
+            "--node-tier=http://$({HOST_IP}):{}",
+            spec.node_tier.port()
+        ));
+    }
+    environment.extend(s3_environment(spec));
 
     let readyz = Probe {
         http_get: Some(HTTPGetAction {
@@ -522,6 +533,64 @@ mod tests {
         assert_eq!(
             security.capabilities.and_then(|c| c.drop),
             Some(vec!["ALL".to_owned()])
+        );
+    }
+
+    #[test]
+    fn with_a_node_tier_the_sidecar_reads_through_the_node_cache_at_its_nodes_address() {
+        let mut with_tier = spec(InjectionMode::Container);
+        with_tier.node_tier.enabled = true;
+        with_tier.node_tier.port = Some(18766);
+        let container = sidecar_container(&with_tier, &env(false));
+        let args = container.args.clone().unwrap_or_default();
+        let node_tier: Vec<&String> = args
+            .iter()
+            .filter(|a| a.starts_with("--node-tier"))
+            .collect();
+        assert_eq!(node_tier, ["--node-tier=http://$(HOST_IP):18766"]);
+        let environment = container.env.clone().unwrap_or_default();
+        assert_eq!(
+            environment[0],
+            host_ip_env(),
+            "defined before anything else"
+        );
+        assert_eq!(
+            environment[0]
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("status.hostIP")
+        );
+        let without = sidecar_container(&spec(InjectionMode::Container), &env(false));
+        assert_eq!(
+            args.iter()
+                .filter(|a| !a.starts_with("--node-tier"))
+                .collect::<Vec<_>>(),
+            without.args.iter().flatten().collect::<Vec<_>>(),
+            "nothing else changes"
+        );
+        assert_eq!(environment[1..], without.env.unwrap_or_default());
+    }
+
+    #[test]
+    fn without_a_node_tier_the_sidecar_has_no_node_address() {
+        let mut off = spec(InjectionMode::Container);
+        off.node_tier.port = Some(18766);
+        let container = sidecar_container(&off, &env(false));
+        assert!(
+            !container
+                .args
+                .iter()
+                .flatten()
+                .any(|a| a.starts_with("--node-tier")),
+            "{:?}",
+            container.args
+        );
+        assert!(
+            !container.env.iter().flatten().any(|e| e.name == HOST_IP),
+            "{:?}",
+            container.env
         );
     }
 

@@ -1,14 +1,16 @@
-//! Pod templates rendered by the operator's injection, validated by kubernetes-validate
-//! against the Kubernetes 1.30 schemas: the native-sidecar path cannot run on the 1.20
-//! API server of the tests, so its manifests are checked here.
+//! Pod templates rendered by the operator's injection, and a node tier's DaemonSet and
+//! NetworkPolicy, validated by kubernetes-validate against the Kubernetes 1.30 schemas:
+//! the native-sidecar path cannot run on the 1.20 API server of the tests, so its
+//! manifests are checked here.
 
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde_json::json;
-use snapcache_operator::api::{InjectionMode, S3Spec, SnapshotCacheSpec};
+use snapcache_operator::api::{InjectionMode, S3Spec, SnapshotCache, SnapshotCacheSpec};
 use snapcache_operator::inject::{Environment, inject};
+use snapcache_operator::node_tier;
 use snapcache_tests::TestEnv;
 
 fn deployment() -> Deployment {
@@ -26,7 +28,11 @@ fn deployment() -> Deployment {
     .expect("deployment json")
 }
 
-fn validate(manifest: &Deployment, version: &str) -> Result<(), String> {
+fn json<T: k8s_openapi::serde::Serialize>(manifest: &T) -> serde_json::Value {
+    serde_json::to_value(manifest).expect("json")
+}
+
+fn validate(manifest: &serde_json::Value, version: &str) -> Result<(), String> {
     let file = tempfile::Builder::new()
         .suffix(".json")
         .tempfile()
@@ -65,7 +71,7 @@ fn injected_templates_validate_against_kubernetes_1_30() {
             sidecar: Default::default(),
             injection: mode,
             checkout: Default::default(),
-            node_tier: Default::default(),
+            node_tier: serde_json::from_value(json!({"enabled": true})).expect("node tier"),
         };
         let env = Environment {
             default_image: "snapcache/sidecar:0.1.0",
@@ -75,13 +81,40 @@ fn injected_templates_validate_against_kubernetes_1_30() {
         if let Some(deployment_spec) = manifest.spec.as_mut() {
             deployment_spec.template = inject(&deployment_spec.template, &spec, &env);
         }
-        validate(&manifest, "1.30.0").unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+        validate(&json(&manifest), "1.30.0").unwrap_or_else(|e| panic!("{mode:?}: {e}"));
         if native {
             // Containers had no restartPolicy before native sidecars: the validator notices.
             assert!(
-                validate(&manifest, "1.25.0").is_err(),
+                validate(&json(&manifest), "1.25.0").is_err(),
                 "1.25 has no native sidecars"
             );
         }
     }
+}
+
+#[test]
+fn a_node_tiers_daemon_set_and_network_policy_validate_against_kubernetes_1_30() {
+    let cache: SnapshotCache = serde_json::from_value(json!({
+        "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+        "metadata": {"name": "monorepo", "namespace": "ci",
+                     "uid": "5e0c7f4e-0000-4000-8000-000000000001"},
+        "spec": {"selector": {}, "s3": {"bucket": "snapshots", "credentialsSecret": "s3-creds"},
+                 "nodeTier": {"enabled": true, "resources": {"limits": {"memory": "1Gi"}}}},
+    }))
+    .expect("snapshot cache");
+    let owner = node_tier::Owner::of(&cache).expect("owner");
+    let env = Environment {
+        default_image: "snapcache/sidecar:0.1.0",
+        native_sidecars: true,
+    };
+    validate(
+        &json(&node_tier::daemon_set(&owner, &cache.spec, &env)),
+        "1.30.0",
+    )
+    .unwrap_or_else(|e| panic!("DaemonSet: {e}"));
+    validate(
+        &json(&node_tier::network_policy(&owner, &cache.spec)),
+        "1.30.0",
+    )
+    .unwrap_or_else(|e| panic!("NetworkPolicy: {e}"));
 }

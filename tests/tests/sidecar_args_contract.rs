@@ -1,7 +1,7 @@
 //! The contract between the operator's injection and the sidecar's command line: the
-//! args the operator puts into a pod, for every SnapshotCache option, are args the
-//! sidecar's own parser takes, with the meaning the SnapshotCache gave them. A renamed
-//! or retyped flag fails here, not in a pod. Pure: no component runs.
+//! args the operator puts into a pod (and into a node cache), for every SnapshotCache
+//! option, are args the sidecar's own parser takes, with the meaning the SnapshotCache
+//! gave them. A renamed or retyped flag fails here, not in a pod. Pure: no component runs.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,10 +13,11 @@ use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use snapcache_operator::api::{
-    CheckoutSpec, InjectionMode, NodeTierSpec, PinMode, S3Spec, SidecarSpec, SnapshotCacheSpec,
+    CheckoutSpec, InjectionMode, NodeTierSpec, PinMode, S3Spec, SidecarSpec, SnapshotCache,
+    SnapshotCacheSpec,
 };
-use snapcache_operator::checkout;
 use snapcache_operator::inject::{self, Environment};
+use snapcache_operator::{checkout, node_tier};
 use snapcache_sidecar::cli::{Cli, Command};
 use snapcache_sidecar::config::ServeConfig;
 
@@ -62,7 +63,7 @@ fn every_option(pin_mode: PinMode) -> SnapshotCacheSpec {
             give_up_after: Some("2m".to_owned()),
         },
         node_tier: NodeTierSpec {
-            enabled: false,
+            enabled: true,
             port: Some(18766),
             admin_port: Some(19766),
             host_path: Some("/mnt/ssd/snapcache".to_owned()),
@@ -72,9 +73,17 @@ fn every_option(pin_mode: PinMode) -> SnapshotCacheSpec {
     }
 }
 
-/// What the sidecar's parser makes of `args` (the container's, after the binary's name).
+/// The node's address, as the downward API gives it to HOST_IP.
+const NODE_ADDRESS: &str = "10.1.2.3";
+
+/// What the sidecar's parser makes of `args` (the container's, after the binary's name),
+/// once the kubelet has expanded `$(HOST_IP)` in them.
 fn parse(args: &[String]) -> Command {
-    let argv = std::iter::once("snapcache-sidecar").chain(args.iter().map(String::as_str));
+    let expanded: Vec<String> = args
+        .iter()
+        .map(|arg| arg.replace("$(HOST_IP)", NODE_ADDRESS))
+        .collect();
+    let argv = std::iter::once("snapcache-sidecar").chain(expanded.iter().map(String::as_str));
     match Cli::try_parse_from(argv) {
         Ok(cli) => cli.command,
         Err(err) => panic!("the sidecar refuses the injected args {args:?}:\n{err}"),
@@ -85,7 +94,8 @@ fn addr(text: &str) -> SocketAddr {
     text.parse().expect("address")
 }
 
-/// The `serve` config the spec asked for, flag by flag.
+/// The `serve` config the spec asked for, flag by flag, but the disk tier's budget and the
+/// node tier, which tell a sidecar from a node cache.
 fn assert_serves_as_specified(config: &ServeConfig, pin_mode: snapcache_sidecar::pin::PinMode) {
     assert_eq!(config.s3.bucket, "snapshots");
     assert_eq!(config.s3.prefix, "mirror/");
@@ -94,8 +104,6 @@ fn assert_serves_as_specified(config: &ServeConfig, pin_mode: snapcache_sidecar:
         Some("http://minio.storage:9000")
     );
     assert_eq!(config.disk_dir, Some(PathBuf::from("/var/cache/snapcache")));
-    // 90% of the 20Gi emptyDir, so the kubelet never evicts the pod for filling it.
-    assert_eq!(config.disk_max_bytes, 20 * (1 << 30) / 10 * 9);
     assert_eq!(config.revalidate_after, Duration::from_secs(120));
     assert_eq!(config.parallel_get_workers, 12);
     assert_eq!(config.parallel_get_chunk_size, 8 << 20);
@@ -120,7 +128,43 @@ fn the_sidecar_parses_the_injected_serve_args_for_every_option_as_the_spec_meant
         assert_eq!(config.listen, addr("127.0.0.1:18765"));
         assert_eq!(config.admin_listen, addr("0.0.0.0:19765"));
         assert_serves_as_specified(&config, parsed);
+        assert_is_a_pods_sidecar(&config);
     }
+}
+
+/// A pod's sidecar: 90% of the 20Gi emptyDir (so the kubelet never evicts the pod for
+/// filling it), reading through the node cache on its node's address.
+fn assert_is_a_pods_sidecar(config: &ServeConfig) {
+    assert_eq!(config.disk_max_bytes, 20 * (1 << 30) / 10 * 9);
+    assert_eq!(
+        config.node_tier.as_deref(),
+        Some(format!("http://{NODE_ADDRESS}:18766").as_str())
+    );
+    assert!(!config.node_cache);
+}
+
+#[test]
+fn the_sidecar_parses_the_node_caches_serve_args_for_every_option_as_the_spec_meant_them() {
+    let mut cache = SnapshotCache::new("monorepo", every_option(PinMode::Version));
+    cache.metadata.namespace = Some("ci".to_owned());
+    cache.metadata.uid = Some("5e0c7f4e-0000-4000-8000-000000000001".to_owned());
+    let owner = node_tier::Owner::of(&cache).expect("owner");
+    let daemon_set = node_tier::daemon_set(&owner, &cache.spec, &ENV);
+    let container = daemon_set
+        .spec
+        .and_then(|spec| spec.template.spec)
+        .map(|pod| pod.containers[0].clone())
+        .expect("the node cache container");
+    let Command::Serve(config) = parse(container.args.as_deref().unwrap_or_default()) else {
+        panic!("the node cache does not run `serve`: {:?}", container.args);
+    };
+    assert_eq!(config.listen, addr(&format!("{NODE_ADDRESS}:18766")));
+    assert_eq!(config.admin_listen, addr(&format!("{NODE_ADDRESS}:19766")));
+    assert_serves_as_specified(&config, snapcache_sidecar::pin::PinMode::Version);
+    // All of the node tier's 100Gi; a node cache never reads through another.
+    assert_eq!(config.disk_max_bytes, 100 * (1 << 30));
+    assert!(config.node_cache);
+    assert_eq!(config.node_tier, None);
 }
 
 #[test]
@@ -146,6 +190,7 @@ fn the_sidecar_parses_the_injected_serve_args_of_a_spec_with_only_its_bucket() {
     assert_eq!(config.s3.bucket, "snapshots");
     assert_eq!(config.listen, addr("127.0.0.1:8765"));
     assert_eq!(config.admin_listen, addr("0.0.0.0:9765"));
+    assert_eq!(config.node_tier, None, "no node tier unless asked for");
 }
 
 #[test]
@@ -171,4 +216,5 @@ fn the_sidecar_parses_the_injected_checkout_args_for_every_option_as_the_spec_me
     assert_eq!(args.give_up_after, Duration::from_secs(120));
     assert!(args.optional);
     assert_serves_as_specified(&args.serve, snapcache_sidecar::pin::PinMode::Etag);
+    assert_is_a_pods_sidecar(&args.serve);
 }
