@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use snapcache_operator::api::SnapshotCache;
@@ -355,7 +356,7 @@ async fn can_i(
 
 /// `helm install`, then the operator started exactly as the chart's Deployment says
 /// (its args and env) and acting as the chart's ServiceAccount, so the chart's RBAC is
-/// what is tested.
+/// what is tested: the status of a SnapshotCache, and its node tier applied and deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
     let env = TestEnv::get();
@@ -488,6 +489,44 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
         "the chart's RBAC lets the operator list the injected pods: {}",
         bucket.message
     );
+    // A node tier, as the chart's ServiceAccount: its DaemonSet and NetworkPolicy are
+    // applied (created, then patched) and deleted again.
+    let node_tier = |enabled: bool| json!({"spec": {"nodeTier": {"enabled": enabled}}});
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), &workloads);
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &workloads);
+    let name = "snapcache-node-monorepo";
+    caches
+        .patch(
+            "monorepo",
+            &PatchParams::default(),
+            &Patch::Merge(&node_tier(true)),
+        )
+        .await
+        .expect("ask for a node tier");
+    eventually("the node tier's DaemonSet and NetworkPolicy", async || {
+        let applied = daemon_sets.get_opt(name).await.ok()?.is_some()
+            && policies.get_opt(name).await.ok()?.is_some();
+        applied.then_some(())
+    })
+    .await;
+    eventually("the node caches in the status", async || {
+        caches.get("monorepo").await.ok()?.status?.node_caches
+    })
+    .await;
+    caches
+        .patch(
+            "monorepo",
+            &PatchParams::default(),
+            &Patch::Merge(&node_tier(false)),
+        )
+        .await
+        .expect("give the node tier up");
+    eventually("the node tier deleted", async || {
+        let gone = daemon_sets.get_opt(name).await.ok()?.is_none()
+            && policies.get_opt(name).await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &release_namespace);
     let lease = leases.get("snapcache").await.expect("the Lease");
     assert_eq!(
