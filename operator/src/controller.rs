@@ -84,6 +84,7 @@ impl Stores {
     fn daemon_set(&self, owner: &Owner) -> Option<Arc<DaemonSet>> {
         self.daemon_sets
             .get(&ObjectRef::new(&owner.object_name()).within(&owner.namespace))
+            .filter(|daemon_set| owner.owns(&daemon_set.metadata))
     }
 
     /// What the status says of `cache`'s node caches: nothing without a node tier.

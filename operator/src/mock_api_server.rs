@@ -480,6 +480,35 @@ async fn a_node_tier_no_longer_wanted_is_deleted_and_leaves_the_status() {
 }
 
 #[tokio::test]
+async fn a_daemon_set_of_that_name_owned_by_another_is_neither_deleted_nor_reported() {
+    let (client, mut server) = ApiServer::start();
+    let mut world = World::new(vec![with_node_tier(false)], vec![]);
+    let mut not_ours = node_daemon_set(3, 3);
+    if let Some(owners) = not_ours.metadata.owner_references.as_mut() {
+        owners[0].uid = "an-earlier-monorepo".to_owned();
+    }
+    world.daemon_sets = vec![not_ours];
+    let (ctx, _writers) = world.context(client);
+    let reconcile = tokio::spawn(controller::reconcile(
+        Arc::new(with_node_tier(false)),
+        ctx.clone(),
+    ));
+
+    let patch = server.status_patch().await;
+    let status = patch.body.clone();
+    patch.respond(
+        StatusCode::OK,
+        &serde_json::to_value(builds()).expect("cache"),
+    );
+    assert_eq!(status["status"].get("nodeCaches"), None, "{status}");
+    reconcile
+        .await
+        .expect("reconcile task")
+        .expect("reconciled");
+    server.no_more_requests().await;
+}
+
+#[tokio::test]
 async fn a_refused_node_tier_still_writes_the_status_then_fails_pointing_at_the_rbac() {
     let (client, mut server) = ApiServer::start();
     let (ctx, _writers) = World::new(vec![with_node_tier(true)], vec![]).context(client);

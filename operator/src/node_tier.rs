@@ -34,6 +34,7 @@ pub const API_PORT_NAME: &str = "snapshot-api";
 pub const NODE_CACHE_LABEL: &str = "snapcache.io/node-cache";
 /// On every object the operator makes for a node tier, so its watch lists only those.
 pub const COMPONENT_LABEL: (&str, &str) = ("app.kubernetes.io/component", "node-cache");
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 const VOLUME_NAME: &str = "snapcache-node-disk";
 const NAME_PREFIX: &str = "snapcache-node-";
 /// Longest object name and label value Kubernetes takes.
@@ -63,6 +64,15 @@ impl Owner {
         fitted(&format!("{NAME_PREFIX}{}", self.cache), MAX_NAME)
     }
 
+    /// Whether `object` is one of this SnapshotCache's, not another's of the same name.
+    pub fn owns(&self, object: &ObjectMeta) -> bool {
+        object
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|reference| reference.uid == self.reference.uid)
+    }
+
     fn metadata(&self) -> ObjectMeta {
         ObjectMeta {
             name: Some(self.object_name()),
@@ -87,7 +97,7 @@ impl Owner {
                 ("app.kubernetes.io/name", "snapcache"),
                 COMPONENT_LABEL,
                 ("app.kubernetes.io/part-of", "snapcache"),
-                ("app.kubernetes.io/managed-by", crate::FIELD_MANAGER),
+                (MANAGED_BY, crate::FIELD_MANAGER),
             ]
             .map(|(key, value)| (key.to_owned(), value.to_owned())),
         );
@@ -97,7 +107,12 @@ impl Owner {
 
 /// The label selector of the operator's watch of node cache DaemonSets.
 pub fn watch_selector() -> String {
-    format!("{}={}", COMPONENT_LABEL.0, COMPONENT_LABEL.1)
+    format!(
+        "{}={},{MANAGED_BY}={}",
+        COMPONENT_LABEL.0,
+        COMPONENT_LABEL.1,
+        crate::FIELD_MANAGER
+    )
 }
 
 /// The DaemonSet running `owner`'s node cache on every node.
@@ -386,7 +401,15 @@ mod tests {
                 .map(String::as_str),
             Some(COMPONENT_LABEL.1)
         );
-        assert_eq!(watch_selector(), "app.kubernetes.io/component=node-cache");
+        assert_eq!(
+            watch_selector(),
+            "app.kubernetes.io/component=node-cache,app.kubernetes.io/managed-by=snapcache-operator"
+        );
+        let labels = meta.labels.clone().unwrap_or_default();
+        for pair in watch_selector().split(',') {
+            let (key, value) = pair.split_once('=').expect("key=value");
+            assert_eq!(labels.get(key).map(String::as_str), Some(value), "{key}");
+        }
     }
 
     #[test]
@@ -591,6 +614,17 @@ mod tests {
                 ready: 2
             }
         );
+    }
+
+    #[test]
+    fn a_cache_owns_only_objects_referring_to_its_uid() {
+        let (owner, daemon_set, _) = built(json!({"enabled": true}));
+        assert!(owner.owns(&daemon_set.metadata));
+        let mut recreated = cache(json!({"enabled": true}));
+        recreated.metadata.uid = Some("5e0c7f4e-0000-4000-8000-000000000002".to_owned());
+        let successor = Owner::of(&recreated).expect("owner");
+        assert!(!successor.owns(&daemon_set.metadata));
+        assert!(!owner.owns(&ObjectMeta::default()));
     }
 
     #[test]

@@ -528,6 +528,37 @@ async fn a_node_tier_becomes_an_owned_daemon_set_and_network_policy_that_follow_
     )
     .await;
 
+    // A reconcile with nothing new for the node tier applies it again and writes nothing
+    // (so no DaemonSet event, no reconcile of its own): a new selector is reconciled, the
+    // node tier first, then the status of the new generation.
+    let before = daemon_sets.get(name).await.expect("DaemonSet");
+    let reselect = json!({"spec": {"selector": {"matchLabels": {"app": "other"}}}});
+    let generation = caches
+        .patch(
+            "monorepo",
+            &PatchParams::default(),
+            &Patch::Merge(&reselect),
+        )
+        .await
+        .expect("change the selector")
+        .metadata
+        .generation;
+    eventually("the status of the new selector", async || {
+        let status = caches.get("monorepo").await.ok()?.status?;
+        (status.observed_generation == generation).then_some(())
+    })
+    .await;
+    assert_eq!(
+        daemon_sets
+            .get(name)
+            .await
+            .expect("DaemonSet")
+            .metadata
+            .resource_version,
+        before.metadata.resource_version,
+        "an unchanged node tier is not written again"
+    );
+
     // A new port reaches the DaemonSet and the NetworkPolicy.
     let new_port = json!({"spec": {"nodeTier": {"port": 18766}}});
     caches
