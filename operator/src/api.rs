@@ -80,6 +80,16 @@ pub struct NodeTierSpec {
     /// Compute resources of the node cache container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Repositories (`{host}/{path}`, e.g. `github.com/org/repo`) whose snapshot every
+    /// node cache keeps at its current revision before any pod asks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prewarm: Vec<String>,
+    /// How often the node caches check the `prewarm` snapshots for a new revision, e.g.
+    /// `30s` (the default); S3 is asked once the copy is older than the sidecar's
+    /// revalidateAfter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub prewarm_interval: Option<String>,
 }
 
 impl NodeTierSpec {

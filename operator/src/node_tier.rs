@@ -175,6 +175,12 @@ fn node_cache_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Cont
     };
     let mut args = inject::serve_args(spec, &serving);
     args.push("--node-cache".to_owned());
+    args.extend(tier.prewarm.iter().map(|repo| format!("--prewarm={repo}")));
+    args.extend(
+        tier.prewarm_interval
+            .iter()
+            .map(|interval| format!("--prewarm-interval={interval}")),
+    );
     let mut environment = vec![inject::host_ip_env()];
     environment.extend(inject::s3_environment(spec));
     let probe = |path: &str, period_seconds: i32| Probe {
@@ -434,6 +440,34 @@ mod tests {
         assert_eq!(
             volume.host_path.as_ref().map(|h| h.path.as_str()),
             Some("/mnt/ssd/ci/monorepo")
+        );
+    }
+
+    #[test]
+    fn a_node_cache_keeps_the_prewarm_snapshots_warm_at_the_interval_asked() {
+        let args = |node_tier| {
+            let (_, daemon_set, _) = built(node_tier);
+            let args = pod_spec(&daemon_set).containers[0].args.clone();
+            args.unwrap_or_default()
+        };
+        let asked = args(json!({"enabled": true, "prewarm": ["github.com/org/repo",
+            "github.com/org/tools"], "prewarmInterval": "1m"}));
+        let prewarm: Vec<&String> = asked
+            .iter()
+            .filter(|a| a.starts_with("--prewarm"))
+            .collect();
+        assert_eq!(
+            prewarm,
+            [
+                "--prewarm=github.com/org/repo",
+                "--prewarm=github.com/org/tools",
+                "--prewarm-interval=1m"
+            ]
+        );
+        let not_asked = args(json!({"enabled": true}));
+        assert!(
+            !not_asked.iter().any(|a| a.starts_with("--prewarm")),
+            "{not_asked:?}"
         );
     }
 

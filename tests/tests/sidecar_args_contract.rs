@@ -69,6 +69,11 @@ fn every_option(pin_mode: PinMode) -> SnapshotCacheSpec {
             host_path: Some("/mnt/ssd/snapcache".to_owned()),
             size: Some(Quantity("100Gi".to_owned())),
             resources: Some(ResourceRequirements::default()),
+            prewarm: vec![
+                "github.com/org/repo".to_owned(),
+                "github.com/org/tools".to_owned(),
+            ],
+            prewarm_interval: Some("1m".to_owned()),
         },
     }
 }
@@ -165,6 +170,11 @@ fn the_sidecar_parses_the_node_caches_serve_args_for_every_option_as_the_spec_me
     assert_eq!(config.disk_max_bytes, 100 * (1 << 30));
     assert!(config.node_cache);
     assert_eq!(config.node_tier, None);
+    assert_eq!(
+        config.prewarm,
+        ["github.com/org/repo", "github.com/org/tools"]
+    );
+    assert_eq!(config.prewarm_interval, Duration::from_secs(60));
 }
 
 #[test]
