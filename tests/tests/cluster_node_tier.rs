@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-use snapcache_tests::cluster::namespace_with_snapshot_cache;
-use snapcache_tests::git::git;
+use snapcache_tests::cluster::{Operator, container_log, namespace_with_snapshot_cache};
+use snapcache_tests::git::{git, init_repository};
 use snapcache_tests::sidecar::{Sidecar, binary, free_addr};
 use snapcache_tests::{TestEnv, create_bucket, install_snapshot_cache_crd, unique_name, within};
 
@@ -18,8 +19,13 @@ const REPO: &str = "example.com/snapcache/node-tier";
 /// Publishes this project's own repository (HEAD) to `bucket` on Garage: its commit and
 /// the snapshot's size.
 async fn publish_this_repository(bucket: &str) -> (String, u64) {
-    let garage = TestEnv::get().s3_server("garage");
     let repository = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    publish(repository, bucket).await
+}
+
+/// Publishes `repository` (HEAD) to `bucket` on Garage: its commit and the snapshot's size.
+async fn publish(repository: &std::path::Path, bucket: &str) -> (String, u64) {
+    let garage = TestEnv::get().s3_server("garage");
     let work = tempfile::tempdir().expect("work dir");
     let published = std::process::Command::new(binary("snapcache-sidecar"))
         .args(["publish", "--name", REPO, "--repo"])
@@ -76,29 +82,24 @@ fn checkout_job(name: &str) -> Job {
     .expect("job")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_checkouts_on_the_node_read_the_snapshot_from_s3_once() {
-    let env = TestEnv::get();
-    let client = env.cluster_client().await.expect("cluster client");
-    install_snapshot_cache_crd(&client).await;
-    let bucket = unique_name("node-tier");
-    create_bucket(&env.s3_server("garage").client(), &bucket).await;
-    let (commit, size) = publish_this_repository(&bucket).await;
+/// A namespace whose SnapshotCache `ci` has a node tier (on ports of this test, its disk
+/// in `host_dir`), the host operator, and the node cache ready; its admin port.
+async fn namespace_with_node_tier(
+    client: &kube::Client,
+    bucket: &str,
+    host_dir: &std::path::Path,
+) -> (String, Operator, u16) {
     // Ports free here are free on the node's address too; parallel tests each get theirs.
     let (port, admin_port) = (free_addr().port(), free_addr().port());
-    // The node cache's hostPath: a directory of this test, removed with it.
-    let host_dir = tempfile::Builder::new()
-        .prefix("snapcache-node-tier-")
-        .tempdir()
-        .expect("the node cache's host directory");
-    let node_tier = json!({"nodeTier": {
-        "enabled": true, "port": port, "adminPort": admin_port,
-        "hostPath": host_dir.path(), "size": "1Gi",
-    }});
-    let endpoint = env.require("CLUSTER_S3_GARAGE_ENDPOINT");
+    let spec = json!({
+        "nodeTier": {"enabled": true, "port": port, "adminPort": admin_port,
+                     "hostPath": host_dir, "size": "1Gi"},
+        // The node cache asks S3 for the current revision on every read.
+        "sidecar": {"diskSize": "2Gi", "revalidateAfter": "1ms"},
+    });
+    let endpoint = TestEnv::get().require("CLUSTER_S3_GARAGE_ENDPOINT");
     let (namespace, operator) =
-        namespace_with_snapshot_cache(&client, "node-tier", &bucket, endpoint, node_tier).await;
-
+        namespace_with_snapshot_cache(client, "node-tier", bucket, endpoint, spec).await;
     let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
     within(
         Duration::from_secs(120),
@@ -109,15 +110,19 @@ async fn five_checkouts_on_the_node_read_the_snapshot_from_s3_once() {
         },
     )
     .await;
+    (namespace, operator, admin_port)
+}
 
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
-    let names: Vec<String> = (0..5).map(|n| format!("build-{n}")).collect();
-    for name in &names {
+/// Runs Jobs `names` at once, each checking out `REPO`; every one must succeed with
+/// `commit` checked out.
+async fn checkouts_succeed(client: &kube::Client, namespace: &str, names: &[&str], commit: &str) {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    for name in names {
         jobs.create(&PostParams::default(), &checkout_job(name))
             .await
             .expect("create a Job");
     }
-    for name in &names {
+    for name in names {
         within(
             Duration::from_secs(240),
             &format!("Job {name} to succeed"),
@@ -129,29 +134,92 @@ async fn five_checkouts_on_the_node_read_the_snapshot_from_s3_once() {
         )
         .await;
     }
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &namespace);
-    for pod in pods.list(&Default::default()).await.expect("pods").items {
-        let pod_name = pod.metadata.name.clone().expect("pod name");
-        if pod_name.starts_with("build-") {
-            let log = snapcache_tests::cluster::container_log(&pods, &pod_name, "app").await;
-            assert!(
-                log.contains(&format!("CHECKED OUT {commit}")),
-                "{pod_name}: {log}"
-            );
-        }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    for name in names {
+        let listed = pods
+            .list(&ListParams::default().labels(&format!("job-name={name}")))
+            .await
+            .expect("the Job's pods");
+        let pod = listed.items.into_iter().next().expect("the Job's pod");
+        let pod_name = pod.metadata.name.expect("pod name");
+        let log = container_log(&pods, &pod_name, "app").await;
+        assert!(
+            log.contains(&format!("CHECKED OUT {commit}")),
+            "{pod_name}: {log}"
+        );
     }
+}
 
-    let node_ip = env.require("CLUSTER_NODE_IP");
+/// The node cache's `snapcache_s3_read_bytes_total`.
+async fn node_cache_s3_bytes(admin_port: u16) -> f64 {
+    let node_ip = TestEnv::get().require("CLUSTER_NODE_IP");
     let metrics = reqwest::get(format!("http://{node_ip}:{admin_port}/metrics"))
         .await
         .expect("the node cache's metrics")
         .text()
         .await
         .expect("metrics text");
+    Sidecar::metric(&metrics, "snapcache_s3_read_bytes_total")
+}
+
+/// A client of the node's cluster (the CRD installed) and a new Garage bucket.
+async fn cluster_and_bucket() -> (kube::Client, String) {
+    let env = TestEnv::get();
+    let client = env.cluster_client().await.expect("cluster client");
+    install_snapshot_cache_crd(&client).await;
+    let bucket = unique_name("node-tier");
+    create_bucket(&env.s3_server("garage").client(), &bucket).await;
+    (client, bucket)
+}
+
+/// The node cache's hostPath: a directory of this test, removed with it.
+fn host_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("snapcache-node-tier-")
+        .tempdir()
+        .expect("the node cache's host directory")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_checkouts_on_the_node_read_the_snapshot_from_s3_once() {
+    let (client, bucket) = cluster_and_bucket().await;
+    let (commit, size) = publish_this_repository(&bucket).await;
+    let host_dir = host_dir();
+    let (namespace, operator, admin_port) =
+        namespace_with_node_tier(&client, &bucket, host_dir.path()).await;
+    let names = ["build-0", "build-1", "build-2", "build-3", "build-4"];
+    checkouts_succeed(&client, &namespace, &names, &commit).await;
     assert_eq!(
-        Sidecar::metric(&metrics, "snapcache_s3_read_bytes_total"),
+        node_cache_s3_bytes(admin_port).await,
         size as f64,
-        "the node cache read the snapshot from S3 once:\n{metrics}"
+        "the node cache read the snapshot from S3 once"
+    );
+    operator.stop(&client).await;
+}
+
+/// A snapshot regenerated between two pods: the second gets the new revision, and the
+/// node cache reads each revision from S3 once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_regenerated_between_two_pods_reaches_the_second() {
+    let (client, bucket) = cluster_and_bucket().await;
+    let source = tempfile::tempdir().expect("a repository");
+    init_repository(source.path());
+    std::fs::write(source.path().join("README"), "first\n").expect("write");
+    git(source.path(), &["add", "README"]);
+    git(source.path(), &["commit", "-q", "-m", "first"]);
+    let (first, first_size) = publish(source.path(), &bucket).await;
+    let host_dir = host_dir();
+    let (namespace, operator, admin_port) =
+        namespace_with_node_tier(&client, &bucket, host_dir.path()).await;
+    checkouts_succeed(&client, &namespace, &["first"], &first).await;
+    std::fs::write(source.path().join("README"), "second\n").expect("write");
+    git(source.path(), &["commit", "-q", "-am", "second"]);
+    let (second, second_size) = publish(source.path(), &bucket).await;
+    checkouts_succeed(&client, &namespace, &["second"], &second).await;
+    assert_eq!(
+        node_cache_s3_bytes(admin_port).await,
+        (first_size + second_size) as f64,
+        "each revision read from S3 once, by the node cache"
     );
     operator.stop(&client).await;
 }
