@@ -14,15 +14,15 @@ RELEASE_NAMESPACE=snapcache-system
 DEMO_NAMESPACE=snapcache-demo
 
 if [[ ${1:-} != inside ]]; then
-  step "1/9 Installing moto, helm, containerd, the CNI plugins and Kubernetes 1.20.2 (built once from Debian's source, about 15 minutes; cached after)"
+  step "1/10 Installing moto, helm, containerd, the CNI plugins and Kubernetes 1.20.2 (built once from Debian's source, about 15 minutes; cached after)"
   install_demo_tools
   bash "$ENV_DIR/helm.sh" install
   bash "$ENV_DIR/cluster.sh" install
   bash "$ENV_DIR/images.sh" install
-  step "2/9 Building the binaries and the images of the sidecar and the operator (dev profile)"
+  step "2/10 Building the binaries and the images of the sidecar and the operator (dev profile)"
   (cd "$ROOT" && cargo build --locked -p snapcache-sidecar -p snapcache-operator)
   SNAPCACHE_IMAGE_PROFILE=dev bash "$ENV_DIR/images.sh" build
-  run_inside moto,cluster "3/9 Starting moto and the cluster (etcd, API server, scheduler, controller-manager, containerd, kubelet)"
+  run_inside moto,cluster "3/10 Starting moto and the cluster (etcd, API server, scheduler, controller-manager, containerd, kubelet)"
 fi
 
 enter_run debug
@@ -30,7 +30,7 @@ HELM=$(bash "$ENV_DIR/helm.sh" bin_path)
 kubectl() { command kubectl --kubeconfig "$CLUSTER_KUBECONFIG" "$@"; }
 kubectl get nodes -o wide
 
-step "4/9 helm install $RELEASE charts/snapcache -n $RELEASE_NAMESPACE (the operator runs as a pod)"
+step "4/10 helm install $RELEASE charts/snapcache -n $RELEASE_NAMESPACE (the operator runs as a pod)"
 # No kube-proxy here: the operator reaches the API server at the node address.
 "$HELM" --kubeconfig "$CLUSTER_KUBECONFIG" install "$RELEASE" "$ROOT/charts/snapcache" \
   -n "$RELEASE_NAMESPACE" --create-namespace --set image.pullPolicy=Never \
@@ -41,10 +41,10 @@ kubectl -n "$RELEASE_NAMESPACE" rollout status deployment/"$RELEASE" --timeout=1
   fail "the operator pod did not become ready: $(kubectl -n "$RELEASE_NAMESPACE" logs deployment/"$RELEASE" --tail=20)"
 kubectl -n "$RELEASE_NAMESPACE" get pods -o wide
 
-step "5/9 Publishing a snapshot of this repository to S3 (moto): snapcache-sidecar publish"
+step "5/10 Publishing a snapshot of this repository to S3 (moto): snapcache-sidecar publish"
 publish_repository
 
-step "6/9 A Secret, a SnapshotCache and a Deployment whose app reads the snapshot from 127.0.0.1:8765"
+step "6/10 A Secret, a SnapshotCache and a Deployment whose app reads the snapshot from 127.0.0.1:8765"
 kubectl create namespace "$DEMO_NAMESPACE"
 kubectl -n "$DEMO_NAMESPACE" create secret generic s3-credentials \
   --from-literal=AWS_ACCESS_KEY_ID="$MOTO_ACCESS_KEY_ID" \
@@ -92,7 +92,7 @@ spec:
               exec sleep 1000000
 EOF
 
-step "7/9 Waiting for the pod: the webhook injects the sidecar, the app reads the snapshot"
+step "7/10 Waiting for the pod: the webhook injects the sidecar, the app reads the snapshot"
 app_has_read() {
   kubectl -n "$DEMO_NAMESPACE" logs deployment/builder -c app 2>/dev/null | grep -q 'snapshot.tar.zst$'
 }
@@ -108,17 +108,19 @@ kubectl -n "$DEMO_NAMESPACE" logs deployment/builder -c app
 echo "--- the SnapshotCache:"
 kubectl -n "$DEMO_NAMESPACE" get snapshotcache monorepo
 
-step "8/9 A few lines of the sidecar's metrics (its admin port, on the pod's address)"
+step "8/10 A few lines of the sidecar's metrics (its admin port, on the pod's address)"
 pod_ip=$(kubectl -n "$DEMO_NAMESPACE" get pods -l app=builder \
   -o 'jsonpath={.items[?(@.status.phase=="Running")].status.podIP}' | awk '{print $1}')
 curl -sf "http://$pod_ip:9765/metrics" |
   grep -E '^snapcache_(response_bytes_total|s3_read_bytes_total|disk_tier_entries|s3_up|ready|heap_resident_bytes)' ||
   fail "no metrics from the sidecar at $pod_ip:9765"
-step "9/9 A Job that starts with this repository checked out (the webhook's init container) and completes"
-kubectl -n "$DEMO_NAMESPACE" apply -f - <<EOF
+# apply_checkout_job NAME: a Job whose pod starts with this repository checked out (the
+# webhook's init container) and shows it.
+apply_checkout_job() {
+  kubectl -n "$DEMO_NAMESPACE" apply -f - <<EOF
 apiVersion: batch/v1
 kind: Job
-metadata: {name: ci}
+metadata: {name: $1}
 spec:
   backoffLimit: 0
   template:
@@ -142,9 +144,45 @@ spec:
               git log --oneline -3
               echo "uncommitted changes: \$(git status --porcelain | wc -l)"
 EOF
+}
+step "9/10 A Job that starts with this repository checked out (the webhook's init container) and completes"
+apply_checkout_job ci
 kubectl -n "$DEMO_NAMESPACE" wait --for=condition=complete job/ci --timeout=180s ||
   fail "the Job did not complete: $(kubectl -n "$DEMO_NAMESPACE" describe pods -l job-name=ci | tail -n 30)"
 kubectl -n "$DEMO_NAMESPACE" get job ci
 echo "--- the Job's log:"
 kubectl -n "$DEMO_NAMESPACE" logs job/ci -c app
-printf '\ncluster demo OK: the operator pod injected the sidecar, the app read the published snapshot from it, and a Job started with the repository checked out\n'
+
+step "10/10 A node tier: a node cache on the node; the first Job reads the snapshot through it from S3, the second starts warm"
+kubectl -n "$DEMO_NAMESPACE" patch snapshotcache monorepo --type merge \
+  -p "{\"spec\": {\"nodeTier\": {\"enabled\": true, \"hostPath\": \"$WORK/node-cache\", \"size\": \"1Gi\"}}}"
+deadline=$((SECONDS + 60))
+until kubectl -n "$DEMO_NAMESPACE" get daemonset snapcache-node-monorepo >/dev/null 2>&1; do
+  ((SECONDS < deadline)) || fail "the operator made no node cache DaemonSet"
+  sleep 0.5
+done
+kubectl -n "$DEMO_NAMESPACE" rollout status daemonset/snapcache-node-monorepo --timeout=120s ||
+  fail "the node cache is not ready: $(kubectl -n "$DEMO_NAMESPACE" describe pods -l app.kubernetes.io/component=node-cache | tail -n 30)"
+# node_cache_s3_bytes: what the node cache has read from S3 so far (its admin port, 9766).
+node_cache_s3_bytes() {
+  curl -sf "http://$CLUSTER_NODE_IP:9766/metrics" | awk '$1 == "snapcache_s3_read_bytes_total" { print $2 }'
+}
+cold_bytes=""
+for job in ci-cold ci-warm; do
+  apply_checkout_job "$job" >/dev/null
+  kubectl -n "$DEMO_NAMESPACE" wait --for=condition=complete "job/$job" --timeout=180s ||
+    fail "the Job $job did not complete: $(kubectl -n "$DEMO_NAMESPACE" describe pods -l job-name="$job" | tail -n 30)"
+  seconds=$(kubectl -n "$DEMO_NAMESPACE" get job "$job" -o json |
+    python3 -c 'import json,sys,datetime; s=json.load(sys.stdin)["status"]; t=lambda k: datetime.datetime.fromisoformat(s[k].replace("Z","+00:00")); print(int((t("completionTime")-t("startTime")).total_seconds()))')
+  read_bytes=$(node_cache_s3_bytes) || fail "no metrics from the node cache at $CLUSTER_NODE_IP:9766"
+  echo "$job: completed in ${seconds}s; the node cache has read $read_bytes bytes from S3 in all"
+  if [[ -z $cold_bytes ]]; then
+    cold_bytes=$read_bytes
+    [[ $cold_bytes != 0 ]] || fail "the first Job did not read through the node cache"
+  else
+    [[ $read_bytes == "$cold_bytes" ]] || fail "the second Job made the node cache read S3 again"
+  fi
+done
+echo "--- the second Job's log:"
+kubectl -n "$DEMO_NAMESPACE" logs job/ci-warm -c app
+printf '\ncluster demo OK: the operator pod injected the sidecar, the app read the published snapshot from it, a Job started with the repository checked out, and with a node tier a second Job started warm\n'
