@@ -88,12 +88,14 @@ async fn namespace_with_node_tier(
     client: &kube::Client,
     bucket: &str,
     host_dir: &std::path::Path,
+    prewarm: &[&str],
 ) -> (String, Operator, u16) {
     // Ports free here are free on the node's address too; parallel tests each get theirs.
     let (port, admin_port) = (free_addr().port(), free_addr().port());
     let spec = json!({
         "nodeTier": {"enabled": true, "port": port, "adminPort": admin_port,
-                     "hostPath": host_dir, "size": "1Gi"},
+                     "hostPath": host_dir, "size": "1Gi",
+                     "prewarm": prewarm, "prewarmInterval": "1s"},
         // The node cache asks S3 for the current revision on every read.
         "sidecar": {"diskSize": "2Gi", "revalidateAfter": "1ms"},
     });
@@ -152,6 +154,10 @@ async fn checkouts_succeed(client: &kube::Client, namespace: &str, names: &[&str
 
 /// The node cache's `snapcache_s3_read_bytes_total`.
 async fn node_cache_s3_bytes(admin_port: u16) -> f64 {
+    node_cache_metric(admin_port, "snapcache_s3_read_bytes_total").await
+}
+
+async fn node_cache_metric(admin_port: u16, sample: &str) -> f64 {
     let node_ip = TestEnv::get().require("CLUSTER_NODE_IP");
     let metrics = reqwest::get(format!("http://{node_ip}:{admin_port}/metrics"))
         .await
@@ -159,7 +165,21 @@ async fn node_cache_s3_bytes(admin_port: u16) -> f64 {
         .text()
         .await
         .expect("metrics text");
-    Sidecar::metric(&metrics, "snapcache_s3_read_bytes_total")
+    Sidecar::metric(&metrics, sample)
+}
+
+/// Waits until the node cache has read `bytes` from S3 by pre-warming, all of them.
+async fn until_prewarmed(admin_port: u16, bytes: u64) {
+    within(
+        Duration::from_secs(60),
+        &format!("the node cache to pre-warm {bytes} bytes"),
+        async || {
+            let warmed = node_cache_metric(admin_port, "snapcache_prewarm_read_bytes_total").await;
+            (warmed == bytes as f64).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(node_cache_s3_bytes(admin_port).await, bytes as f64);
 }
 
 /// A client of the node's cluster (the CRD installed) and a new Garage bucket.
@@ -186,7 +206,7 @@ async fn five_checkouts_on_the_node_read_the_snapshot_from_s3_once() {
     let (commit, size) = publish_this_repository(&bucket).await;
     let host_dir = host_dir();
     let (namespace, operator, admin_port) =
-        namespace_with_node_tier(&client, &bucket, host_dir.path()).await;
+        namespace_with_node_tier(&client, &bucket, host_dir.path(), &[]).await;
     let names = ["build-0", "build-1", "build-2", "build-3", "build-4"];
     checkouts_succeed(&client, &namespace, &names, &commit).await;
     assert_eq!(
@@ -210,7 +230,7 @@ async fn a_snapshot_regenerated_between_two_pods_reaches_the_second() {
     let (first, first_size) = publish(source.path(), &bucket).await;
     let host_dir = host_dir();
     let (namespace, operator, admin_port) =
-        namespace_with_node_tier(&client, &bucket, host_dir.path()).await;
+        namespace_with_node_tier(&client, &bucket, host_dir.path(), &[]).await;
     checkouts_succeed(&client, &namespace, &["first"], &first).await;
     std::fs::write(source.path().join("README"), "second\n").expect("write");
     git(source.path(), &["commit", "-q", "-am", "second"]);
@@ -220,6 +240,37 @@ async fn a_snapshot_regenerated_between_two_pods_reaches_the_second() {
         node_cache_s3_bytes(admin_port).await,
         (first_size + second_size) as f64,
         "each revision read from S3 once, by the node cache"
+    );
+    operator.stop(&client).await;
+}
+
+/// Pre-warming on the node: the node cache reads each new revision of a listed snapshot
+/// before any pod asks, and the next pod's checkout costs no S3 read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarmed_node_cache_has_each_new_revision_before_the_next_pod() {
+    let (client, bucket) = cluster_and_bucket().await;
+    let source = tempfile::tempdir().expect("a repository");
+    init_repository(source.path());
+    std::fs::write(source.path().join("README"), "first\n").expect("write");
+    git(source.path(), &["add", "README"]);
+    git(source.path(), &["commit", "-q", "-m", "first"]);
+    let (first, first_size) = publish(source.path(), &bucket).await;
+    let host_dir = host_dir();
+    let (namespace, operator, admin_port) =
+        namespace_with_node_tier(&client, &bucket, host_dir.path(), &[REPO]).await;
+    until_prewarmed(admin_port, first_size).await;
+    checkouts_succeed(&client, &namespace, &["first"], &first).await;
+    assert_eq!(node_cache_s3_bytes(admin_port).await, first_size as f64);
+
+    std::fs::write(source.path().join("README"), "second\n").expect("write");
+    git(source.path(), &["commit", "-q", "-am", "second"]);
+    let (second, second_size) = publish(source.path(), &bucket).await;
+    until_prewarmed(admin_port, first_size + second_size).await;
+    checkouts_succeed(&client, &namespace, &["second"], &second).await;
+    assert_eq!(
+        node_cache_s3_bytes(admin_port).await,
+        (first_size + second_size) as f64,
+        "the pod's checkout read nothing more from S3"
     );
     operator.stop(&client).await;
 }
