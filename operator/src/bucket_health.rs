@@ -184,7 +184,7 @@ pub fn judge(bucket: &str, answers: &[Answer]) -> BucketCondition {
 pub async fn ask_sidecars(http: &reqwest::Client, pods: &[Pod], bucket: &str) -> BucketCondition {
     let targets: BTreeMap<String, String> = pods
         .iter()
-        .filter_map(|pod| Some((pod.name_any(), sidecar_admin_address(pod)?)))
+        .filter_map(|pod| Some((pod.name_any(), admin_address(pod, CONTAINER_NAME)?)))
         .collect();
     let asks = targets
         .into_iter()
@@ -194,8 +194,8 @@ pub async fn ask_sidecars(http: &reqwest::Client, pods: &[Pod], bucket: &str) ->
     judge(bucket, &answers)
 }
 
-/// `ip:port` of a running pod's sidecar admin port.
-fn sidecar_admin_address(pod: &Pod) -> Option<String> {
+/// `ip:port` of the admin port of `container` in a running pod.
+pub fn admin_address(pod: &Pod, container: &str) -> Option<String> {
     let status = pod.status.as_ref()?;
     if status.phase.as_deref() != Some("Running") {
         return None;
@@ -206,7 +206,7 @@ fn sidecar_admin_address(pod: &Pod) -> Option<String> {
         .containers
         .iter()
         .chain(spec.init_containers.iter().flatten())
-        .find(|container| container.name == CONTAINER_NAME)?;
+        .find(|candidate| candidate.name == container)?;
     let port = sidecar
         .ports
         .iter()
@@ -222,6 +222,12 @@ fn sidecar_admin_address(pod: &Pod) -> Option<String> {
 }
 
 async fn ask(http: &reqwest::Client, address: &str) -> Result<SidecarView, String> {
+    let text = metrics_of(http, address).await?;
+    sidecar_view(&text).ok_or_else(|| "its metrics have no S3 health (an old sidecar?)".to_owned())
+}
+
+/// The Prometheus text of the admin port at `address`.
+pub async fn metrics_of(http: &reqwest::Client, address: &str) -> Result<String, String> {
     let response = http
         .get(format!("http://{address}/metrics"))
         .timeout(ASK_TIMEOUT)
@@ -231,11 +237,10 @@ async fn ask(http: &reqwest::Client, address: &str) -> Result<SidecarView, Strin
     if !response.status().is_success() {
         return Err(format!("GET /metrics answered {}", response.status()));
     }
-    let text = response
+    response
         .text()
         .await
-        .map_err(|err| format!("reading /metrics: {err}"))?;
-    sidecar_view(&text).ok_or_else(|| "its metrics have no S3 health (an old sidecar?)".to_owned())
+        .map_err(|err| format!("reading /metrics: {err}"))
 }
 
 #[cfg(test)]

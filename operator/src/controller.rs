@@ -35,6 +35,7 @@ use crate::inject::Environment;
 use crate::lease::Leadership;
 use crate::metrics::{Metrics, ReconcileFailure};
 use crate::node_tier::{self, Owner};
+use crate::prewarm_health;
 
 /// How many pod names the status and events list at most.
 const NAMES_LISTED: usize = 20;
@@ -81,6 +82,22 @@ impl Stores {
     }
 
     /// The DaemonSet of `owner`'s node tier, as its watch last saw it.
+    /// The pods of `owner`'s node caches.
+    fn node_cache_pods(&self, owner: &Owner) -> Vec<Pod> {
+        let labels = owner.selector_labels();
+        self.pods
+            .state()
+            .iter()
+            .filter(|pod| {
+                pod.namespace().as_deref() == Some(owner.namespace.as_str())
+                    && labels
+                        .iter()
+                        .all(|(key, value)| pod.labels().get(key) == Some(value))
+            })
+            .map(|pod| pod.as_ref().clone())
+            .collect()
+    }
+
     fn daemon_set(&self, owner: &Owner) -> Option<Arc<DaemonSet>> {
         self.daemon_sets
             .get(&ObjectRef::new(&owner.object_name()).within(&owner.namespace))
@@ -327,7 +344,24 @@ async fn report(cache: &SnapshotCache, ctx: &Context, namespace: &str) -> Result
         bucket.reason,
         bucket.message,
     );
-    set_status(ctx, cache, &[ready, overlap, bucket], &census).await?;
+    let mut conditions = vec![ready, overlap, bucket];
+    let mut recheck = recheck;
+    let tier = &cache.spec.node_tier;
+    if let Some(owner) = Owner::of(cache).filter(|_| tier.enabled && !tier.prewarm.is_empty()) {
+        let pods = ctx.stores.node_cache_pods(&owner);
+        let warm = prewarm_health::ask_node_caches(&ctx.http, &pods, tier.prewarm.len()).await;
+        // A node cache warms without any watched object changing: look again soon until warm.
+        if warm.status != "True" {
+            recheck = recheck.min(5);
+        }
+        conditions.push(Condition::new(
+            prewarm_health::CONDITION,
+            warm.status,
+            warm.reason,
+            warm.message,
+        ));
+    }
+    set_status(ctx, cache, &conditions, &census).await?;
     Ok(Action::requeue(Duration::from_secs(recheck)))
 }
 

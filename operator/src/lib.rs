@@ -21,6 +21,7 @@ pub mod metrics;
 #[cfg(test)]
 mod mock_api_server;
 pub mod node_tier;
+pub mod prewarm_health;
 pub mod routing;
 pub mod upgrade;
 pub mod webhook;

@@ -83,7 +83,8 @@ impl Owner {
         }
     }
 
-    fn selector_labels(&self) -> BTreeMap<String, String> {
+    /// The labels of this cache's node cache pods.
+    pub fn selector_labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([(
             NODE_CACHE_LABEL.to_owned(),
             fitted(&self.cache, MAX_LABEL_VALUE),

@@ -9,6 +9,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
+use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{Operator, container_log, namespace_with_snapshot_cache};
 use snapcache_tests::git::{git, init_repository};
 use snapcache_tests::sidecar::{Sidecar, binary, free_addr};
@@ -168,6 +169,26 @@ async fn node_cache_metric(admin_port: u16, sample: &str) -> f64 {
     Sidecar::metric(&metrics, sample)
 }
 
+/// Waits until the SnapshotCache's `Warm` condition is True, as the operator asks its node
+/// cache; its message says how many hold every listed snapshot.
+async fn until_warm_condition(client: &kube::Client, namespace: &str) {
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), namespace);
+    let message = within(
+        Duration::from_secs(60),
+        "the SnapshotCache's Warm condition to be True",
+        async || {
+            let status = caches.get("ci").await.ok()?.status?;
+            let warm = status.conditions.iter().find(|c| c.type_ == "Warm")?;
+            (warm.status == "True").then(|| warm.message.clone())
+        },
+    )
+    .await;
+    assert_eq!(
+        message,
+        "1 of 1 node caches hold the current revision of all 1 pre-warmed snapshots"
+    );
+}
+
 /// Waits until the node cache has read `bytes` from S3 by pre-warming, all of them.
 async fn until_prewarmed(admin_port: u16, bytes: u64) {
     within(
@@ -259,6 +280,7 @@ async fn a_prewarmed_node_cache_has_each_new_revision_before_the_next_pod() {
     let (namespace, operator, admin_port) =
         namespace_with_node_tier(&client, &bucket, host_dir.path(), &[REPO]).await;
     until_prewarmed(admin_port, first_size).await;
+    until_warm_condition(&client, &namespace).await;
     checkouts_succeed(&client, &namespace, &["first"], &first).await;
     assert_eq!(node_cache_s3_bytes(admin_port).await, first_size as f64);
 
