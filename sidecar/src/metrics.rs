@@ -458,6 +458,16 @@ impl Metrics {
         self.node_tier_fallbacks.with_label_values(&[reason]).inc();
     }
 
+    /// The value of one sample, e.g. `snapcache_x_total{reason="y"}`; 0 before it has one.
+    #[cfg(test)]
+    pub fn sample(&self, sample: &str) -> f64 {
+        let prefix = format!("{sample} ");
+        self.render()
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub fn count_lookup(&self, result: &'static str) {
         self.tier_lookups.with_label_values(&[result]).inc();
     }

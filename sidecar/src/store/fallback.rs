@@ -118,12 +118,9 @@ mod tests {
     }
 
     fn fallbacks(metrics: &Metrics, reason: &str) -> f64 {
-        let name = format!("snapcache_node_tier_fallbacks_total{{reason=\"{reason}\"}} ");
-        metrics
-            .render()
-            .lines()
-            .find_map(|line| line.strip_prefix(&name)?.parse().ok())
-            .unwrap_or(0.0)
+        metrics.sample(&format!(
+            "snapcache_node_tier_fallbacks_total{{reason=\"{reason}\"}}"
+        ))
     }
 
     async fn body(read: Read) -> Vec<u8> {

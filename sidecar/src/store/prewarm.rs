@@ -84,81 +84,39 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Buffers;
-    use crate::store::Budgets;
-    use crate::store::disk::DiskTier;
-    use crate::store::parallel_get::ParallelGetConfig;
-    use crate::store::scripted::ScriptedSource;
-    use crate::store::tiered::Tiered;
-    use crate::window::Budget;
+    use crate::store::tiered::tests::{setup, until_on_disk};
 
     const KEY: &str = "git/example/snapshot.tar.zst";
 
-    async fn until_on_disk(disk: &DiskTier, etag: &str) {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while disk.lookup(KEY).is_none_or(|entry| entry.info.etag != etag) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the fill to be committed");
-    }
-
     #[tokio::test]
     async fn each_revision_is_read_once_and_then_held() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let metrics = Metrics::new();
-        let budgets = Budgets {
-            parallel_get: Budget::new(1 << 20, Buffers::ParallelGet, metrics.clone()),
-            disk_read: Budget::new(1 << 20, Buffers::DiskRead, metrics.clone()),
-        };
-        let disk = DiskTier::open(
-            dir.path(),
-            1 << 20,
-            budgets.disk_read.clone(),
-            metrics.clone(),
-        );
-        let disk = Arc::new(disk.expect("disk"));
-        let source = Arc::new(ScriptedSource::default());
-        let parallel = ParallelGetConfig {
-            workers: 2,
-            chunk_size: 8,
-            part_timeout: Duration::from_secs(60),
-            part_attempts: 2,
-        };
         // Revalidate on every round, as a node cache whose interval has passed.
-        let tiers = Tiered::new(
-            source.clone(),
-            Some(disk.clone()),
-            Duration::ZERO,
-            parallel,
-            budgets,
-            metrics,
-        );
-        let first = source.put(KEY, &[1; 40]);
-        let warmed = warm(&tiers, KEY).await;
+        let setup = setup(Duration::ZERO, 1 << 20);
+        let (source, tiers) = (&setup.source, setup.tiered.as_ref());
+        source.put(KEY, &[1; 40]);
+        let warmed = warm(tiers, KEY).await;
         assert!(
             matches!(warmed, Ok(Warmed::Filled { bytes: 40, .. })),
             "{warmed:?}"
         );
-        until_on_disk(&disk, &first.etag).await;
+        until_on_disk(&setup, KEY).await;
         let gets = source.gets().len();
-        let warmed = warm(&tiers, KEY).await;
+        let warmed = warm(tiers, KEY).await;
         assert!(matches!(warmed, Ok(Warmed::Already)), "{warmed:?}");
         assert_eq!(
             source.gets().len(),
             gets,
             "a held revision is not read again"
         );
-        let second = source.put(KEY, &[2; 24]);
-        let warmed = warm(&tiers, KEY).await;
+        source.put(KEY, &[2; 24]);
+        let warmed = warm(tiers, KEY).await;
         assert!(
             matches!(warmed, Ok(Warmed::Filled { bytes: 24, .. })),
             "{warmed:?}"
         );
-        until_on_disk(&disk, &second.etag).await;
+        until_on_disk(&setup, KEY).await;
         source.remove(KEY);
-        let warmed = warm(&tiers, KEY).await;
+        let warmed = warm(tiers, KEY).await;
         assert!(matches!(warmed, Err(StoreError::NotFound)), "{warmed:?}");
     }
 }

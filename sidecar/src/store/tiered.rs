@@ -394,7 +394,7 @@ async fn copy(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::metrics::Buffers;
     use crate::store::scripted::ScriptedSource;
@@ -403,15 +403,16 @@ mod tests {
     const KEY: &str = "git/example/snapshot.tar.zst";
     const OTHER: &str = "git/other/snapshot.tar.zst";
 
-    struct Setup {
-        source: Arc<ScriptedSource>,
-        tiered: Arc<Tiered>,
-        disk: Arc<DiskTier>,
-        metrics: Metrics,
+    /// A `Tiered` over a scripted source, its disk tier in a temporary directory.
+    pub(crate) struct Setup {
+        pub(crate) source: Arc<ScriptedSource>,
+        pub(crate) tiered: Arc<Tiered>,
+        pub(crate) disk: Arc<DiskTier>,
+        pub(crate) metrics: Metrics,
         _dir: tempfile::TempDir,
     }
 
-    fn setup(revalidate_after: Duration, disk_bytes: u64) -> Setup {
+    pub(crate) fn setup(revalidate_after: Duration, disk_bytes: u64) -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
         let metrics = Metrics::new();
         let budgets = Budgets {
@@ -468,10 +469,21 @@ mod tests {
         Ok((read.tier, body))
     }
 
-    /// Waits for the fill of `key` to be committed; it runs on its own after the readers.
-    async fn until_on_disk(setup: &Setup, key: &str) {
+    /// Waits until the disk tier holds the source's current revision of `key`: a fill
+    /// commits on its own, after its readers are done.
+    pub(crate) async fn until_on_disk(setup: &Setup, key: &str) {
+        let etag = setup
+            .source
+            .head(key, Revision::Current)
+            .await
+            .expect("head")
+            .etag;
         tokio::time::timeout(Duration::from_secs(30), async {
-            while setup.disk.lookup(key).is_none() {
+            while setup
+                .disk
+                .lookup(key)
+                .is_none_or(|entry| entry.info.etag != etag)
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -479,13 +491,10 @@ mod tests {
         .expect("the fill to be committed");
     }
 
-    fn lookups(metrics: &Metrics, result: &str) -> u64 {
-        let line = format!("snapcache_disk_tier_lookups_total{{result=\"{result}\"}} ");
-        metrics
-            .render()
-            .lines()
-            .find_map(|l| l.strip_prefix(&line)?.parse().ok())
-            .unwrap_or(0)
+    fn lookups(metrics: &Metrics, result: &str) -> f64 {
+        metrics.sample(&format!(
+            "snapcache_disk_tier_lookups_total{{result=\"{result}\"}}"
+        ))
     }
 
     #[tokio::test]
@@ -556,23 +565,7 @@ mod tests {
     }
 
     async fn until_new_revision_on_disk(setup: &Setup, expected: &[u8]) {
-        let etag = setup
-            .source
-            .head(KEY, Revision::Current)
-            .await
-            .expect("head")
-            .etag;
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while setup
-                .disk
-                .lookup(KEY)
-                .is_none_or(|entry| entry.info.etag != etag)
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the new revision to replace the old on disk");
+        until_on_disk(setup, KEY).await;
         assert_eq!(
             read_all(&setup.tiered, KEY).await.expect("read"),
             (Source::Disk, expected.to_vec())
@@ -590,7 +583,7 @@ mod tests {
             read_all(&setup.tiered, KEY).await.expect("stale read"),
             (Source::Disk, bytes(1))
         );
-        assert_eq!(lookups(&setup.metrics, "stale"), 1);
+        assert_eq!(lookups(&setup.metrics, "stale"), 1.0);
         assert!(matches!(
             read_all(&setup.tiered, OTHER).await,
             Err(StoreError::Unreachable(_))
