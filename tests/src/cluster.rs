@@ -286,3 +286,38 @@ pub async fn namespace_with_snapshot_cache(
     until_admitted(client, &namespace, &[("app", "ci")], true).await;
     (namespace, operator)
 }
+
+/// A client of the node's cluster (the SnapshotCache CRD installed) and a new Garage bucket
+/// named from `prefix`.
+pub async fn cluster_and_bucket(prefix: &str) -> (Client, String) {
+    let env = TestEnv::get();
+    let client = env.cluster_client().await.expect("cluster client");
+    crate::install_snapshot_cache_crd(&client).await;
+    let bucket = unique_name(prefix);
+    crate::create_bucket(&env.s3_server("garage").client(), &bucket).await;
+    (client, bucket)
+}
+
+/// `snapcache-sidecar publish` of the repository at `dir` as `name` into `bucket` on
+/// Garage, with `extra` arguments.
+pub fn publish_to_garage(dir: &std::path::Path, bucket: &str, name: &str, extra: &[&str]) {
+    let garage = TestEnv::get().s3_server("garage");
+    let work = tempfile::tempdir().expect("work dir");
+    let published = std::process::Command::new(binary("snapcache-sidecar"))
+        .args(["publish", "--name", name, "--repo"])
+        .arg(dir)
+        .args(["--s3-bucket", bucket, "--s3-endpoint", &garage.endpoint])
+        .arg("--work-dir")
+        .arg(work.path())
+        .args(extra)
+        .env("AWS_ACCESS_KEY_ID", &garage.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &garage.secret_access_key)
+        .env("AWS_REGION", "us-east-1")
+        .output()
+        .expect("run publish");
+    assert!(
+        published.status.success(),
+        "publish: {}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+}

@@ -35,3 +35,12 @@ pub fn init_repository(dir: &Path) {
     git(dir, &["config", "user.email", "test@snapcache.dev"]);
     git(dir, &["config", "user.name", "snapcache test"]);
 }
+
+/// Writes `contents` to `file` in the repository at `dir` and commits it as `message`;
+/// the new commit.
+pub fn commit_file(dir: &Path, file: &str, contents: impl AsRef<[u8]>, message: &str) -> String {
+    std::fs::write(dir.join(file), contents).expect("write the file");
+    git(dir, &["add", file]);
+    git(dir, &["commit", "-q", "-m", message]);
+    git(dir, &["rev-parse", "HEAD"])
+}

@@ -2,18 +2,18 @@
 //! checked out, at the published commit and clean, when its first command runs, made by
 //! the init container the webhook adds, as the app's own user.
 
-use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-use snapcache_tests::cluster::{Operator, container_log, namespace_with_snapshot_cache};
-use snapcache_tests::git::{git, init_repository};
+use snapcache_tests::cluster::{
+    Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, publish_to_garage,
+};
+use snapcache_tests::git::{commit_file, git, init_repository};
 use snapcache_tests::proxy::CutProxy;
-use snapcache_tests::sidecar::binary;
-use snapcache_tests::{TestEnv, create_bucket, install_snapshot_cache_crd, unique_name, within};
+use snapcache_tests::{TestEnv, within};
 
 const REPO: &str = "example.com/snapcache/self";
 
@@ -22,16 +22,6 @@ fn publish_this_repository(bucket: &str) -> String {
     let repository = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     publish(repository, bucket, REPO);
     git(repository, &["rev-parse", "HEAD"])
-}
-
-/// A client of the node's cluster (the CRD installed) and a new Garage bucket.
-async fn cluster_and_bucket() -> (kube::Client, String) {
-    let env = TestEnv::get();
-    let client = env.cluster_client().await.expect("cluster client");
-    install_snapshot_cache_crd(&client).await;
-    let bucket = unique_name("checkout");
-    create_bucket(&env.s3_server("garage").client(), &bucket).await;
-    (client, bucket)
 }
 
 /// A namespace with the Garage credentials, a SnapshotCache `ci` selecting app=ci with
@@ -106,7 +96,7 @@ async fn finished(client: &kube::Client, namespace: &str, name: &str) -> (bool, 
 /// published commit and a clean tree at each directory, and writes into the checkout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
-    let (client, bucket) = cluster_and_bucket().await;
+    let (client, bucket) = cluster_and_bucket("checkout").await;
     let commit = publish_this_repository(&bucket);
 
     let (namespace, operator) = namespace_with_cache(&client, &bucket, json!({})).await;
@@ -149,7 +139,7 @@ async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
 /// runs. With `snapcache.io/checkout-optional: "true"` the app starts without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs() {
-    let (client, bucket) = cluster_and_bucket().await;
+    let (client, bucket) = cluster_and_bucket("checkout").await;
     let (namespace, operator) =
         namespace_with_cache(&client, &bucket, json!({"giveUpAfter": "3s"})).await;
     let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
@@ -235,42 +225,13 @@ fn commit_large_file(dir: &std::path::Path, seed: u64) -> String {
     if !dir.join(".git").exists() {
         init_repository(dir);
     }
-    std::fs::write(
-        dir.join("blob.bin"),
-        snapcache_tests::snapshot_bytes(40 << 20, seed),
-    )
-    .expect("write blob.bin");
-    git(dir, &["add", "blob.bin"]);
-    git(dir, &["commit", "--quiet", "-m", &format!("seed {seed}")]);
-    git(dir, &["rev-parse", "HEAD"])
-}
-
-/// `publish` of the repository at `dir` to `bucket` as `name`, with `extra` flags.
-fn publish_with(dir: &std::path::Path, bucket: &str, name: &str, extra: &[&str]) {
-    let garage = TestEnv::get().s3_server("garage");
-    let work = tempfile::tempdir().expect("work dir");
-    let published = Command::new(binary("snapcache-sidecar"))
-        .args(["publish", "--name", name, "--repo"])
-        .arg(dir)
-        .args(["--s3-bucket", bucket, "--s3-endpoint", &garage.endpoint])
-        .arg("--work-dir")
-        .arg(work.path())
-        .args(extra)
-        .env("AWS_ACCESS_KEY_ID", &garage.access_key_id)
-        .env("AWS_SECRET_ACCESS_KEY", &garage.secret_access_key)
-        .env("AWS_REGION", "us-east-1")
-        .output()
-        .expect("run publish");
-    assert!(
-        published.status.success(),
-        "publish: {}",
-        String::from_utf8_lossy(&published.stderr)
-    );
+    let blob = snapcache_tests::snapshot_bytes(40 << 20, seed);
+    commit_file(dir, "blob.bin", blob, &format!("seed {seed}"))
 }
 
 /// `publish` of the commit checked out at `dir` (detached: never a bundle).
 fn publish(dir: &std::path::Path, bucket: &str, name: &str) {
-    publish_with(dir, bucket, name, &["--ref", "HEAD"]);
+    publish_to_garage(dir, bucket, name, &["--ref", "HEAD"]);
 }
 
 /// How the pod's checkout init container ended.
@@ -317,7 +278,7 @@ async fn init_log(client: &kube::Client, namespace: &str, pod: &Pod) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_replaced_during_the_checkout_ends_as_one_whole_revision() {
     let env = TestEnv::get();
-    let (client, bucket) = cluster_and_bucket().await;
+    let (client, bucket) = cluster_and_bucket("checkout").await;
     let source = tempfile::tempdir().expect("source repository");
     let first = commit_large_file(source.path(), 1);
     publish(source.path(), &bucket, REPO);
@@ -389,7 +350,7 @@ fn checkout_volume_entries(pod: &Pod) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_down_or_a_corrupt_snapshot_fails_the_pod_with_nothing_partial() {
     let env = TestEnv::get();
-    let (client, bucket) = cluster_and_bucket().await;
+    let (client, bucket) = cluster_and_bucket("checkout").await;
     let source = tempfile::tempdir().expect("source repository");
     commit_large_file(source.path(), 3);
     publish(source.path(), &bucket, REPO);
@@ -470,7 +431,7 @@ async fn s3_down_or_a_corrupt_snapshot_fails_the_pod_with_nothing_partial() {
 /// with its checkout, and its app, as another uid, writes into it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_pod_starts_with_its_checkout() {
-    let (client, bucket) = cluster_and_bucket().await;
+    let (client, bucket) = cluster_and_bucket("checkout").await;
     let commit = publish_this_repository(&bucket);
     let (namespace, operator) = namespace_with_cache(&client, &bucket, json!({})).await;
     let script = format!(
@@ -524,18 +485,14 @@ async fn a_deployment_pod_starts_with_its_checkout() {
 /// clean, and the termination message says the bundle was applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkout_applies_the_delta_bundle_to_the_newest_commit() {
-    let (client, bucket) = cluster_and_bucket().await;
+    let (client, bucket) = cluster_and_bucket("checkout").await;
     let source = tempfile::tempdir().expect("source repository");
     init_repository(source.path());
-    std::fs::write(source.path().join("README"), "first\n").expect("write");
-    git(source.path(), &["add", "README"]);
-    git(source.path(), &["commit", "--quiet", "-m", "first"]);
+    commit_file(source.path(), "README", "first\n", "first");
     // A branch, so the next publish can bundle from this commit to its new head.
-    publish_with(source.path(), &bucket, REPO, &["--ref", "main"]);
-    std::fs::write(source.path().join("README"), "second\n").expect("write");
-    git(source.path(), &["commit", "--quiet", "-am", "second"]);
-    let newest = git(source.path(), &["rev-parse", "HEAD"]);
-    publish_with(source.path(), &bucket, REPO, &["--ref", "main", "--bundle"]);
+    publish_to_garage(source.path(), &bucket, REPO, &["--ref", "main"]);
+    let newest = commit_file(source.path(), "README", "second\n", "second");
+    publish_to_garage(source.path(), &bucket, REPO, &["--ref", "main", "--bundle"]);
 
     let (namespace, operator) = namespace_with_cache(&client, &bucket, json!({})).await;
     let script = "set -e; test -z \"$(git -C /src/repo status --porcelain)\"; \

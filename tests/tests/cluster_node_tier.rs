@@ -10,10 +10,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{Operator, container_log, namespace_with_snapshot_cache};
-use snapcache_tests::git::{git, init_repository};
-use snapcache_tests::sidecar::{Sidecar, binary, free_addr};
-use snapcache_tests::{TestEnv, create_bucket, install_snapshot_cache_crd, unique_name, within};
+use snapcache_tests::cluster::{
+    Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, publish_to_garage,
+};
+use snapcache_tests::git::{commit_file, git, init_repository};
+use snapcache_tests::sidecar::{Sidecar, free_addr};
+use snapcache_tests::{TestEnv, within};
 
 const REPO: &str = "example.com/snapcache/node-tier";
 
@@ -26,25 +28,9 @@ async fn publish_this_repository(bucket: &str) -> (String, u64) {
 
 /// Publishes `repository` (HEAD) to `bucket` on Garage: its commit and the snapshot's size.
 async fn publish(repository: &std::path::Path, bucket: &str) -> (String, u64) {
-    let garage = TestEnv::get().s3_server("garage");
-    let work = tempfile::tempdir().expect("work dir");
-    let published = std::process::Command::new(binary("snapcache-sidecar"))
-        .args(["publish", "--name", REPO, "--repo"])
-        .arg(repository)
-        .args(["--s3-bucket", bucket, "--s3-endpoint", &garage.endpoint])
-        .arg("--work-dir")
-        .arg(work.path())
-        .env("AWS_ACCESS_KEY_ID", &garage.access_key_id)
-        .env("AWS_SECRET_ACCESS_KEY", &garage.secret_access_key)
-        .env("AWS_REGION", "us-east-1")
-        .output()
-        .expect("run publish");
-    assert!(
-        published.status.success(),
-        "publish failed: {}",
-        String::from_utf8_lossy(&published.stderr)
-    );
-    let head = garage
+    publish_to_garage(repository, bucket, REPO, &[]);
+    let head = TestEnv::get()
+        .s3_server("garage")
         .client()
         .head_object()
         .bucket(bucket)
@@ -203,16 +189,6 @@ async fn until_prewarmed(admin_port: u16, bytes: u64) {
     assert_eq!(node_cache_s3_bytes(admin_port).await, bytes as f64);
 }
 
-/// A client of the node's cluster (the CRD installed) and a new Garage bucket.
-async fn cluster_and_bucket() -> (kube::Client, String) {
-    let env = TestEnv::get();
-    let client = env.cluster_client().await.expect("cluster client");
-    install_snapshot_cache_crd(&client).await;
-    let bucket = unique_name("node-tier");
-    create_bucket(&env.s3_server("garage").client(), &bucket).await;
-    (client, bucket)
-}
-
 /// The node cache's hostPath: a directory of this test, removed with it.
 fn host_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -223,7 +199,7 @@ fn host_dir() -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_checkouts_on_the_node_read_the_snapshot_from_s3_once() {
-    let (client, bucket) = cluster_and_bucket().await;
+    let (client, bucket) = cluster_and_bucket("node-tier").await;
     let (commit, size) = publish_this_repository(&bucket).await;
     let host_dir = host_dir();
     let (namespace, operator, admin_port) =
@@ -242,19 +218,16 @@ async fn five_checkouts_on_the_node_read_the_snapshot_from_s3_once() {
 /// node cache reads each revision from S3 once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_regenerated_between_two_pods_reaches_the_second() {
-    let (client, bucket) = cluster_and_bucket().await;
+    let (client, bucket) = cluster_and_bucket("node-tier").await;
     let source = tempfile::tempdir().expect("a repository");
     init_repository(source.path());
-    std::fs::write(source.path().join("README"), "first\n").expect("write");
-    git(source.path(), &["add", "README"]);
-    git(source.path(), &["commit", "-q", "-m", "first"]);
+    commit_file(source.path(), "README", "first\n", "first");
     let (first, first_size) = publish(source.path(), &bucket).await;
     let host_dir = host_dir();
     let (namespace, operator, admin_port) =
         namespace_with_node_tier(&client, &bucket, host_dir.path(), &[]).await;
     checkouts_succeed(&client, &namespace, &["first"], &first).await;
-    std::fs::write(source.path().join("README"), "second\n").expect("write");
-    git(source.path(), &["commit", "-q", "-am", "second"]);
+    commit_file(source.path(), "README", "second\n", "second");
     let (second, second_size) = publish(source.path(), &bucket).await;
     checkouts_succeed(&client, &namespace, &["second"], &second).await;
     assert_eq!(
@@ -269,12 +242,10 @@ async fn a_snapshot_regenerated_between_two_pods_reaches_the_second() {
 /// before any pod asks, and the next pod's checkout costs no S3 read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prewarmed_node_cache_has_each_new_revision_before_the_next_pod() {
-    let (client, bucket) = cluster_and_bucket().await;
+    let (client, bucket) = cluster_and_bucket("node-tier").await;
     let source = tempfile::tempdir().expect("a repository");
     init_repository(source.path());
-    std::fs::write(source.path().join("README"), "first\n").expect("write");
-    git(source.path(), &["add", "README"]);
-    git(source.path(), &["commit", "-q", "-m", "first"]);
+    commit_file(source.path(), "README", "first\n", "first");
     let (first, first_size) = publish(source.path(), &bucket).await;
     let host_dir = host_dir();
     let (namespace, operator, admin_port) =
@@ -284,8 +255,7 @@ async fn a_prewarmed_node_cache_has_each_new_revision_before_the_next_pod() {
     checkouts_succeed(&client, &namespace, &["first"], &first).await;
     assert_eq!(node_cache_s3_bytes(admin_port).await, first_size as f64);
 
-    std::fs::write(source.path().join("README"), "second\n").expect("write");
-    git(source.path(), &["commit", "-q", "-am", "second"]);
+    commit_file(source.path(), "README", "second\n", "second");
     let (second, second_size) = publish(source.path(), &bucket).await;
     until_prewarmed(admin_port, first_size + second_size).await;
     checkouts_succeed(&client, &namespace, &["second"], &second).await;

@@ -631,29 +631,39 @@ async fn record(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_leader_election_one_replica_writes_and_another_takes_over() {
-    let (client, namespace) = setup().await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+/// Two operator replicas `op-a` and `op-b` electing a leader on a Lease of
+/// `lease_duration` in `namespace`, each with its identity; which one leads.
+async fn two_replicas(
+    namespace: &str,
+    lease_duration: &str,
+) -> (Vec<(Operator, &'static str)>, usize) {
     let replica = |identity: &'static str| {
         Operator::start_with(&[
             "--leader-election",
             "--lease-namespace",
-            &namespace,
+            namespace,
             "--lease-duration",
-            "3s",
+            lease_duration,
             "--identity",
             identity,
         ])
     };
-    let mut replicas = vec![(replica("op-a"), "op-a"), (replica("op-b"), "op-b")];
+    let replicas = vec![(replica("op-a"), "op-a"), (replica("op-b"), "op-b")];
     let leader = eventually("exactly one leader", async || {
         let a = replicas[0].0.leading().await?;
         let b = replicas[1].0.leading().await?;
         (a != b).then_some(if a { 0 } else { 1 })
     })
     .await;
+    (replicas, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_leader_election_one_replica_writes_and_another_takes_over() {
+    let (client, namespace) = setup().await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let caches: Api<SnapshotCache> = Api::namespaced(client.clone(), &namespace);
+    let (mut replicas, leader) = two_replicas(&namespace, "3s").await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let lease = leases.get(LEASE).await.expect("the lease");
     assert_eq!(holder(&lease), Some(replicas[leader].1));
@@ -726,24 +736,7 @@ async fn with_leader_election_one_replica_writes_and_another_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_shuts_down_releases_the_lease_and_the_follower_takes_it_at_once() {
     let (client, namespace) = setup().await;
-    let replica = |identity: &'static str| {
-        Operator::start_with(&[
-            "--leader-election",
-            "--lease-namespace",
-            &namespace,
-            "--lease-duration",
-            "60s",
-            "--identity",
-            identity,
-        ])
-    };
-    let mut replicas = vec![(replica("op-a"), "op-a"), (replica("op-b"), "op-b")];
-    let leader = eventually("exactly one leader", async || {
-        let a = replicas[0].0.leading().await?;
-        let b = replicas[1].0.leading().await?;
-        (a != b).then_some(if a { 0 } else { 1 })
-    })
-    .await;
+    let (mut replicas, leader) = two_replicas(&namespace, "60s").await;
     let (mut old_leader, _) = replicas.remove(leader);
     let (follower, identity) = &replicas[0];
     let stopped = k8s_openapi::jiff::Timestamp::now();
