@@ -333,7 +333,7 @@ async fn report(cache: &SnapshotCache, ctx: &Context, namespace: &str) -> Result
     warn_of_new_bucket_failure(ctx, cache, &bucket).await;
     // The sidecars' view of the bucket changes without any watched object changing; while
     // none can tell yet (their pods are starting), look again soon.
-    let recheck = match (census.injected.is_empty(), bucket.status) {
+    let mut recheck = match (census.injected.is_empty(), bucket.status) {
         (true, _) => 300,
         (false, "Unknown") => 10,
         (false, _) => 60,
@@ -345,7 +345,6 @@ async fn report(cache: &SnapshotCache, ctx: &Context, namespace: &str) -> Result
         bucket.message,
     );
     let mut conditions = vec![ready, overlap, bucket];
-    let mut recheck = recheck;
     let tier = &cache.spec.node_tier;
     if let Some(owner) = Owner::of(cache).filter(|_| tier.enabled && !tier.prewarm.is_empty()) {
         let pods = ctx.stores.node_cache_pods(&owner);

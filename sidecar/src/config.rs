@@ -98,7 +98,7 @@ pub struct ServeConfig {
     /// Repositories (`{host}/{path}`) whose snapshot this node cache keeps at its current
     /// revision before any pod asks; comma-separated in the variable. Needs --disk-dir.
     #[arg(long, env = "SNAPCACHE_PREWARM", value_delimiter = ',', value_parser = parse_repository)]
-    pub prewarm: Vec<String>,
+    pub prewarm: Vec<SnapshotPath>,
 
     /// How often the --prewarm snapshots are checked for a new revision (a HeadObject
     /// each once their disk entry is older than --revalidate-after).
@@ -144,11 +144,10 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// A repository, `{host}/{path}`, as a snapshot path takes it.
-fn parse_repository(text: &str) -> Result<String, String> {
+/// The snapshot of a repository, `{host}/{path}`.
+fn parse_repository(text: &str) -> Result<SnapshotPath, String> {
     let repository = text.trim().trim_matches('/');
     SnapshotPath::parse(&format!("/git/{repository}/snapshot.tar.zst"))
-        .map(|_| repository.to_owned())
         .map_err(|err| format!("`{text}` is not a repository like github.com/org/repo: {err}"))
 }
 
@@ -230,14 +229,10 @@ mod tests {
 
     #[test]
     fn prewarm_takes_repositories_as_snapshot_paths_do() {
-        assert_eq!(
-            parse_repository("github.com/org/repo"),
-            Ok("github.com/org/repo".to_owned())
-        );
-        assert_eq!(
-            parse_repository("/github.com/org/repo/"),
-            Ok("github.com/org/repo".to_owned())
-        );
+        let key = |text| parse_repository(text).map(|snapshot| snapshot.object_key("p/"));
+        let expected = Ok("p/git/github.com/org/repo/snapshot.tar.zst".to_owned());
+        assert_eq!(key("github.com/org/repo"), expected);
+        assert_eq!(key("/github.com/org/repo/"), expected);
         for refused in ["github.com", "github.com/../etc", "github.com//repo", ""] {
             let err = parse_repository(refused).expect_err(refused);
             assert!(err.contains("is not a repository like"), "{err}");

@@ -170,9 +170,13 @@ fn the_sidecar_parses_the_node_caches_serve_args_for_every_option_as_the_spec_me
     assert_eq!(config.disk_max_bytes, 100 * (1 << 30));
     assert!(config.node_cache);
     assert_eq!(config.node_tier, None);
+    let prewarm: Vec<String> = config.prewarm.iter().map(|s| s.object_key("")).collect();
     assert_eq!(
-        config.prewarm,
-        ["github.com/org/repo", "github.com/org/tools"]
+        prewarm,
+        [
+            "git/github.com/org/repo/snapshot.tar.zst",
+            "git/github.com/org/tools/snapshot.tar.zst"
+        ]
     );
     assert_eq!(config.prewarm_interval, Duration::from_secs(60));
 }

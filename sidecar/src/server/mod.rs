@@ -78,7 +78,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Running> {
         let keys = config
             .prewarm
             .iter()
-            .map(|repository| format!("{}git/{repository}/snapshot.tar.zst", config.s3.prefix))
+            .map(|snapshot| snapshot.object_key(&config.s3.prefix))
             .collect();
         AbortOnDropHandle::new(tokio::spawn(prewarm::run(
             app.snapshots.clone(),
