@@ -1,17 +1,19 @@
 //! Leader election on a coordination.k8s.io Lease: every replica keeps its watches
 //! hot, only the holder of the Lease writes. On shutdown the holder releases the Lease,
 //! and a follower that sees it released takes it at once instead of waiting for it to expire.
+//! Every write replaces the Lease at the version read, so a renewal, a taking with its
+//! transition count, and a release are each whole or not at all; only waits are cut short.
 
 use std::pin::pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{RoundMode, SignedDuration, Timestamp, TimestampRound, Unit};
 use kube::Client;
-use kube::api::Api;
+use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-// kube-lease-manager: a maintained Lease manager on kube 5 (kubert's needs kube 1).
-use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -83,30 +85,105 @@ impl Leadership {
     }
 }
 
-/// How long the Lease holds, in the whole seconds a Lease counts, and how long before its
-/// end the holder renews it: a third of the way through, so two renewals may fail in a row.
+/// How long the Lease holds, in the whole seconds a Lease counts, and how often the holder
+/// renews it: every third of it, so two renewals may fail in a row before it expires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
-    duration: u64,
-    grace: u64,
+    duration: i32,
+    renew_every: Duration,
 }
 
 impl Timing {
     /// `--lease-duration`: a duration of at least 2 s (`15s`, `1m`).
     pub fn parse(text: &str) -> Result<Timing, String> {
-        let duration = humantime::parse_duration(text).map_err(|err| err.to_string())?;
-        let seconds = duration.as_secs();
-        if !(2..=i32::MAX as u64).contains(&seconds) {
-            return Err(format!(
+        let refused = || {
+            format!(
                 "a lease lasts whole seconds, and it is renewed before it ends: give at \
                  least 2s (the chart's default is 15s), not {text}"
-            ));
+            )
+        };
+        let duration = humantime::parse_duration(text).map_err(|err| err.to_string())?;
+        let seconds = i32::try_from(duration.as_secs()).map_err(|_| refused())?;
+        if seconds < 2 {
+            return Err(refused());
         }
         Ok(Timing {
             duration: seconds,
-            grace: seconds - (seconds / 3).max(1),
+            renew_every: Duration::from_secs((seconds / 3).max(1).unsigned_abs().into()),
         })
     }
+
+    fn duration(self) -> Duration {
+        Duration::from_secs(self.duration.unsigned_abs().into())
+    }
+}
+
+/// What a replica does with the Lease it read.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    /// Write this spec: the replica renews its own Lease, or takes a free or expired one.
+    Hold(LeaseSpec),
+    /// Another replica holds the Lease until then.
+    Follow { until: Timestamp },
+}
+
+/// The pure core of the election: what `identity` does at `now` with the Lease's `spec`.
+/// A taking counts a transition in the same write, so a reader never sees one without
+/// the other. Expiry is judged by the holder's renewTime: replicas share a clock.
+fn step(spec: Option<&LeaseSpec>, identity: &str, timing: Timing, now: Timestamp) -> Step {
+    let spec = spec.cloned().unwrap_or_default();
+    let renewed = |acquire_time| LeaseSpec {
+        holder_identity: Some(identity.to_owned()),
+        acquire_time,
+        renew_time: Some(MicroTime(now)),
+        lease_duration_seconds: Some(timing.duration),
+        ..spec.clone()
+    };
+    match spec.holder_identity.as_deref() {
+        Some(holder) if holder == identity => {
+            return Step::Hold(renewed(spec.acquire_time.clone()));
+        }
+        Some(holder) if !holder.is_empty() => {
+            let until = spec
+                .renew_time
+                .as_ref()
+                .zip(spec.lease_duration_seconds)
+                .and_then(|(renewed, seconds)| {
+                    renewed
+                        .0
+                        .checked_add(SignedDuration::from_secs(seconds.into()))
+                        .ok()
+                });
+            if let Some(until) = until.filter(|until| now <= *until) {
+                return Step::Follow { until };
+            }
+        }
+        _ => {}
+    }
+    Step::Hold(LeaseSpec {
+        lease_transitions: Some(spec.lease_transitions.map_or(0, |n| n.saturating_add(1))),
+        ..renewed(Some(MicroTime(now)))
+    })
+}
+
+/// The spec of a Lease its holder gave up: no holder and no term, the count kept.
+fn released(spec: Option<&LeaseSpec>) -> LeaseSpec {
+    LeaseSpec {
+        lease_transitions: spec.and_then(|spec| spec.lease_transitions),
+        ..LeaseSpec::default()
+    }
+}
+
+/// Now, in the whole microseconds a Lease's MicroTime keeps: what is written is what was
+/// compared.
+fn now() -> Timestamp {
+    let now = Timestamp::now();
+    now.round(
+        TimestampRound::new()
+            .smallest(Unit::Microsecond)
+            .mode(RoundMode::Trunc),
+    )
+    .unwrap_or(now)
 }
 
 /// This replica's campaign for the Lease, from `start` until `resign`.
@@ -129,8 +206,7 @@ impl Election {
         let (publish, leadership) = watch::channel(Term::default());
         let (resign, resigned) = oneshot::channel();
         let candidate = Candidate {
-            client,
-            namespace: namespace.to_owned(),
+            api: Api::namespaced(client, namespace),
             name: name.to_owned(),
             identity: identity.to_owned(),
             timing,
@@ -164,9 +240,18 @@ impl Election {
     }
 }
 
+/// What a write of the Lease came to.
+enum Written {
+    /// This replica holds the Lease until its next renewal.
+    Holding,
+    /// Another replica holds it until then.
+    Following(Timestamp),
+    /// Another replica wrote the Lease between the read and the write: read it again.
+    Raced,
+}
+
 struct Candidate {
-    client: Client,
-    namespace: String,
+    api: Api<Lease>,
     name: String,
     identity: String,
     timing: Timing,
@@ -175,71 +260,83 @@ struct Candidate {
 
 impl Candidate {
     async fn campaign(self, mut resigned: oneshot::Receiver<()>) {
-        let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
-        let mut releases = pin!(releases(api, &self.name).fuse());
+        let mut releases = pin!(releases(self.api.clone(), &self.name).fuse());
         loop {
-            let manager = tokio::select! {
-                _ = &mut resigned => return,
-                manager = self.manager() => manager,
-            };
-            let manager = match manager {
-                Ok(manager) => manager,
+            let written = self.hold_or_follow().await;
+            let wait = match written {
+                Ok(Written::Raced) => continue,
+                Ok(Written::Holding) => {
+                    self.set_leading(true);
+                    self.timing.renew_every
+                }
+                Ok(Written::Following(until)) => {
+                    self.set_leading(false);
+                    let left = until.duration_since(now()).try_into().unwrap_or_default();
+                    // Past a holder's renewTime in the future (a skewed clock) by no more
+                    // than a term.
+                    std::cmp::min(left, self.timing.duration())
+                }
                 Err(err) => {
-                    tracing::warn!(%err, lease = %self.name, "cannot read the lease; retrying");
-                    if self.pause(&mut resigned).await {
-                        return;
-                    }
-                    continue;
+                    tracing::warn!(%err, lease = %self.name, "cannot read or write the lease; \
+                        following until it answers");
+                    self.set_leading(false);
+                    RETRY_AFTER_FAILURE
                 }
             };
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = &mut resigned => {
-                        self.release(&manager).await;
-                        return;
-                    }
-                    changed = manager.changed() => match changed {
-                        Ok(leading) => self.set_leading(leading),
-                        Err(err) => {
-                            tracing::warn!(%err, "cannot read or renew the lease; stepping down");
-                            self.set_leading(false);
-                            if self.pause(&mut resigned).await {
-                                return;
-                            }
-                            // A new manager reads the Lease afresh: the failed one's view is stale.
-                            break;
-                        }
-                    },
-                    Some(()) = releases.next() => {
-                        if !self.leading() {
-                            // The manager's follower sleeps until the expiry it last read;
-                            // a new one reads the released Lease and takes it now.
-                            tracing::debug!("the lease was released; taking it");
-                            break;
-                        }
-                    }
+            // Only waits are cut short, never a write: each write is whole or not at all.
+            tokio::select! {
+                biased;
+                _ = &mut resigned => {
+                    self.release().await;
+                    return;
+                }
+                () = tokio::time::sleep(wait) => {}
+                Some(()) = releases.next(), if !self.leading() => {
+                    tracing::debug!("the lease was released; taking it");
                 }
             }
         }
     }
 
-    async fn manager(&self) -> Result<LeaseManager, kube_lease_manager::LeaseManagerError> {
-        LeaseManagerBuilder::new(self.client.clone(), &self.name)
-            .with_namespace(&self.namespace)
-            .with_identity(&self.identity)
-            .with_duration(self.timing.duration)
-            .with_grace(self.timing.grace)
-            .build()
-            .await
+    /// Reads the Lease, then renews or takes it when `step` says so, in one write that
+    /// fails if anyone wrote it since the read.
+    async fn hold_or_follow(&self) -> Result<Written, kube::Error> {
+        let lease = self.api.get_opt(&self.name).await?;
+        let spec = lease.as_ref().and_then(|lease| lease.spec.as_ref());
+        match step(spec, &self.identity, self.timing, now()) {
+            Step::Follow { until } => Ok(Written::Following(until)),
+            Step::Hold(spec) => match self.write(lease, spec).await {
+                Ok(()) => Ok(Written::Holding),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(Written::Raced),
+                Err(err) => Err(err),
+            },
+        }
     }
 
-    /// Waits before trying again; true when told to resign meanwhile.
-    async fn pause(&self, resigned: &mut oneshot::Receiver<()>) -> bool {
-        tokio::select! {
-            _ = resigned => true,
-            () = tokio::time::sleep(RETRY_AFTER_FAILURE) => false,
+    /// Replaces `lease` (as read, so a write in between fails with 409), or creates it.
+    async fn write(&self, lease: Option<Lease>, spec: LeaseSpec) -> Result<(), kube::Error> {
+        match lease {
+            Some(lease) => {
+                let lease = Lease {
+                    spec: Some(spec),
+                    ..lease
+                };
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await?;
+            }
+            None => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(spec),
+                };
+                self.api.create(&PostParams::default(), &lease).await?;
+            }
         }
+        Ok(())
     }
 
     fn leading(&self) -> bool {
@@ -257,17 +354,41 @@ impl Candidate {
         }
     }
 
-    async fn release(&self, manager: &LeaseManager) {
+    /// Gives the Lease up when this replica holds it, again after a write another replica
+    /// raced, until `resign`'s timeout ends it.
+    async fn release(&self) {
         if !self.leading() {
             return;
         }
         self.set_leading(false);
-        match manager.release().await {
-            Ok(()) => tracing::info!(lease = %self.name, "released the lease"),
-            Err(err) => tracing::warn!(
-                %err, "cannot release the lease; a follower takes over when it expires"
-            ),
+        loop {
+            match self.give_up().await {
+                Ok(()) => {
+                    tracing::info!(lease = %self.name, "released the lease");
+                    return;
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(err) => {
+                    tracing::warn!(
+                        %err, "cannot release the lease; a follower takes over when it expires"
+                    );
+                    return;
+                }
+            }
         }
+    }
+
+    /// Writes the Lease released, when it still names this replica.
+    async fn give_up(&self) -> Result<(), kube::Error> {
+        let Some(lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(());
+        };
+        let spec = lease.spec.as_ref();
+        if spec.and_then(|spec| spec.holder_identity.as_deref()) != Some(self.identity.as_str()) {
+            return Ok(());
+        }
+        let spec = released(spec);
+        self.write(Some(lease), spec).await
     }
 }
 
@@ -305,13 +426,131 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_holder_renews_a_third_of_the_way_through_the_lease() {
-        let timing = |text: &str| Timing::parse(text).map(|t| (t.duration, t.grace));
-        assert_eq!(timing("15s"), Ok((15, 10)));
-        assert_eq!(timing("3s"), Ok((3, 2)));
+    fn the_holder_renews_every_third_of_the_lease() {
+        let timing =
+            |text: &str| Timing::parse(text).map(|t| (t.duration, t.renew_every.as_secs()));
+        assert_eq!(timing("15s"), Ok((15, 5)));
+        assert_eq!(timing("3s"), Ok((3, 1)));
         assert_eq!(timing("2s"), Ok((2, 1)));
-        assert_eq!(timing("1m"), Ok((60, 40)));
+        assert_eq!(timing("1m"), Ok((60, 20)));
         assert_eq!(timing("2500ms"), Ok((2, 1)), "whole seconds");
+    }
+
+    const TIMING: &str = "15s";
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).expect("a time")
+    }
+
+    /// A Lease `holder` renewed at `renewed`, taken `transitions` times.
+    fn held(holder: &str, renewed: i64, transitions: Option<i32>) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.to_owned()),
+            acquire_time: Some(MicroTime(at(0))),
+            renew_time: Some(MicroTime(at(renewed))),
+            lease_duration_seconds: Some(15),
+            lease_transitions: transitions,
+            ..LeaseSpec::default()
+        }
+    }
+
+    fn step_at(spec: Option<&LeaseSpec>, seconds: i64) -> Step {
+        let timing = Timing::parse(TIMING).expect("timing");
+        step(spec, "op-a", timing, at(seconds))
+    }
+
+    #[test]
+    fn a_missing_or_never_held_lease_is_taken_as_the_first_term() {
+        let taken = |spec: Option<&LeaseSpec>| match step_at(spec, 3) {
+            Step::Hold(spec) => spec,
+            other => panic!("{other:?}"),
+        };
+        for spec in [None, Some(&LeaseSpec::default())] {
+            let spec = taken(spec);
+            assert_eq!(spec.holder_identity.as_deref(), Some("op-a"));
+            assert_eq!(spec.acquire_time, Some(MicroTime(at(3))));
+            assert_eq!(spec.renew_time, Some(MicroTime(at(3))));
+            assert_eq!(spec.lease_duration_seconds, Some(15));
+            assert_eq!(spec.lease_transitions, Some(0));
+        }
+    }
+
+    #[test]
+    fn the_holder_renews_keeping_its_acquire_time_and_count() {
+        let spec = held("op-a", 5, Some(4));
+        assert_eq!(
+            step_at(Some(&spec), 10),
+            Step::Hold(LeaseSpec {
+                renew_time: Some(MicroTime(at(10))),
+                ..spec.clone()
+            })
+        );
+        // Its own Lease, even one it let expire, is still its own to renew.
+        assert!(
+            matches!(step_at(Some(&spec), 60), Step::Hold(s) if s.lease_transitions == Some(4))
+        );
+    }
+
+    #[test]
+    fn another_holder_is_followed_until_its_lease_expires_then_taken_with_one_transition() {
+        let spec = held("op-b", 5, Some(4));
+        assert_eq!(step_at(Some(&spec), 6), Step::Follow { until: at(20) });
+        assert_eq!(
+            step_at(Some(&spec), 20),
+            Step::Follow { until: at(20) },
+            "not before its end"
+        );
+        let Step::Hold(taken) = step_at(Some(&spec), 21) else {
+            panic!("an expired lease is taken");
+        };
+        assert_eq!(taken.holder_identity.as_deref(), Some("op-a"));
+        assert_eq!(taken.acquire_time, Some(MicroTime(at(21))));
+        assert_eq!(taken.renew_time, Some(MicroTime(at(21))));
+        assert_eq!(taken.lease_transitions, Some(5));
+    }
+
+    #[test]
+    fn a_released_lease_is_taken_at_once_and_counts_a_transition() {
+        let spec = released(Some(&held("op-b", 5, Some(4))));
+        assert_eq!(
+            spec,
+            LeaseSpec {
+                lease_transitions: Some(4),
+                ..LeaseSpec::default()
+            }
+        );
+        let Step::Hold(taken) = step_at(Some(&spec), 6) else {
+            panic!("a released lease is taken");
+        };
+        assert_eq!(taken.lease_transitions, Some(5));
+        let blank = held("", 5, None);
+        assert!(
+            matches!(step_at(Some(&blank), 6), Step::Hold(s) if s.lease_transitions == Some(0)),
+            "an empty holder is no holder"
+        );
+    }
+
+    #[test]
+    fn a_holder_without_a_renewal_or_duration_holds_nothing() {
+        for spec in [
+            LeaseSpec {
+                renew_time: None,
+                ..held("op-b", 5, Some(1))
+            },
+            LeaseSpec {
+                lease_duration_seconds: None,
+                ..held("op-b", 5, Some(1))
+            },
+        ] {
+            assert!(
+                matches!(step_at(Some(&spec), 6), Step::Hold(s) if s.lease_transitions == Some(2))
+            );
+        }
+    }
+
+    #[test]
+    fn now_is_whole_microseconds_as_a_micro_time_keeps_it() {
+        assert_eq!(now().subsec_nanosecond() % 1_000, 0);
     }
 
     #[test]
