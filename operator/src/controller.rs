@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodStatus};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -653,7 +653,20 @@ pub async fn run(
         default_image,
         native_sidecars,
     });
-    controller
+    let stop = stop_requested().boxed().shared();
+    let held_caches = ctx.stores.snapshot_caches.clone();
+    // The controller holds reconciles until the SnapshotCache store has listed, and its
+    // graceful shutdown ends that list: stopped before it, nothing ran, so leave at once.
+    let stopped_before_listing = {
+        let stop = stop.clone();
+        async move {
+            stop.await;
+            if matches!(held_caches.wait_until_ready().now_or_never(), Some(Ok(()))) {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let reconciling = controller
         .watches_stream(reflect(pod_events, pod_writer, pods_synced), move |pod| {
             caches_of(&by_pod, pod.namespace())
         })
@@ -673,7 +686,7 @@ pub async fn run(
             move |cache| caches_of(&by_neighbour, cache.namespace()),
         )
         .reconcile_all_on(ctx.leadership.acquired())
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
@@ -683,8 +696,31 @@ pub async fn run(
                 Err(err) => tracing::debug!(%err, "reconcile error"),
                 Ok(_) => {}
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = reconciling => {}
+        () = stopped_before_listing => tracing::info!("stopped before the first list: nothing to finish"),
+    }
+}
+
+/// Resolves on the first SIGTERM (a pod being deleted) or Ctrl-C.
+async fn stop_requested() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down: finishing the reconciles in flight");
 }
 
 /// Counts each checkout init container's termination once, on the leader. Only pods the

@@ -89,12 +89,18 @@ impl Operator {
             .status()
             .expect("run kill");
         assert!(sent.success(), "kill -TERM failed");
-        within(
-            Duration::from_secs(20),
-            "the operator to exit",
-            async || self.0.try_wait().ok().flatten(),
-        )
-        .await
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(exit) = self.0.try_wait().ok().flatten() {
+                return exit;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the operator did not exit within 20 s of SIGTERM; its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn get(&self, path: &str) -> Option<(u16, String)> {
@@ -974,32 +980,15 @@ async fn a_selector_the_schema_cannot_check_becomes_a_condition_and_others_go_on
 async fn readyz_waits_for_the_pod_watch() {
     let (client, namespace) = setup().await;
     let user = unique_name("readiness");
-    let rule = |group: &str, resources: &[&str]| json!({"apiGroups": [group], "resources": resources, "verbs": ["get", "list", "watch"]});
     let grant = async |name: &str, rules: serde_json::Value| {
-        let role: ClusterRole =
-            serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules}))
-                .expect("cluster role");
-        Api::<ClusterRole>::all(client.clone())
-            .create(&PostParams::default(), &role)
-            .await
-            .expect("create role");
-        let binding: ClusterRoleBinding = serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-        }))
-        .expect("binding");
-        Api::<ClusterRoleBinding>::all(client.clone())
-            .create(&PostParams::default(), &binding)
-            .await
-            .expect("bind");
+        grant(&client, &user, name, rules).await;
     };
     grant(
         &format!("{user}-caches"),
         json!([
-            rule("snapcache.io", &["snapshotcaches"]),
-            rule("", &["namespaces"]),
-            rule("apps", &["daemonsets"])
+            read_rule("snapcache.io", &["snapshotcaches"]),
+            read_rule("", &["namespaces"]),
+            read_rule("apps", &["daemonsets"])
         ]),
     )
     .await;
@@ -1061,7 +1050,7 @@ async fn readyz_waits_for_the_pod_watch() {
     .await;
     let (status, _) = operator.get("/readyz").await.expect("/readyz");
     assert_eq!(status, 503, "ready while the pod watch cannot list");
-    grant(&format!("{user}-pods"), json!([rule("", &["pods"])])).await;
+    grant(&format!("{user}-pods"), json!([read_rule("", &["pods"])])).await;
     // Once its next retry lists; the refusals above grew the retry delay.
     within(
         Duration::from_secs(90),
@@ -1069,6 +1058,65 @@ async fn readyz_waits_for_the_pod_watch() {
         async || (operator.get("/readyz").await?.0 == 200).then_some(()),
     )
     .await;
+}
+
+/// A SIGTERM before the SnapshotCache watch has listed (here it may not) ends the operator
+/// at once: no reconcile has run, so none is waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_before_the_first_list_exits_at_once() {
+    let (client, _namespace) = setup().await;
+    let user = unique_name("unlisted");
+    grant(
+        &client,
+        &user,
+        &format!("{user}-all-but-caches"),
+        json!([
+            read_rule("", &["pods", "namespaces"]),
+            read_rule("apps", &["daemonsets"])
+        ]),
+    )
+    .await;
+    let kubeconfig = TestEnv::get()
+        .kubeconfig_as(&user, &["system:authenticated"])
+        .expect("kubeconfig");
+    let mut operator = Operator::start_as(&kubeconfig.path().display().to_string(), &[]);
+    eventually("the SnapshotCache watch refused", async || {
+        let log = operator.log();
+        log.lines()
+            .any(|line| line.contains("snapshotcaches") && line.contains("forbidden"))
+            .then_some(())
+    })
+    .await;
+    let exit = operator.terminate().await;
+    let log = operator.log();
+    assert!(exit.success(), "exit {exit}: {log}");
+    assert!(log.contains("stopped before the first list"), "{log}");
+}
+
+/// A rule that reads (get, list, watch) `resources` of API `group`.
+fn read_rule(group: &str, resources: &[&str]) -> serde_json::Value {
+    json!({"apiGroups": [group], "resources": resources, "verbs": ["get", "list", "watch"]})
+}
+
+/// Grants `user` the `rules` by a ClusterRole and ClusterRoleBinding named `name`.
+async fn grant(client: &Client, user: &str, name: &str, rules: serde_json::Value) {
+    let role: ClusterRole =
+        serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules}))
+            .expect("cluster role");
+    Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .expect("create role");
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "subjects": [{"kind": "User", "name": user, "apiGroup": "rbac.authorization.k8s.io"}],
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+    }))
+    .expect("binding");
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("bind");
 }
 
 /// A pod of Deployment `builder` as it runs once injected: the sidecar's admin port is
