@@ -2,7 +2,7 @@
 # images: OCI images of snapcache-sidecar and snapcache-operator, built without a daemon.
 #
 #   images.sh install   buildah (daemonless, runs as root), the CA bundle, strip
-#   images.sh build     release build (SNAPCACHE_IMAGE_PROFILE=dev: the dev build), stages target/images/context-<name>/, builds each
+#   images.sh build     release build (SNAPCACHE_IMAGE_PROFILE=dev: the last dev build's binaries), stages target/images/context-<name>/, builds each
 #                       images/<name>.Containerfile with buildah in a throwaway storage root
 #                       and writes target/images/snapcache-<name>-<version>.oci.tar
 #   images.sh test      checks each archive's config, its exact file list, and runs the
@@ -138,8 +138,18 @@ build_image() {
 build() {
   command -v buildah >/dev/null || die "buildah is not installed: run tests/env/images.sh install"
   load_metadata
-  timed "cargo build --profile $PROFILE" \
-    cargo build --profile "$PROFILE" --locked -p snapcache-sidecar -p snapcache-operator
+  if [[ $PROFILE == dev ]]; then
+    # The binaries the caller's dev build just made (make test's test build): building
+    # them here with other features would recompile deps for nothing.
+    local name
+    for name in "${NAMES[@]}"; do
+      [[ -x target/debug/snapcache-$name ]] ||
+        die "target/debug/snapcache-$name is missing: build first (cargo build --workspace)"
+    done
+  else
+    timed "cargo build --profile $PROFILE" \
+      cargo build --profile "$PROFILE" --locked -p snapcache-sidecar -p snapcache-operator
+  fi
   mkdir -p "$IMAGES_DIR"
   local name
   for name in "${NAMES[@]}"; do timed "staging $name" stage "$name"; done

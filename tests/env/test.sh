@@ -24,9 +24,10 @@ report() {
   log "total $((SECONDS - run_start))s (exit $status)"
 }
 # crds/ and the chart's crds/ must be exactly what `snapcache-operator crd` prints; `make crds` regenerates it.
+# It runs the operator the test build made: `cargo run -p` would build it again with other features.
 crd_drift() {
   local generated copy
-  generated=$(cargo run --quiet --locked -p snapcache-operator -- crd)
+  generated=$(target/debug/snapcache-operator crd)
   for copy in crds/snapcache.io_snapshotcaches.yaml charts/snapcache/crds/snapcache.io_snapshotcaches.yaml; do
     diff -u "$copy" - <<<"$generated" ||
       die "$copy is out of date with the SnapshotCache types: run 'make crds' and commit the result"
@@ -40,8 +41,8 @@ phase "cargo fmt --check" cargo fmt --all --check
 phase "module cycles" python3 "$ENV_DIR/module_cycles.py" sidecar/src operator/src
 phase "install components" bash "$ENV_DIR/install.sh"
 phase "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
-phase "CRD drift" crd_drift
 phase "build tests" cargo nextest run --workspace --locked --no-run
+phase "CRD drift" crd_drift
 # The container images, from the dev build the tests use (make images ships release);
 # the cluster imports them into its node before the tests start.
 images_test() {
