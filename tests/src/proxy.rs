@@ -31,6 +31,8 @@ struct Downstream {
     sent: AtomicU64,
     /// GET requests forwarded upstream so far.
     gets: AtomicU64,
+    /// The first line of each request forwarded, as far as one read of it shows.
+    requests: std::sync::Mutex<Vec<String>>,
     limit: watch::Sender<u64>,
     gets_held: watch::Sender<bool>,
 }
@@ -40,6 +42,7 @@ impl Default for Downstream {
         Downstream {
             sent: AtomicU64::new(0),
             gets: AtomicU64::new(0),
+            requests: std::sync::Mutex::default(),
             limit: watch::channel(u64::MAX).0,
             gets_held: watch::channel(false).0,
         }
@@ -119,6 +122,15 @@ impl CutProxy {
         self.downstream.gets_held.send_replace(false);
     }
 
+    /// The request line of every request that has passed to the server so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.downstream
+            .requests
+            .lock()
+            .map(|requests| requests.clone())
+            .unwrap_or_default()
+    }
+
     /// GET requests that have passed to the server so far.
     pub fn gets_forwarded(&self) -> u64 {
         self.downstream.gets.load(Ordering::SeqCst)
@@ -194,6 +206,11 @@ async fn relay(
                 carried_get.store(true, Ordering::SeqCst);
                 downstream.gets.fetch_add(1, Ordering::SeqCst);
             }
+            if let Some(line) = request_line(&buffer[..n])
+                && let Ok(mut requests) = downstream.requests.lock()
+            {
+                requests.push(line);
+            }
             if server_write.write_all(&buffer[..n]).await.is_err() {
                 break;
             }
@@ -216,6 +233,17 @@ async fn relay(
         let _ = client_write.shutdown().await;
     };
     tokio::join!(to_server, to_client);
+}
+
+/// The request line that `read` starts with, when it starts with one (a method in
+/// capitals, then a space), not with a body's bytes.
+fn request_line(read: &[u8]) -> Option<String> {
+    let line = read.split(|&b| b == b'\r').next()?;
+    let method = line.split(|&b| b == b' ').next()?;
+    let is_method = !method.is_empty()
+        && method.len() < line.len()
+        && method.iter().all(u8::is_ascii_uppercase);
+    is_method.then(|| String::from_utf8_lossy(line).into_owned())
 }
 
 /// Forwards to `upstream` but closes every `nth` connection as soon as it is accepted:

@@ -7,15 +7,19 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
     Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, publish_to_garage,
+    sidecar_image,
 };
 use snapcache_tests::git::{commit_file, git, init_repository};
+use snapcache_tests::proxy::CutProxy;
 use snapcache_tests::sidecar::{Sidecar, free_addr};
-use snapcache_tests::{TestEnv, within};
+use snapcache_tests::{TestEnv, create_namespace, within};
 
 const REPO: &str = "example.com/snapcache/node-tier";
 
@@ -77,6 +81,21 @@ async fn namespace_with_node_tier(
     host_dir: &std::path::Path,
     prewarm: &[&str],
 ) -> (String, Operator, u16) {
+    let endpoint = TestEnv::get().require("CLUSTER_S3_GARAGE_ENDPOINT");
+    let (namespace, operator, (_, admin_port)) =
+        namespace_with_node_tier_on(client, bucket, endpoint, host_dir, prewarm).await;
+    (namespace, operator, admin_port)
+}
+
+/// `namespace_with_node_tier` whose pods and node cache reach S3 at `endpoint`; the node
+/// cache's ports (snapshots, admin).
+async fn namespace_with_node_tier_on(
+    client: &kube::Client,
+    bucket: &str,
+    endpoint: &str,
+    host_dir: &std::path::Path,
+    prewarm: &[&str],
+) -> (String, Operator, (u16, u16)) {
     // Ports free here are free on the node's address too; parallel tests each get theirs.
     let (port, admin_port) = (free_addr().port(), free_addr().port());
     let spec = json!({
@@ -85,8 +104,9 @@ async fn namespace_with_node_tier(
                      "prewarm": prewarm, "prewarmInterval": "1s"},
         // The node cache asks S3 for the current revision on every read.
         "sidecar": {"diskSize": "2Gi", "revalidateAfter": "1ms"},
+        // A checkout outlasts whatever a test holds it for.
+        "checkout": {"giveUpAfter": "10m"},
     });
-    let endpoint = TestEnv::get().require("CLUSTER_S3_GARAGE_ENDPOINT");
     let (namespace, operator) =
         namespace_with_snapshot_cache(client, "node-tier", bucket, endpoint, spec).await;
     let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
@@ -99,7 +119,7 @@ async fn namespace_with_node_tier(
         },
     )
     .await;
-    (namespace, operator, admin_port)
+    (namespace, operator, (port, admin_port))
 }
 
 /// Runs Jobs `names` at once, each checking out `REPO`; every one must succeed with
@@ -111,6 +131,12 @@ async fn checkouts_succeed(client: &kube::Client, namespace: &str, names: &[&str
             .await
             .expect("create a Job");
     }
+    checkouts_finish(client, namespace, names, commit).await;
+}
+
+/// Waits for the checkout Jobs `names`: every one must succeed with `commit` checked out.
+async fn checkouts_finish(client: &kube::Client, namespace: &str, names: &[&str], commit: &str) {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
     for name in names {
         within(
             Duration::from_secs(240),
@@ -263,6 +289,151 @@ async fn a_prewarmed_node_cache_has_each_new_revision_before_the_next_pod() {
         node_cache_s3_bytes(admin_port).await,
         (first_size + second_size) as f64,
         "the pod's checkout read nothing more from S3"
+    );
+    operator.stop(&client).await;
+}
+
+/// A node cache killed while a checkout reads through it: the checkout reads S3 instead
+/// and the pod starts. The S3 proxy holds every GET until the node cache is dead and gone
+/// for good, so all the bytes that then pass are the pod's own S3 reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cache_killed_during_a_checkout_leaves_the_checkout_to_s3() {
+    let (client, bucket) = cluster_and_bucket("node-tier").await;
+    let (commit, size) = publish_this_repository(&bucket).await;
+    let env = TestEnv::get();
+    let node_ip = env.require("CLUSTER_NODE_IP").parse().expect("node IP");
+    let s3 = CutProxy::start_on(node_ip, env.s3_server("garage").socket_addr()).await;
+    let host_dir = host_dir();
+    let (namespace, operator, _) =
+        namespace_with_node_tier_on(&client, &bucket, &s3.url(), host_dir.path(), &[]).await;
+    s3.hold_gets();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
+    jobs.create(&PostParams::default(), &checkout_job("build"))
+        .await
+        .expect("create the Job");
+    within(
+        Duration::from_secs(120),
+        "a GET of the snapshot held at S3",
+        async || {
+            s3.requests()
+                .iter()
+                .any(|line| line.starts_with("GET ") && line.contains("snapshot.tar.zst"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Gone for good: the operator stops putting the DaemonSet back, the DaemonSet moves
+    // to no node, and its pod is killed at once.
+    operator.stop(&client).await;
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
+    let nowhere =
+        json!({"spec": {"template": {"spec": {"nodeSelector": {"snapcache.io/test": "nowhere"}}}}});
+    daemon_sets
+        .patch(
+            "snapcache-node-ci",
+            &PatchParams::default(),
+            &Patch::Merge(&nowhere),
+        )
+        .await
+        .expect("move the node cache to no node");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let node_caches = ListParams::default().labels("app.kubernetes.io/component=node-cache");
+    let at_once = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    for pod in pods.list(&node_caches).await.expect("node cache pods") {
+        let name = pod.metadata.name.expect("pod name");
+        // Already going is as good: the DaemonSet may have deleted it first.
+        let _ = pods.delete(&name, &at_once).await;
+    }
+    within(Duration::from_secs(120), "no node cache pod", async || {
+        pods.list(&node_caches)
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    s3.release();
+    checkouts_finish(&client, &namespace, &["build"], &commit).await;
+    assert!(
+        s3.sent_downstream() >= size,
+        "the pod read the snapshot from S3 ({} bytes of {size} passed)",
+        s3.sent_downstream()
+    );
+}
+
+/// Where the network enforces no NetworkPolicy (this cluster's bridge plugin; host-network
+/// pods under most plugins) the operator's NetworkPolicy is in place, and the gap the
+/// README names is real: a pod of another namespace that reaches the node's address reads
+/// the snapshots. Should this cluster ever enforce it, this test fails and turns around.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_network_policy_is_not_enforced_another_namespace_reaches_the_node_cache() {
+    let (client, bucket) = cluster_and_bucket("node-tier").await;
+    publish_this_repository(&bucket).await;
+    let env = TestEnv::get();
+    let host_dir = host_dir();
+    let endpoint = env.require("CLUSTER_S3_GARAGE_ENDPOINT");
+    let (namespace, operator, (port, _)) =
+        namespace_with_node_tier_on(&client, &bucket, endpoint, host_dir.path(), &[]).await;
+    let policy = Api::<NetworkPolicy>::namespaced(client.clone(), &namespace)
+        .get("snapcache-node-ci")
+        .await
+        .expect("the node tier's NetworkPolicy");
+    let ingress = policy
+        .spec
+        .and_then(|spec| spec.ingress)
+        .unwrap_or_default();
+    let snapshot_port = Some(IntOrString::Int(i32::from(port)));
+    let snapshot_rule = ingress
+        .iter()
+        .find(|rule| rule.ports.iter().flatten().any(|p| p.port == snapshot_port))
+        .expect("a rule for the snapshot port");
+    let peers = snapshot_rule.from.clone().unwrap_or_default();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert!(
+        peers[0].namespace_selector.is_none() && peers[0].pod_selector.is_some(),
+        "only pods of the namespace: {peers:?}"
+    );
+
+    let other = create_namespace(&client, "other-tenant").await;
+    let reader: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "reader"},
+        "spec": {
+            "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "read", "image": sidecar_image(), "imagePullPolicy": "Never",
+                "args": ["fetch", format!("http://$(HOST_IP):{port}/git/{REPO}/snapshot.tar.zst"),
+                         "-o", "/out/snapshot.tar.zst"],
+                "env": [{"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}],
+                "volumeMounts": [{"name": "out", "mountPath": "/out"}],
+            }],
+            "volumes": [{"name": "out", "emptyDir": {}}],
+        }
+    }))
+    .expect("pod");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &other);
+    // Refused until the new namespace's ServiceAccount has its token.
+    within(Duration::from_secs(60), "the reader created", async || {
+        pods.create(&PostParams::default(), &reader).await.ok()
+    })
+    .await;
+    let phase = within(
+        Duration::from_secs(120),
+        "the reader to finish",
+        async || {
+            let phase = pods.get("reader").await.ok()?.status?.phase?;
+            matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+        },
+    )
+    .await;
+    let log = container_log(&pods, "reader", "read").await;
+    assert_eq!(
+        phase, "Succeeded",
+        "the pod of another namespace did not read the node cache: does this cluster enforce \
+         NetworkPolicy now? Then assert the refusal instead. Its log: {log}"
     );
     operator.stop(&client).await;
 }
