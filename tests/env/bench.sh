@@ -10,8 +10,8 @@ bash "$ENV_DIR/nginx.sh" install
 cargo build --release --locked -p snapcache-sidecar -p snapcache-operator -p snapcache-tests \
   --bin snapcache-sidecar --bin snapcache-operator --bin snapcache-bench
 components=garage,nginx
-# The webhook and checkout parts run pods on the one-node cluster, from release images.
-if [[ -z ${BENCH:-} || ,$BENCH, == *,webhook,* || ,$BENCH, == *,checkout,* ]]; then
+# The webhook, checkout and node parts run pods on the one-node cluster, from release images.
+if [[ -z ${BENCH:-} || ,$BENCH, == *,webhook,* || ,$BENCH, == *,checkout,* || ,$BENCH, == *,node,* ]]; then
   bash "$ENV_DIR/kube.sh" install
   bash "$ENV_DIR/cluster.sh" install
   bash "$ENV_DIR/helm.sh" install

@@ -31,7 +31,7 @@ use snapcache_tests::{
 
 use crate::median;
 
-const REPO: &str = "bench.example/generated/large";
+pub(crate) const REPO: &str = "bench.example/generated/large";
 const SHAPE: Shape = Shape {
     files: 100_000,
     bytes: 1_150_000_000,
@@ -184,7 +184,7 @@ pub fn print(report: &CheckoutReport) -> bool {
 }
 
 /// The generated repository, under the tool cache: made once per shape and seed.
-fn generated_repository() -> Result<PathBuf> {
+pub(crate) fn generated_repository() -> Result<PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
@@ -216,7 +216,7 @@ fn generated_repository() -> Result<PathBuf> {
     Ok(repo)
 }
 
-fn publish(garage: &S3Server, bucket: &str, repo: &Path) -> Result<()> {
+pub(crate) fn publish(garage: &S3Server, bucket: &str, repo: &Path) -> Result<()> {
     println!("publishing it to Garage");
     let work = tempfile::tempdir()?;
     let started = Instant::now();
@@ -333,7 +333,7 @@ impl Drop for GitDaemon {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Snapcache,
     FullClone,
     ShallowClone,
@@ -350,7 +350,12 @@ impl Kind {
 }
 
 /// Seconds from the pod create to its app's first command, which then checks the commit.
-async fn time_pod(pods: &Api<Pod>, kind: Kind, daemon: &str, commit: &str) -> Result<f64> {
+pub(crate) async fn time_pod(
+    pods: &Api<Pod>,
+    kind: Kind,
+    daemon: &str,
+    commit: &str,
+) -> Result<f64> {
     let name = unique_name("bench-pod");
     let pod = bench_pod(&name, kind, daemon)?;
     let created_at = uptime()?;
@@ -451,7 +456,7 @@ fn without_mounts(mut container: serde_json::Value) -> serde_json::Value {
 /// Starts every contender from the same state: the last one's writes on disk, and an
 /// empty page cache. A page cache full of the last run's 2 GB makes this VM's kernel
 /// slow to create files (8 s for `zstd -dc | tar -x` after a drop, 30-80 s without).
-fn settle() -> Result<()> {
+pub(crate) fn settle() -> Result<()> {
     run(&mut Command::new("sync"))?;
     std::fs::write("/proc/sys/vm/drop_caches", "3")
         .context("dropping the page cache (/proc/sys/vm/drop_caches): the bench runs as root")

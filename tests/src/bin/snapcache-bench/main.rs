@@ -12,6 +12,7 @@
 
 mod checkout;
 mod load;
+mod node;
 mod webhook;
 
 use std::path::Path;
@@ -30,7 +31,7 @@ const HEAP_ALLOCATED: &str = "snapcache_heap_allocated_bytes";
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    // BENCH=throughput, memory, fetch, load, slow, webhook or checkout (comma-separated) runs those
+    // BENCH=throughput, memory, fetch, load, slow, webhook, checkout or node (comma-separated) runs those
     // parts; unset runs them all.
     let only = std::env::var("BENCH").unwrap_or_default();
     let selected = |name: &str| only.is_empty() || only.split(',').any(|n| n == name);
@@ -48,9 +49,15 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    let node_report = if selected("node") {
+        Some(node::node().await?)
+    } else {
+        None
+    };
     if !needs_s3 {
         let mut missed = webhook_report.as_ref().is_some_and(webhook::print);
         missed |= checkout_report.as_ref().is_some_and(checkout::print);
+        missed |= node_report.as_ref().is_some_and(node::print);
         if missed {
             bail!("a benchmark missed its target");
         }
@@ -161,6 +168,9 @@ async fn main() -> Result<()> {
     }
     if let Some(report) = &checkout_report {
         failed |= checkout::print(report);
+    }
+    if let Some(report) = &node_report {
+        failed |= node::print(report);
     }
     if failed {
         bail!("a benchmark missed its target");

@@ -1,0 +1,291 @@
+//! The node tier on the real node (issue 19), on the large repository of the checkout
+//! benchmark. Each round makes fresh node caches (a new namespace, SnapshotCache and
+//! hostPath) and times, from the pod create to the app's first command with the
+//! repository checked out:
+//! - the first pod beside a cold node cache, which reads the snapshot from S3;
+//! - a second pod on the node, which the node cache serves;
+//! - the first pod beside a node cache that pre-warmed the snapshot.
+//!
+//! The SnapshotCaches reach Garage through a counting proxy on the node's address, so the
+//! S3 bytes per node per revision are counted at S3: every read of the node, by the node
+//! cache and by the pods' own sidecars alike.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{Api, DeleteParams, PostParams};
+use serde_json::json;
+use snapcache_operator::api::SnapshotCache;
+use snapcache_tests::cluster::{Operator, until_admitted};
+use snapcache_tests::git::git;
+use snapcache_tests::proxy::CutProxy;
+use snapcache_tests::sidecar::{Sidecar, free_addr};
+use snapcache_tests::{
+    S3Server, TestEnv, create_bucket, create_namespace, install_snapshot_cache_crd, unique_name,
+    within,
+};
+
+use crate::checkout::{self, Kind, REPO};
+use crate::median;
+
+const ROUNDS: usize = 3;
+const WARM_SPEEDUP: f64 = 5.0;
+/// S3 bytes per node per revision, over the snapshot's size: 1.0 but for the HTTP
+/// headers of a few requests.
+const S3_READS_PER_REVISION: f64 = 1.005;
+
+#[derive(Debug, Default)]
+pub struct NodeReport {
+    cold: Vec<f64>,
+    warm: Vec<f64>,
+    prewarmed: Vec<f64>,
+    /// Bytes from S3 to the node, per node cache and revision, over the snapshot's size.
+    s3_reads: Vec<f64>,
+    snapshot_bytes: u64,
+}
+
+pub async fn node() -> Result<NodeReport> {
+    let env = TestEnv::get();
+    let garage = env.s3_server("garage");
+    let repo = checkout::generated_repository()?;
+    let commit = git(&repo, &["rev-parse", "HEAD"]);
+    let bucket = unique_name("bench-node");
+    create_bucket(&garage.client(), &bucket).await;
+    checkout::publish(&garage, &bucket, &repo)?;
+    let snapshot_bytes = snapshot_bytes(&garage, &bucket).await?;
+    let client = env.cluster_client().await?;
+    install_snapshot_cache_crd(&client).await;
+    let node_ip: std::net::IpAddr = env
+        .require("CLUSTER_NODE_IP")
+        .parse()
+        .context("CLUSTER_NODE_IP")?;
+
+    let mut report = NodeReport {
+        snapshot_bytes,
+        ..NodeReport::default()
+    };
+    for round in 1..=ROUNDS {
+        println!("node tier round {round} of {ROUNDS}");
+        let tier = NodeTier::start(&client, &garage, &bucket, node_ip, &[]).await?;
+        checkout::settle()?;
+        let cold = checkout::time_pod(&tier.pods(), Kind::Snapcache, "", &commit).await?;
+        println!("  {:<52} {cold:>7.1} s", "first pod, cold node cache");
+        checkout::settle()?;
+        let warm = checkout::time_pod(&tier.pods(), Kind::Snapcache, "", &commit).await?;
+        println!("  {:<52} {warm:>7.1} s", "second pod, warm node cache");
+        let reads = tier.s3_reads(snapshot_bytes);
+        println!(
+            "  {:<52} {reads:>7.3}",
+            "S3 bytes of the node / snapshot size"
+        );
+        report.cold.push(cold);
+        report.warm.push(warm);
+        report.s3_reads.push(reads);
+        tier.stop(&client).await?;
+
+        let tier = NodeTier::start(&client, &garage, &bucket, node_ip, &[REPO]).await?;
+        tier.until_prewarmed(snapshot_bytes).await;
+        checkout::settle()?;
+        let prewarmed = checkout::time_pod(&tier.pods(), Kind::Snapcache, "", &commit).await?;
+        println!(
+            "  {:<52} {prewarmed:>7.1} s",
+            "first pod, pre-warmed node cache"
+        );
+        let reads = tier.s3_reads(snapshot_bytes);
+        println!(
+            "  {:<52} {reads:>7.3}",
+            "S3 bytes of the node / snapshot size"
+        );
+        report.prewarmed.push(prewarmed);
+        report.s3_reads.push(reads);
+        tier.stop(&client).await?;
+    }
+    Ok(report)
+}
+
+/// Prints each figure beside its peer; true when a target is missed.
+pub fn print(report: &NodeReport) -> bool {
+    let (cold, warm, prewarmed) = (
+        median(&report.cold),
+        median(&report.warm),
+        median(&report.prewarmed),
+    );
+    let most_reads = report.s3_reads.iter().copied().fold(0.0, f64::max);
+    let checks = [
+        (cold / warm >= WARM_SPEEDUP, "warm pod"),
+        (most_reads <= S3_READS_PER_REVISION, "S3 reads"),
+    ];
+    let verdict = |index: usize| if checks[index].0 { "ok" } else { "MISSED" };
+    println!();
+    println!(
+        "node tier: the checkout benchmark's repository, a {:.0} MB snapshot; medians of \
+         {ROUNDS} rounds, each with fresh node caches",
+        report.snapshot_bytes as f64 / 1e6
+    );
+    println!(
+        "{:<58} {:>10} {:>10} {:>7}  target",
+        "pod create -> app's first command, repo ready (s)", "snapcache", "peer", "ratio"
+    );
+    println!(
+        "{:<58} {warm:>10.1} {cold:>10.1} {:>7.2}  >= {WARM_SPEEDUP} {}",
+        "second pod (warm node cache) vs first pod (cold)",
+        cold / warm,
+        verdict(0)
+    );
+    println!(
+        "{:<58} {prewarmed:>10.1} {cold:>10.1} {:>7.2}  -",
+        "first pod, pre-warmed node cache vs cold",
+        cold / prewarmed,
+    );
+    println!(
+        "{:<58} {most_reads:>10.3} {:>10} {:>7}  <= {S3_READS_PER_REVISION} {}",
+        "S3 bytes per node per revision / snapshot, highest",
+        "-",
+        "-",
+        verdict(1)
+    );
+    checks.iter().any(|(ok, _)| !ok)
+}
+
+async fn snapshot_bytes(garage: &S3Server, bucket: &str) -> Result<u64> {
+    let head = garage
+        .client()
+        .head_object()
+        .bucket(bucket)
+        .key(format!("git/{REPO}/snapshot.tar.zst"))
+        .send()
+        .await
+        .context("the published snapshot")?;
+    head.content_length()
+        .and_then(|n| u64::try_from(n).ok())
+        .context("the snapshot's size")
+}
+
+/// A namespace whose SnapshotCache `bench` selects the checkout benchmark's pods and has
+/// a node tier on its own ports and hostPath, reaching Garage through `proxy`; the host
+/// operator injecting it.
+struct NodeTier {
+    namespace: String,
+    client: kube::Client,
+    operator: Operator,
+    proxy: CutProxy,
+    admin_url: String,
+    _host_dir: tempfile::TempDir,
+}
+
+impl NodeTier {
+    async fn start(
+        client: &kube::Client,
+        garage: &S3Server,
+        bucket: &str,
+        node_ip: std::net::IpAddr,
+        prewarm: &[&str],
+    ) -> Result<NodeTier> {
+        let proxy = CutProxy::start_on(node_ip, garage.socket_addr()).await;
+        // Not under a directory starting with '.': the schema refuses such hostPaths.
+        let host_dir = tempfile::Builder::new()
+            .prefix("snapcache-bench-node-")
+            .tempdir()?;
+        let (port, admin_port) = (free_addr().port(), free_addr().port());
+        let namespace = create_namespace(client, "bench-node").await;
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "s3-credentials"},
+            "stringData": {"AWS_ACCESS_KEY_ID": garage.access_key_id,
+                           "AWS_SECRET_ACCESS_KEY": garage.secret_access_key},
+        }))?;
+        Api::<Secret>::namespaced(client.clone(), &namespace)
+            .create(&PostParams::default(), &secret)
+            .await?;
+        let cache: SnapshotCache = serde_json::from_value(json!({
+            "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "bench-checkout"}},
+                "s3": {"bucket": bucket, "endpoint": proxy.url(),
+                       "credentialsSecret": "s3-credentials"},
+                "sidecar": {"diskSize": "4Gi"},
+                "checkout": {"giveUpAfter": "30s"},
+                "nodeTier": {"enabled": true, "port": port, "adminPort": admin_port,
+                             "hostPath": host_dir.path(), "size": "4Gi",
+                             "prewarm": prewarm, "prewarmInterval": "5s"},
+            }
+        }))?;
+        Api::<SnapshotCache>::namespaced(client.clone(), &namespace)
+            .create(&PostParams::default(), &cache)
+            .await?;
+        let operator = Operator::start(client, &namespace).await;
+        until_admitted(client, &namespace, &[("app", "bench-checkout")], true).await;
+        let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
+        within(
+            Duration::from_secs(120),
+            "the node cache to be ready",
+            async || {
+                let status = daemon_sets.get("snapcache-node-bench").await.ok()?.status?;
+                (status.number_ready == 1).then_some(())
+            },
+        )
+        .await;
+        Ok(NodeTier {
+            namespace,
+            client: client.clone(),
+            operator,
+            proxy,
+            admin_url: format!("http://{node_ip}:{admin_port}/metrics"),
+            _host_dir: host_dir,
+        })
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// What the node read from S3 so far, over `snapshot_bytes`.
+    fn s3_reads(&self, snapshot_bytes: u64) -> f64 {
+        self.proxy.sent_downstream() as f64 / snapshot_bytes as f64
+    }
+
+    /// Waits until the node cache has pre-warmed `bytes` from S3.
+    async fn until_prewarmed(&self, bytes: u64) {
+        within(
+            Duration::from_secs(600),
+            "the node cache to pre-warm the snapshot",
+            async || {
+                let metrics = reqwest::get(&self.admin_url)
+                    .await
+                    .ok()?
+                    .text()
+                    .await
+                    .ok()?;
+                let warmed = Sidecar::metric(&metrics, "snapcache_prewarm_read_bytes_total");
+                (warmed == bytes as f64).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Stops the operator and deletes the namespace, node cache and all, so the next
+    /// round's runs beside nothing of this one.
+    async fn stop(self, client: &kube::Client) -> Result<()> {
+        self.operator.stop(client).await;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .delete(&self.namespace, &DeleteParams::default())
+            .await?;
+        within(
+            Duration::from_secs(300),
+            &format!("namespace {} to be gone", self.namespace),
+            async || {
+                namespaces
+                    .get_opt(&self.namespace)
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+        Ok(())
+    }
+}
