@@ -159,7 +159,8 @@ pub struct PublishArgs {
     pub interval: Option<std::time::Duration>,
 
     /// With --interval: the admin port for /metrics and /healthz.
-    #[arg(long, env = "SNAPCACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9766")]
+    #[arg(long, env = "SNAPCACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9766",
+          value_parser = crate::config::parse_socket_addr)]
     pub admin_listen: std::net::SocketAddr,
 
     /// Print a JSON summary of each run (action, commit, bytes, seconds) on stdout.

@@ -13,11 +13,11 @@ use crate::snapshot_path::SnapshotPath;
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     /// Address of the snapshot API; only the pod itself should reach it.
-    #[arg(long, env = "SNAPCACHE_LISTEN", default_value = "127.0.0.1:8765")]
+    #[arg(long, env = "SNAPCACHE_LISTEN", default_value = "127.0.0.1:8765", value_parser = parse_socket_addr)]
     pub listen: SocketAddr,
 
     /// Address of the admin port (/metrics, /healthz, /readyz) that Prometheus scrapes.
-    #[arg(long, env = "SNAPCACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9765")]
+    #[arg(long, env = "SNAPCACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9765", value_parser = parse_socket_addr)]
     pub admin_listen: SocketAddr,
 
     #[command(flatten)]
@@ -152,7 +152,30 @@ fn parse_repository(text: &str) -> Result<SnapshotPath, String> {
 }
 
 /// `http://host:port` and nothing more: the node cache's snapshot API.
+/// `HOST:PORT`, where the host may also be an IPv6 address without brackets: what the
+/// kubelet makes of `$(HOST_IP):PORT` on an IPv6 node (`fd00::5:8766`).
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .ok()
+        .or_else(|| {
+            let (host, port) = text.rsplit_once(':')?;
+            let host: std::net::Ipv6Addr = host.parse().ok()?;
+            Some(SocketAddr::new(host.into(), port.parse().ok()?))
+        })
+        .ok_or_else(|| {
+            format!("`{text}` is not an address and port, e.g. 10.0.0.5:8766 or [fd00::5]:8766")
+        })
+}
+
+/// The node cache's URL. An IPv6 node's `http://$(HOST_IP):PORT` arrives unbracketed
+/// (`http://fd00::5:8766`) and is bracketed here.
 fn parse_node_tier(text: &str) -> Result<String, String> {
+    let bracketed = text
+        .strip_prefix("http://")
+        .and_then(|address| parse_socket_addr(address.trim_end_matches('/')).ok())
+        .filter(SocketAddr::is_ipv6)
+        .map(|address| format!("http://{address}"));
+    let text = bracketed.as_deref().unwrap_or(text);
     let url = reqwest::Url::parse(text).map_err(|err| format!("`{text}` is not a URL: {err}"))?;
     let plain = url.scheme() == "http"
         && url.host_str().is_some()
@@ -225,6 +248,31 @@ mod tests {
             let err = parse_node_tier(refused).expect_err(refused);
             assert!(err.contains("the node tier is http://HOST:PORT"), "{err}");
         }
+    }
+
+    #[test]
+    fn an_ipv6_node_address_works_unbracketed_as_the_kubelet_expands_it() {
+        assert_eq!(
+            parse_node_tier("http://fd00::5:8766"),
+            Ok("http://[fd00::5]:8766".to_owned())
+        );
+        assert_eq!(
+            parse_node_tier("http://[fd00::5]:8766/"),
+            Ok("http://[fd00::5]:8766".to_owned())
+        );
+        let v6: SocketAddr = "[fd00::5]:8766".parse().expect("address");
+        assert_eq!(parse_socket_addr("fd00::5:8766"), Ok(v6));
+        assert_eq!(parse_socket_addr("[fd00::5]:8766"), Ok(v6));
+        assert_eq!(
+            parse_socket_addr("10.0.0.5:8766"),
+            Ok("10.0.0.5:8766".parse().expect("address"))
+        );
+        for refused in ["10.0.0.5", "fd00::5", "fd00::5:99999", "node:8766", ""] {
+            let err = parse_socket_addr(refused).expect_err(refused);
+            assert!(err.contains("is not an address and port"), "{err}");
+        }
+        let err = parse_node_tier("http://fd00::5").expect_err("no port");
+        assert!(err.contains("is not a URL"), "{err}");
     }
 
     #[test]

@@ -84,9 +84,14 @@ const NODE_ADDRESS: &str = "10.1.2.3";
 /// What the sidecar's parser makes of `args` (the container's, after the binary's name),
 /// once the kubelet has expanded `$(HOST_IP)` in them.
 fn parse(args: &[String]) -> Command {
+    parse_on(args, NODE_ADDRESS)
+}
+
+/// `parse` on a node whose address is `node_address`.
+fn parse_on(args: &[String], node_address: &str) -> Command {
     let expanded: Vec<String> = args
         .iter()
-        .map(|arg| arg.replace("$(HOST_IP)", NODE_ADDRESS))
+        .map(|arg| arg.replace("$(HOST_IP)", node_address))
         .collect();
     let argv = std::iter::once("snapcache-sidecar").chain(expanded.iter().map(String::as_str));
     match Cli::try_parse_from(argv) {
@@ -148,20 +153,42 @@ fn assert_is_a_pods_sidecar(config: &ServeConfig) {
     assert!(!config.node_cache);
 }
 
-#[test]
-fn the_sidecar_parses_the_node_caches_serve_args_for_every_option_as_the_spec_meant_them() {
+/// The args of the node cache of a SnapshotCache with every option.
+fn node_cache_args() -> Vec<String> {
     let mut cache = SnapshotCache::new("monorepo", every_option(PinMode::Version));
     cache.metadata.namespace = Some("ci".to_owned());
     cache.metadata.uid = Some("5e0c7f4e-0000-4000-8000-000000000001".to_owned());
     let owner = node_tier::Owner::of(&cache).expect("owner");
     let daemon_set = node_tier::daemon_set(&owner, &cache.spec, &ENV);
-    let container = daemon_set
+    daemon_set
         .spec
         .and_then(|spec| spec.template.spec)
-        .map(|pod| pod.containers[0].clone())
-        .expect("the node cache container");
-    let Command::Serve(config) = parse(container.args.as_deref().unwrap_or_default()) else {
-        panic!("the node cache does not run `serve`: {:?}", container.args);
+        .and_then(|pod| pod.containers[0].args.clone())
+        .expect("the node cache container's args")
+}
+
+/// On an IPv6 node the kubelet expands `$(HOST_IP)` to an address without brackets: the
+/// node cache still listens on it and the pods' sidecars still reach it there.
+#[test]
+fn on_an_ipv6_node_the_node_cache_and_the_sidecars_agree_on_its_address() {
+    let Command::Serve(node_cache) = parse_on(&node_cache_args(), "fd00::5") else {
+        panic!("the node cache does not run `serve`");
+    };
+    assert_eq!(node_cache.listen, addr("[fd00::5]:18766"));
+    assert_eq!(node_cache.admin_listen, addr("[fd00::5]:19766"));
+    let sidecar = inject::sidecar_container(&every_option(PinMode::Auto), &ENV);
+    let Command::Serve(config) = parse_on(sidecar.args.as_deref().unwrap_or_default(), "fd00::5")
+    else {
+        panic!("the sidecar container does not run `serve`");
+    };
+    assert_eq!(config.node_tier.as_deref(), Some("http://[fd00::5]:18766"));
+}
+
+#[test]
+fn the_sidecar_parses_the_node_caches_serve_args_for_every_option_as_the_spec_meant_them() {
+    let args = node_cache_args();
+    let Command::Serve(config) = parse(&args) else {
+        panic!("the node cache does not run `serve`: {args:?}");
     };
     assert_eq!(config.listen, addr(&format!("{NODE_ADDRESS}:18766")));
     assert_eq!(config.admin_listen, addr(&format!("{NODE_ADDRESS}:19766")));
