@@ -1,7 +1,9 @@
 //! The `SnapshotCache` custom resource. Its doc comments are the CRD's user docs:
 //! `kubectl explain snapshotcache.spec` shows them.
 
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
@@ -90,6 +92,13 @@ pub struct NodeTierSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
     pub prewarm_interval: Option<String>,
+    /// Labels of the nodes the node caches run on (default every node the scheduler
+    /// allows); pods on other nodes read S3 as without a node tier.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the node caches, for tainted nodes (dedicated CI nodes often are).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
 }
 
 impl NodeTierSpec {

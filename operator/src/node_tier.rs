@@ -148,6 +148,9 @@ pub fn daemon_set(owner: &Owner, spec: &SnapshotCacheSpec, env: &Environment<'_>
                     // It reads S3, never the Kubernetes API.
                     automount_service_account_token: Some(false),
                     containers: vec![node_cache_container(spec, env)],
+                    node_selector: (!tier.node_selector.is_empty())
+                        .then(|| tier.node_selector.clone()),
+                    tolerations: (!tier.tolerations.is_empty()).then(|| tier.tolerations.clone()),
                     volumes: Some(vec![Volume {
                         name: VOLUME_NAME.to_owned(),
                         host_path: Some(HostPathVolumeSource {
@@ -442,6 +445,30 @@ mod tests {
             volume.host_path.as_ref().map(|h| h.path.as_str()),
             Some("/mnt/ssd/ci/monorepo")
         );
+    }
+
+    #[test]
+    fn a_node_cache_runs_on_the_nodes_selected_and_tolerates_the_taints_given() {
+        let (_, default, _) = built(json!({"enabled": true}));
+        let pod = pod_spec(&default);
+        assert_eq!(pod.node_selector, None, "every node");
+        assert_eq!(pod.tolerations, None);
+
+        let (_, chosen, _) = built(json!({
+            "enabled": true,
+            "nodeSelector": {"pool": "ci"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ci",
+                             "effect": "NoSchedule"}],
+        }));
+        let pod = pod_spec(&chosen);
+        assert_eq!(
+            pod.node_selector,
+            Some(BTreeMap::from([("pool".to_owned(), "ci".to_owned())]))
+        );
+        let tolerations = pod.tolerations.unwrap_or_default();
+        assert_eq!(tolerations.len(), 1);
+        assert_eq!(tolerations[0].key.as_deref(), Some("dedicated"));
+        assert_eq!(tolerations[0].effect.as_deref(), Some("NoSchedule"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use snapcache_operator::api::{
@@ -74,6 +74,12 @@ fn every_option(pin_mode: PinMode) -> SnapshotCacheSpec {
                 "github.com/org/tools".to_owned(),
             ],
             prewarm_interval: Some("1m".to_owned()),
+            node_selector: [("pool".to_owned(), "ci".to_owned())].into(),
+            tolerations: vec![Toleration {
+                key: Some("dedicated".to_owned()),
+                operator: Some("Exists".to_owned()),
+                ..Toleration::default()
+            }],
         },
     }
 }
