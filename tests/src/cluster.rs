@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::Client;
 use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
@@ -285,6 +286,21 @@ pub async fn namespace_with_snapshot_cache(
     let operator = Operator::start(client, &namespace).await;
     until_admitted(client, &namespace, &[("app", "ci")], true).await;
     (namespace, operator)
+}
+
+/// Waits until the node cache of SnapshotCache `cache` in `namespace` is ready on the node.
+pub async fn until_node_cache_ready(client: &Client, namespace: &str, cache: &str) {
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    let name = format!("snapcache-node-{cache}");
+    within(
+        Duration::from_secs(120),
+        &format!("node cache {namespace}/{name} to be ready"),
+        async || {
+            let status = daemon_sets.get(&name).await.ok()?.status?;
+            (status.number_ready == 1).then_some(())
+        },
+    )
+    .await;
 }
 
 /// A client of the node's cluster (the SnapshotCache CRD installed) and a new Garage bucket

@@ -14,7 +14,7 @@ use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
     Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, publish_to_garage,
-    sidecar_image,
+    sidecar_image, until_node_cache_ready,
 };
 use snapcache_tests::git::{commit_file, git, init_repository};
 use snapcache_tests::proxy::CutProxy;
@@ -109,16 +109,7 @@ async fn namespace_with_node_tier_on(
     });
     let (namespace, operator) =
         namespace_with_snapshot_cache(client, "node-tier", bucket, endpoint, spec).await;
-    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
-    within(
-        Duration::from_secs(120),
-        "the node cache to be ready",
-        async || {
-            let status = daemon_sets.get("snapcache-node-ci").await.ok()?.status?;
-            (status.number_ready == 1).then_some(())
-        },
-    )
-    .await;
+    until_node_cache_ready(client, &namespace, "ci").await;
     (namespace, operator, (port, admin_port))
 }
 

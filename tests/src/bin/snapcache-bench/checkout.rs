@@ -68,7 +68,17 @@ pub async fn checkout() -> Result<CheckoutReport> {
 
     let client = env.cluster_client().await?;
     install_snapshot_cache_crd(&client).await;
-    let namespace = namespace_with_cache(&client, &garage, &bucket).await?;
+    let endpoint = env.require("CLUSTER_S3_GARAGE_ENDPOINT");
+    let no_node_tier = json!({"enabled": false});
+    let namespace = namespace_with_cache(
+        &client,
+        "bench-checkout",
+        &garage,
+        &bucket,
+        endpoint,
+        no_node_tier,
+    )
+    .await?;
     let operator = Operator::start(&client, &namespace).await;
     until_admitted(&client, &namespace, &[("app", "bench-checkout")], true).await;
     let node_ip = env.require("CLUSTER_NODE_IP");
@@ -246,13 +256,18 @@ fn s3_env(garage: &S3Server) -> [(&'static str, String); 4] {
     ]
 }
 
-/// A namespace with the Garage credentials and a SnapshotCache selecting app=bench-checkout.
-async fn namespace_with_cache(
+/// A namespace (named from `prefix`) with the Garage credentials and a SnapshotCache
+/// `bench` selecting app=bench-checkout, whose pods reach Garage at `endpoint`, with
+/// `node_tier` as its spec.nodeTier.
+pub(crate) async fn namespace_with_cache(
     client: &kube::Client,
+    prefix: &str,
     garage: &S3Server,
     bucket: &str,
+    endpoint: &str,
+    node_tier: serde_json::Value,
 ) -> Result<String> {
-    let namespace = create_namespace(client, "bench-checkout").await;
+    let namespace = create_namespace(client, prefix).await;
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": "s3-credentials"},
         "stringData": {"AWS_ACCESS_KEY_ID": garage.access_key_id,
@@ -266,11 +281,11 @@ async fn namespace_with_cache(
         "metadata": {"name": "bench"},
         "spec": {
             "selector": {"matchLabels": {"app": "bench-checkout"}},
-            "s3": {"bucket": bucket,
-                   "endpoint": TestEnv::get().require("CLUSTER_S3_GARAGE_ENDPOINT"),
+            "s3": {"bucket": bucket, "endpoint": endpoint,
                    "credentialsSecret": "s3-credentials"},
             "sidecar": {"diskSize": "4Gi"},
             "checkout": {"giveUpAfter": "30s"},
+            "nodeTier": node_tier,
         }
     }))?;
     Api::<SnapshotCache>::namespaced(client.clone(), &namespace)

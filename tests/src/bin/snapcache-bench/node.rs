@@ -13,18 +13,15 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
-use kube::api::{Api, DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams};
 use serde_json::json;
-use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{Operator, until_admitted};
+use snapcache_tests::cluster::{Operator, until_admitted, until_node_cache_ready};
 use snapcache_tests::git::git;
 use snapcache_tests::proxy::CutProxy;
 use snapcache_tests::sidecar::{Sidecar, free_addr};
 use snapcache_tests::{
-    S3Server, TestEnv, create_bucket, create_namespace, install_snapshot_cache_crd, unique_name,
-    within,
+    S3Server, TestEnv, create_bucket, install_snapshot_cache_crd, unique_name, within,
 };
 
 use crate::checkout::{self, Kind, REPO};
@@ -189,44 +186,23 @@ impl NodeTier {
             .prefix("snapcache-bench-node-")
             .tempdir()?;
         let (port, admin_port) = (free_addr().port(), free_addr().port());
-        let namespace = create_namespace(client, "bench-node").await;
-        let secret: Secret = serde_json::from_value(json!({
-            "metadata": {"name": "s3-credentials"},
-            "stringData": {"AWS_ACCESS_KEY_ID": garage.access_key_id,
-                           "AWS_SECRET_ACCESS_KEY": garage.secret_access_key},
-        }))?;
-        Api::<Secret>::namespaced(client.clone(), &namespace)
-            .create(&PostParams::default(), &secret)
-            .await?;
-        let cache: SnapshotCache = serde_json::from_value(json!({
-            "apiVersion": "snapcache.io/v1alpha1", "kind": "SnapshotCache",
-            "metadata": {"name": "bench"},
-            "spec": {
-                "selector": {"matchLabels": {"app": "bench-checkout"}},
-                "s3": {"bucket": bucket, "endpoint": proxy.url(),
-                       "credentialsSecret": "s3-credentials"},
-                "sidecar": {"diskSize": "4Gi"},
-                "checkout": {"giveUpAfter": "30s"},
-                "nodeTier": {"enabled": true, "port": port, "adminPort": admin_port,
-                             "hostPath": host_dir.path(), "size": "4Gi",
-                             "prewarm": prewarm, "prewarmInterval": "5s"},
-            }
-        }))?;
-        Api::<SnapshotCache>::namespaced(client.clone(), &namespace)
-            .create(&PostParams::default(), &cache)
-            .await?;
+        let node_tier = json!({
+            "enabled": true, "port": port, "adminPort": admin_port,
+            "hostPath": host_dir.path(), "size": "4Gi",
+            "prewarm": prewarm, "prewarmInterval": "5s",
+        });
+        let namespace = checkout::namespace_with_cache(
+            client,
+            "bench-node",
+            garage,
+            bucket,
+            &proxy.url(),
+            node_tier,
+        )
+        .await?;
         let operator = Operator::start(client, &namespace).await;
         until_admitted(client, &namespace, &[("app", "bench-checkout")], true).await;
-        let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), &namespace);
-        within(
-            Duration::from_secs(120),
-            "the node cache to be ready",
-            async || {
-                let status = daemon_sets.get("snapcache-node-bench").await.ok()?.status?;
-                (status.number_ready == 1).then_some(())
-            },
-        )
-        .await;
+        until_node_cache_ready(client, &namespace, "bench").await;
         Ok(NodeTier {
             namespace,
             client: client.clone(),
