@@ -44,3 +44,14 @@ pub fn commit_file(dir: &Path, file: &str, contents: impl AsRef<[u8]>, message: 
     git(dir, &["commit", "-q", "-m", message]);
     git(dir, &["rev-parse", "HEAD"])
 }
+
+/// A repository at `dir` whose one file, `blob.bin`, is 40 MiB of bytes from `seed`, at a
+/// new commit (its hash): its snapshot is larger than a checkout holds in flight, so a
+/// replacement shows.
+pub fn commit_large_file(dir: &Path, seed: u64) -> String {
+    if !dir.join(".git").exists() {
+        init_repository(dir);
+    }
+    let blob = crate::snapshot_bytes(40 << 20, seed);
+    commit_file(dir, "blob.bin", blob, &format!("seed {seed}"))
+}

@@ -11,7 +11,7 @@ use serde_json::json;
 use snapcache_tests::cluster::{
     Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, publish_to_garage,
 };
-use snapcache_tests::git::{commit_file, git, init_repository};
+use snapcache_tests::git::{commit_file, commit_large_file, git, init_repository};
 use snapcache_tests::proxy::CutProxy;
 use snapcache_tests::{TestEnv, within};
 
@@ -217,16 +217,6 @@ fn each_kind_of_fetch_failure_is_counted_under_its_own_reason() {
             error.exit_code()
         );
     }
-}
-
-/// A repository at `dir` whose one file, `blob.bin`, is 40 MiB of bytes from `seed`:
-/// its snapshot is larger than a checkout holds in flight, so a replacement shows.
-fn commit_large_file(dir: &std::path::Path, seed: u64) -> String {
-    if !dir.join(".git").exists() {
-        init_repository(dir);
-    }
-    let blob = snapcache_tests::snapshot_bytes(40 << 20, seed);
-    commit_file(dir, "blob.bin", blob, &format!("seed {seed}"))
 }
 
 /// `publish` of the commit checked out at `dir` (detached: never a bundle).

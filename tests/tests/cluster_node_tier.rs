@@ -16,7 +16,7 @@ use snapcache_tests::cluster::{
     Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, publish_to_garage,
     sidecar_image, until_node_cache_ready,
 };
-use snapcache_tests::git::{commit_file, git, init_repository};
+use snapcache_tests::git::{commit_file, commit_large_file, git, init_repository};
 use snapcache_tests::proxy::CutProxy;
 use snapcache_tests::sidecar::{Sidecar, free_addr};
 use snapcache_tests::{TestEnv, create_namespace, within};
@@ -302,17 +302,7 @@ async fn a_node_cache_killed_during_a_checkout_leaves_the_checkout_to_s3() {
     jobs.create(&PostParams::default(), &checkout_job("build"))
         .await
         .expect("create the Job");
-    within(
-        Duration::from_secs(120),
-        "a GET of the snapshot held at S3",
-        async || {
-            s3.requests()
-                .iter()
-                .any(|line| line.starts_with("GET ") && line.contains("snapshot.tar.zst"))
-                .then_some(())
-        },
-    )
-    .await;
+    until_snapshot_get_held(&s3).await;
     // Gone for good: the operator stops putting the DaemonSet back, the DaemonSet moves
     // to no node, and its pod is killed at once.
     operator.stop(&client).await;
@@ -427,4 +417,63 @@ async fn where_network_policy_is_not_enforced_another_namespace_reaches_the_node
          NetworkPolicy now? Then assert the refusal instead. Its log: {log}"
     );
     operator.stop(&client).await;
+}
+
+/// A snapshot regenerated while a checkout reads through the node tier, with every S3
+/// GET held until then: what is asked for afterwards answers 412 whichever tier asks, the
+/// checkout restarts on the new revision, and the pod ends with that one whole revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_regenerated_during_a_checkout_through_the_node_tier_ends_as_one_revision() {
+    let (client, bucket) = cluster_and_bucket("node-tier").await;
+    let source = tempfile::tempdir().expect("a repository");
+    commit_large_file(source.path(), 1);
+    publish(source.path(), &bucket).await;
+    let env = TestEnv::get();
+    let node_ip = env.require("CLUSTER_NODE_IP").parse().expect("node IP");
+    let s3 = CutProxy::start_on(node_ip, env.s3_server("garage").socket_addr()).await;
+    let host_dir = host_dir();
+    let (namespace, operator, _) =
+        namespace_with_node_tier_on(&client, &bucket, &s3.url(), host_dir.path(), &[]).await;
+    s3.hold_gets();
+    Api::<Job>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &checkout_job("regenerated"))
+        .await
+        .expect("create the Job");
+    until_snapshot_get_held(&s3).await;
+    let second = commit_large_file(source.path(), 2);
+    publish(source.path(), &bucket).await;
+    s3.release();
+    checkouts_finish(&client, &namespace, &["regenerated"], &second).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let pod = pods
+        .list(&ListParams::default().labels("job-name=regenerated"))
+        .await
+        .expect("the Job's pods")
+        .items
+        .into_iter()
+        .next()
+        .and_then(|pod| pod.metadata.name)
+        .expect("the Job's pod");
+    let checkout_log = container_log(&pods, &pod, "snapcache-checkout").await;
+    assert!(
+        checkout_log.contains("the snapshot changed during the download; restarting"),
+        "the checkout restarted on a 412; its log:\n{checkout_log}"
+    );
+    operator.stop(&client).await;
+}
+
+/// Waits until a GET of a snapshot has reached S3 through `s3` (and, while GETs are held,
+/// waits there).
+async fn until_snapshot_get_held(s3: &CutProxy) {
+    within(
+        Duration::from_secs(120),
+        "a GET of the snapshot at S3",
+        async || {
+            s3.requests()
+                .iter()
+                .any(|line| line.starts_with("GET ") && line.contains("snapshot.tar.zst"))
+                .then_some(())
+        },
+    )
+    .await;
 }
