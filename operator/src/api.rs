@@ -99,6 +99,15 @@ pub struct NodeTierSpec {
     /// Tolerations of the node caches, for tainted nodes (dedicated CI nodes often are).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// ServiceAccount the node caches run as (default the namespace's `default`): the one
+    /// that IRSA or a pod identity binds to the bucket's read access, when no
+    /// `credentialsSecret` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub service_account_name: Option<String>,
 }
 
 impl NodeTierSpec {

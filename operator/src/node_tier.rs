@@ -151,6 +151,7 @@ pub fn daemon_set(owner: &Owner, spec: &SnapshotCacheSpec, env: &Environment<'_>
                     node_selector: (!tier.node_selector.is_empty())
                         .then(|| tier.node_selector.clone()),
                     tolerations: (!tier.tolerations.is_empty()).then(|| tier.tolerations.clone()),
+                    service_account_name: tier.service_account_name.clone(),
                     volumes: Some(vec![Volume {
                         name: VOLUME_NAME.to_owned(),
                         host_path: Some(HostPathVolumeSource {
@@ -469,6 +470,17 @@ mod tests {
         assert_eq!(tolerations.len(), 1);
         assert_eq!(tolerations[0].key.as_deref(), Some("dedicated"));
         assert_eq!(tolerations[0].effect.as_deref(), Some("NoSchedule"));
+    }
+
+    #[test]
+    fn a_node_cache_runs_as_the_service_account_given_still_without_an_api_token() {
+        let (_, default, _) = built(json!({"enabled": true}));
+        assert_eq!(pod_spec(&default).service_account_name, None);
+        let (_, chosen, _) = built(json!({"enabled": true, "serviceAccountName": "s3-reader"}));
+        let pod = pod_spec(&chosen);
+        assert_eq!(pod.service_account_name.as_deref(), Some("s3-reader"));
+        // A cloud identity comes in by its own projected token, not the API's.
+        assert_eq!(pod.automount_service_account_token, Some(false));
     }
 
     #[test]

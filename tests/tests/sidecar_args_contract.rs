@@ -80,6 +80,7 @@ fn every_option(pin_mode: PinMode) -> SnapshotCacheSpec {
                 operator: Some("Exists".to_owned()),
                 ..Toleration::default()
             }],
+            service_account_name: Some("s3-reader".to_owned()),
         },
     }
 }
