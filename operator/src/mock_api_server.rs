@@ -106,6 +106,15 @@ impl ApiServer {
         );
         call
     }
+
+    /// The next request, which must apply the status of `monorepo`, answered with `cache`
+    /// as stored; the status it applied.
+    async fn status_written(&mut self, cache: &SnapshotCache) -> Value {
+        let patch = self.status_patch().await;
+        let status = patch.body.clone();
+        patch.respond(StatusCode::OK, &serde_json::to_value(cache).expect("cache"));
+        status
+    }
 }
 
 fn cache(selector: Value) -> SnapshotCache {
@@ -237,12 +246,7 @@ async fn a_reconcile_announces_the_pods_needing_a_restart_and_applies_the_census
         note.contains("early") && note.contains("Started before this SnapshotCache existed"),
         "{note}"
     );
-    let patch = server.status_patch().await;
-    let status = patch.body.clone();
-    patch.respond(
-        StatusCode::OK,
-        &serde_json::to_value(builds()).expect("cache"),
-    );
+    let status = server.status_written(&builds()).await;
 
     assert_eq!(status["status"]["selected"], 2);
     assert_eq!(status["status"]["injected"], 1);
@@ -324,12 +328,7 @@ async fn an_invalid_selector_becomes_a_condition_and_an_event_not_a_retry() {
 
     let event = server.event("InvalidSelector").await;
     assert_eq!(event["type"], "Warning");
-    let patch = server.status_patch().await;
-    let status = patch.body.clone();
-    patch.respond(
-        StatusCode::OK,
-        &serde_json::to_value(&invalid).expect("cache"),
-    );
+    let status = server.status_written(&invalid).await;
     let ready = condition(&status, "Ready");
     assert_eq!(
         (&ready["status"], &ready["reason"]),
@@ -427,12 +426,7 @@ async fn a_node_tier_applies_its_network_policy_then_its_daemon_set_and_reports_
     let body = daemon_set.body.clone();
     daemon_set.respond(StatusCode::OK, &body);
 
-    let patch = server.status_patch().await;
-    let status = patch.body.clone();
-    patch.respond(
-        StatusCode::OK,
-        &serde_json::to_value(with_node_tier(true)).expect("cache"),
-    );
+    let status = server.status_written(&with_node_tier(true)).await;
     assert_eq!(
         status["status"]["nodeCaches"],
         json!({"desired": 3, "ready": 2})
@@ -466,12 +460,7 @@ async fn a_node_tier_no_longer_wanted_is_deleted_and_leaves_the_status() {
         .deleted(DAEMON_SET_URI)
         .await
         .respond(StatusCode::OK, &gone);
-    let patch = server.status_patch().await;
-    let status = patch.body.clone();
-    patch.respond(
-        StatusCode::OK,
-        &serde_json::to_value(builds()).expect("cache"),
-    );
+    let status = server.status_written(&builds()).await;
     assert_eq!(status["status"].get("nodeCaches"), None, "{status}");
     reconcile
         .await
@@ -494,12 +483,7 @@ async fn a_daemon_set_of_that_name_owned_by_another_is_neither_deleted_nor_repor
         ctx.clone(),
     ));
 
-    let patch = server.status_patch().await;
-    let status = patch.body.clone();
-    patch.respond(
-        StatusCode::OK,
-        &serde_json::to_value(builds()).expect("cache"),
-    );
+    let status = server.status_written(&builds()).await;
     assert_eq!(status["status"].get("nodeCaches"), None, "{status}");
     reconcile
         .await
@@ -529,12 +513,7 @@ async fn a_refused_node_tier_still_writes_the_status_then_fails_pointing_at_the_
         .applied(DAEMON_SET_URI)
         .await
         .respond(StatusCode::FORBIDDEN, &forbidden);
-    let patch = server.status_patch().await;
-    let status = patch.body.clone();
-    patch.respond(
-        StatusCode::OK,
-        &serde_json::to_value(with_node_tier(true)).expect("cache"),
-    );
+    let status = server.status_written(&with_node_tier(true)).await;
     assert_eq!(
         status["status"]["nodeCaches"],
         json!({"desired": 0, "ready": 0}),
