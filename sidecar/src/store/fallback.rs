@@ -44,24 +44,36 @@ impl Fallback {
     }
 }
 
+impl Fallback {
+    /// `read` from the cache when `revision` is an exact ETag (whose bytes never change),
+    /// from the origin when the cache's read fails, and from the origin alone otherwise.
+    fn prefer_cache<'a, T: Send + 'a>(
+        &'a self,
+        revision: Revision<'a>,
+        read: impl Fn(&'a dyn SnapshotSource) -> BoxFuture<'a, Result<T, StoreError>> + Send + 'a,
+    ) -> BoxFuture<'a, Result<T, StoreError>> {
+        if !matches!(revision, Revision::ETag(_)) {
+            return read(self.origin.as_ref());
+        }
+        Box::pin(async move {
+            match read(self.cache.as_ref()).await {
+                Ok(value) => Ok(value),
+                Err(err) => {
+                    self.passed_over(&err);
+                    read(self.origin.as_ref()).await
+                }
+            }
+        })
+    }
+}
+
 impl SnapshotSource for Fallback {
     fn head<'a>(
         &'a self,
         key: &'a str,
         revision: Revision<'a>,
     ) -> BoxFuture<'a, Result<ObjectInfo, StoreError>> {
-        if !matches!(revision, Revision::ETag(_)) {
-            return self.origin.head(key, revision);
-        }
-        Box::pin(async move {
-            match self.cache.head(key, revision).await {
-                Ok(info) => Ok(info),
-                Err(err) => {
-                    self.passed_over(&err);
-                    self.origin.head(key, revision).await
-                }
-            }
-        })
+        self.prefer_cache(revision, move |source| source.head(key, revision))
     }
 
     fn get<'a>(
@@ -70,18 +82,7 @@ impl SnapshotSource for Fallback {
         range: Option<ByteRange>,
         revision: Revision<'a>,
     ) -> BoxFuture<'a, Result<Read, StoreError>> {
-        if !matches!(revision, Revision::ETag(_)) {
-            return self.origin.get(key, range, revision);
-        }
-        Box::pin(async move {
-            match self.cache.get(key, range, revision).await {
-                Ok(read) => Ok(read),
-                Err(err) => {
-                    self.passed_over(&err);
-                    self.origin.get(key, range, revision).await
-                }
-            }
-        })
+        self.prefer_cache(revision, move |source| source.get(key, range, revision))
     }
 }
 
