@@ -121,6 +121,21 @@ impl S3Server {
             .unwrap_or_else(|e| panic!("S3 endpoint {}: {e}", self.endpoint))
     }
 
+    /// The size of the snapshot of `repo` in `bucket`, which must be there.
+    pub async fn snapshot_size(&self, bucket: &str, repo: &str) -> u64 {
+        let head = self
+            .client()
+            .head_object()
+            .bucket(bucket)
+            .key(snapshot_key(repo))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("the snapshot of {repo} in {bucket}: {e}"));
+        head.content_length()
+            .and_then(|n| u64::try_from(n).ok())
+            .expect("the snapshot's size")
+    }
+
     /// An aws-sdk-s3 client for this server (path-style, region us-east-1).
     pub fn client(&self) -> aws_sdk_s3::Client {
         install_crypto_provider();

@@ -33,19 +33,8 @@ async fn publish_this_repository(bucket: &str) -> (String, u64) {
 /// Publishes `repository` (HEAD) to `bucket` on Garage: its commit and the snapshot's size.
 async fn publish(repository: &std::path::Path, bucket: &str) -> (String, u64) {
     publish_to_garage(repository, bucket, REPO, &[]);
-    let head = TestEnv::get()
-        .s3_server("garage")
-        .client()
-        .head_object()
-        .bucket(bucket)
-        .key(format!("git/{REPO}/snapshot.tar.zst"))
-        .send()
-        .await
-        .expect("the snapshot");
-    let size = head
-        .content_length()
-        .and_then(|n| u64::try_from(n).ok())
-        .expect("its size");
+    let garage = TestEnv::get().s3_server("garage");
+    let size = garage.snapshot_size(bucket, REPO).await;
     (git(repository, &["rev-parse", "HEAD"]), size)
 }
 

@@ -51,7 +51,7 @@ pub async fn node() -> Result<NodeReport> {
     let bucket = unique_name("bench-node");
     create_bucket(&garage.client(), &bucket).await;
     checkout::publish(&garage, &bucket, &repo)?;
-    let snapshot_bytes = snapshot_bytes(&garage, &bucket).await?;
+    let snapshot_bytes = garage.snapshot_size(&bucket, REPO).await;
     let client = env.cluster_client().await?;
     install_snapshot_cache_crd(&client).await;
     let node_ip: std::net::IpAddr = env
@@ -66,37 +66,24 @@ pub async fn node() -> Result<NodeReport> {
     for round in 1..=ROUNDS {
         println!("node tier round {round} of {ROUNDS}");
         let tier = NodeTier::start(&client, &garage, &bucket, node_ip, &[]).await?;
-        checkout::settle()?;
-        let cold = checkout::time_pod(&tier.pods(), Kind::Snapcache, "", &commit).await?;
-        println!("  {:<52} {cold:>7.1} s", "first pod, cold node cache");
-        checkout::settle()?;
-        let warm = checkout::time_pod(&tier.pods(), Kind::Snapcache, "", &commit).await?;
-        println!("  {:<52} {warm:>7.1} s", "second pod, warm node cache");
-        let reads = tier.s3_reads(snapshot_bytes);
-        println!(
-            "  {:<52} {reads:>7.3}",
-            "S3 bytes of the node / snapshot size"
+        report.cold.push(
+            tier.timed_pod(&commit, "first pod, cold node cache")
+                .await?,
         );
-        report.cold.push(cold);
-        report.warm.push(warm);
-        report.s3_reads.push(reads);
+        report.warm.push(
+            tier.timed_pod(&commit, "second pod, warm node cache")
+                .await?,
+        );
+        report.s3_reads.push(tier.s3_reads(snapshot_bytes));
         tier.stop(&client).await?;
 
         let tier = NodeTier::start(&client, &garage, &bucket, node_ip, &[REPO]).await?;
         tier.until_prewarmed(snapshot_bytes).await;
-        checkout::settle()?;
-        let prewarmed = checkout::time_pod(&tier.pods(), Kind::Snapcache, "", &commit).await?;
-        println!(
-            "  {:<52} {prewarmed:>7.1} s",
-            "first pod, pre-warmed node cache"
-        );
-        let reads = tier.s3_reads(snapshot_bytes);
-        println!(
-            "  {:<52} {reads:>7.3}",
-            "S3 bytes of the node / snapshot size"
-        );
+        let prewarmed = tier
+            .timed_pod(&commit, "first pod, pre-warmed node cache")
+            .await?;
         report.prewarmed.push(prewarmed);
-        report.s3_reads.push(reads);
+        report.s3_reads.push(tier.s3_reads(snapshot_bytes));
         tier.stop(&client).await?;
     }
     Ok(report)
@@ -144,20 +131,6 @@ pub fn print(report: &NodeReport) -> bool {
         verdict(1)
     );
     checks.iter().any(|(ok, _)| !ok)
-}
-
-async fn snapshot_bytes(garage: &S3Server, bucket: &str) -> Result<u64> {
-    let head = garage
-        .client()
-        .head_object()
-        .bucket(bucket)
-        .key(format!("git/{REPO}/snapshot.tar.zst"))
-        .send()
-        .await
-        .context("the published snapshot")?;
-    head.content_length()
-        .and_then(|n| u64::try_from(n).ok())
-        .context("the snapshot's size")
 }
 
 /// A namespace whose SnapshotCache `bench` selects the checkout benchmark's pods and has
@@ -213,13 +186,24 @@ impl NodeTier {
         })
     }
 
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), &self.namespace)
+    /// Seconds from a checkout pod's create to its app's first command beside this node
+    /// cache, from a settled machine; printed as `label`.
+    async fn timed_pod(&self, commit: &str, label: &str) -> Result<f64> {
+        checkout::settle()?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let seconds = checkout::time_pod(&pods, Kind::Snapcache, "", commit).await?;
+        println!("  {label:<52} {seconds:>7.1} s");
+        Ok(seconds)
     }
 
-    /// What the node read from S3 so far, over `snapshot_bytes`.
+    /// What the node read from S3 so far, over `snapshot_bytes`; printed.
     fn s3_reads(&self, snapshot_bytes: u64) -> f64 {
-        self.proxy.sent_downstream() as f64 / snapshot_bytes as f64
+        let reads = self.proxy.sent_downstream() as f64 / snapshot_bytes as f64;
+        println!(
+            "  {:<52} {reads:>7.3}",
+            "S3 bytes of the node / snapshot size"
+        );
+        reads
     }
 
     /// Waits until the node cache has pre-warmed `bytes` from S3.
