@@ -29,8 +29,6 @@ pub struct CutProxy {
 #[derive(Debug)]
 struct Downstream {
     sent: AtomicU64,
-    /// GET requests forwarded upstream so far.
-    gets: AtomicU64,
     /// The first line of each request forwarded, as far as one read of it shows.
     requests: std::sync::Mutex<Vec<String>>,
     limit: watch::Sender<u64>,
@@ -41,7 +39,6 @@ impl Default for Downstream {
     fn default() -> Downstream {
         Downstream {
             sent: AtomicU64::new(0),
-            gets: AtomicU64::new(0),
             requests: std::sync::Mutex::default(),
             limit: watch::channel(u64::MAX).0,
             gets_held: watch::channel(false).0,
@@ -133,7 +130,12 @@ impl CutProxy {
 
     /// GET requests that have passed to the server so far.
     pub fn gets_forwarded(&self) -> u64 {
-        self.downstream.gets.load(Ordering::SeqCst)
+        let gets = self
+            .requests()
+            .iter()
+            .filter(|line| line.starts_with("GET "))
+            .count();
+        u64::try_from(gets).unwrap_or(u64::MAX)
     }
 
     /// Bytes the server has sent back through the proxy so far.
@@ -202,14 +204,13 @@ async fn relay(
         let mut buffer = vec![0; 64 * 1024];
         while let Ok(n @ 1..) = client_read.read(&mut buffer).await {
             sent.fetch_add(n as u64, Ordering::SeqCst);
-            if buffer[..n].starts_with(b"GET ") {
-                carried_get.store(true, Ordering::SeqCst);
-                downstream.gets.fetch_add(1, Ordering::SeqCst);
-            }
-            if let Some(line) = request_line(&buffer[..n])
-                && let Ok(mut requests) = downstream.requests.lock()
-            {
-                requests.push(line);
+            if let Some(line) = request_line(&buffer[..n]) {
+                if line.starts_with("GET ") {
+                    carried_get.store(true, Ordering::SeqCst);
+                }
+                if let Ok(mut requests) = downstream.requests.lock() {
+                    requests.push(line);
+                }
             }
             if server_write.write_all(&buffer[..n]).await.is_err() {
                 break;
