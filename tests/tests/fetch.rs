@@ -360,6 +360,33 @@ async fn fetch_extract_gives_a_clean_checkout_at_the_snapshot_commit() {
     );
 }
 
+/// Every file of an extracted checkout has a new inode and change time. Git must trust the
+/// index the snapshot carries all the same: a first `git status` that re-read and hashed the
+/// files (23 s for a 1 GiB tree) would write their new stat data to the index.
+#[tokio::test]
+async fn the_first_git_status_of_an_extracted_checkout_trusts_its_index() {
+    let server = TestEnv::get().s3_server("garage");
+    let repo = tempfile::tempdir().expect("tempdir");
+    let commit = make_repository(repo.path());
+    let s3 = server.client();
+    let bucket = unique_name("fetch");
+    create_bucket(&s3, &bucket).await;
+    put_snapshot(&s3, &bucket, REPO, &tar_zst(repo.path()), &commit).await;
+    let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, checkout) = fetch_extract(&sidecar, dir.path(), &[]);
+
+    let index = std::fs::read(checkout.join(".git/index")).expect("the index");
+    assert_eq!(git(&checkout, &["status", "--porcelain"]), "");
+    assert!(
+        std::fs::read(checkout.join(".git/index")).expect("the index") == index,
+        "git status rewrote the index: it re-read files whose stat data it did not trust"
+    );
+    // Edits are still seen.
+    std::fs::write(checkout.join("README"), "edited in the pod\n").expect("write");
+    assert_eq!(git(&checkout, &["status", "--porcelain"]), "M README");
+}
+
 #[test]
 fn fetch_refuses_bad_usage_with_code_2_and_says_what_is_wrong() {
     // Each with what only its own check says: exit code 2 alone is also what any
