@@ -443,9 +443,18 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
             );
         }
     }
+    // Pods and namespaces are read from watches only: list and watch, no get.
+    for resource in ["pods", "namespaces"] {
+        assert!(
+            !can_i(&client, &user, &groups, "get", "", resource).await,
+            "the chart lets the operator get {resource}, which it never does"
+        );
+    }
     for (verb, group, resource) in [
         ("watch", "", "pods"),
-        ("get", "", "namespaces"),
+        ("list", "", "pods"),
+        ("watch", "", "namespaces"),
+        ("list", "", "namespaces"),
         ("patch", "snapcache.io", "snapshotcaches/status"),
         ("watch", "apps", "daemonsets"),
         ("create", "apps", "daemonsets"),
