@@ -36,6 +36,7 @@ use crate::lease::Leadership;
 use crate::metrics::{Metrics, ReconcileFailure};
 use crate::node_tier::{self, Owner};
 use crate::prewarm_health;
+use crate::watch_backoff::watch_backoff;
 
 /// How many pod names the status and events list at most.
 const NAMES_LISTED: usize = 20;
@@ -591,7 +592,8 @@ pub async fn run(
         watcher::Config::default(),
     )
     // A rollout changes many pods at once: one reconcile for the burst.
-    .with_config(kube_controller::Config::default().debounce(Duration::from_millis(500)));
+    .with_config(kube_controller::Config::default().debounce(Duration::from_millis(500)))
+    .trigger_backoff(watch_backoff());
     let (pods, pod_writer) = reflector::store();
     let (namespaces, namespace_writer) = reflector::store();
     let (daemon_sets, daemon_set_writer) = reflector::store();
@@ -730,7 +732,7 @@ pub async fn count_checkouts(client: Client, metrics: Metrics, leadership: Leade
     let config = watcher::Config::default().labels(&format!("{CHECKOUT_LABEL}=true"));
     let mut counted = std::collections::HashSet::new();
     let mut events = watcher(Api::<Pod>::all(client), config)
-        .default_backoff()
+        .backoff(watch_backoff())
         .boxed();
     while let Some(event) = events.next().await {
         match event {
@@ -771,7 +773,7 @@ where
 {
     let mut listed = Some(listed);
     events
-        .default_backoff()
+        .backoff(watch_backoff())
         .reflect(writer)
         .inspect_ok(move |event| {
             if matches!(event, watcher::Event::InitDone)

@@ -17,6 +17,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::watch_backoff::watch_backoff;
+
 /// How long a replica waits to read the Lease again after the API server failed it.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// How long a resigning leader tries to release the Lease before it exits anyway.
@@ -396,7 +398,7 @@ impl Candidate {
 fn releases(api: Api<Lease>, name: &str) -> impl Stream<Item = ()> + use<> {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     watcher(api, config)
-        .default_backoff()
+        .backoff(watch_backoff())
         .applied_objects()
         .filter_map(|lease| async move {
             match lease {

@@ -24,4 +24,5 @@ pub mod node_tier;
 pub mod prewarm_health;
 pub mod routing;
 pub mod upgrade;
+pub mod watch_backoff;
 pub mod webhook;

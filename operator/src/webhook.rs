@@ -35,6 +35,7 @@ use crate::certificates::{self, Resolver};
 use crate::inject::Environment;
 use crate::metrics::{AdmissionFailure, Metrics};
 use crate::routing;
+use crate::watch_backoff::watch_backoff;
 
 /// What the handler reads: the SnapshotCaches and Namespaces as the watches last saw them.
 #[derive(Debug, Clone)]
@@ -241,7 +242,7 @@ async fn drain<S, T>(mut stream: S, kind: &'static str)
 where
     S: futures::Stream<Item = Result<T, watcher::Error>> + Unpin,
 {
-    let mut stream = std::pin::pin!(stream.by_ref().default_backoff());
+    let mut stream = std::pin::pin!(stream.by_ref().backoff(watch_backoff()));
     while let Some(event) = stream.next().await {
         if let Err(err) = event {
             tracing::warn!(kind, %err, "webhook watch failed; retrying");

@@ -917,10 +917,11 @@ async fn the_operator_recovers_from_an_api_server_restart() {
     })
     .await;
     create_running_pod(&pods, "builder-1", true).await;
-    // The broken watches come back through kube_runtime's backoff (up to 30 s a step), and
-    // the new API server answers their old resource versions with 410 Gone, which costs
-    // another re-list of each of the four watches: 37 s alone here, beyond 180 s beside a
-    // release build and the rest of the suite. The deadline only bounds a hang.
+    // The broken watches come back through the operator's watch backoff (under 5 s a
+    // step), and the new API server answers their old resource versions with 410 Gone,
+    // which costs another re-list of each watch: 25 s alone here (37 s with kube_runtime's
+    // 30 s steps), minutes beside a release build and the rest of the suite. The deadline
+    // only bounds a hang.
     within(
         Duration::from_secs(420),
         "the new pod counted by the same operator process",
