@@ -7,6 +7,9 @@
 //! - a pod that asks for a checkout (the webhook adds the init container);
 //! - a pod whose init container runs `git clone` (full), and one with `--depth 1`.
 //!
+//! Each app then times its first `git status`, which a checkout whose index git distrusts
+//! would pay for by hashing the whole tree.
+//!
 //! On the host, in the same rounds: `fetch --extract` from a warm disk tier against
 //! `zstd -dc | tar -x` of the same file, and the peak RSS of `checkout` (cold, S3 → tree)
 //! and of `fetch -o` beside aria2c's.
@@ -49,6 +52,9 @@ pub struct CheckoutReport {
     snapcache: Vec<f64>,
     full_clone: Vec<f64>,
     shallow_clone: Vec<f64>,
+    /// The app's first `git status` in the checkout and in the full clone.
+    snapcache_status: Vec<f64>,
+    full_clone_status: Vec<f64>,
     extract: Vec<f64>,
     zstd_tar: Vec<f64>,
     checkout_rss_mib: Vec<f64>,
@@ -94,18 +100,37 @@ pub async fn checkout() -> Result<CheckoutReport> {
         println!("checkout round {round} of {ROUNDS}");
         for kind in [Kind::Snapcache, Kind::FullClone, Kind::ShallowClone] {
             settle()?;
-            let seconds = time_pod(&pods, kind, &daemon.url, &commit).await?;
-            println!("  {:<40} {seconds:>7.1} s", kind.label());
+            let times = time_pod(&pods, kind, &daemon.url, &commit).await?;
+            println!(
+                "  {:<40} {:>7.1} s (then its first git status {:.2} s)",
+                kind.label(),
+                times.first_command,
+                times.git_status
+            );
             match kind {
-                Kind::Snapcache => report.snapcache.push(seconds),
-                Kind::FullClone => report.full_clone.push(seconds),
-                Kind::ShallowClone => report.shallow_clone.push(seconds),
+                Kind::Snapcache => {
+                    report.snapcache.push(times.first_command);
+                    report.snapcache_status.push(times.git_status);
+                }
+                Kind::FullClone => {
+                    report.full_clone.push(times.first_command);
+                    report.full_clone_status.push(times.git_status);
+                }
+                Kind::ShallowClone => report.shallow_clone.push(times.first_command),
             }
         }
-        settle()?;
-        report.extract.push(host.fetch_extract()?);
-        settle()?;
-        report.zstd_tar.push(host.zstd_tar()?);
+        // In turns, so that neither always runs first after the pods' trees were deleted.
+        let (extract, zstd_tar) = if round % 2 == 1 {
+            let extract = host.fetch_extract()?;
+            (extract, host.zstd_tar()?)
+        } else {
+            let zstd_tar = host.zstd_tar()?;
+            (host.fetch_extract()?, zstd_tar)
+        };
+        println!("  host: fetch --extract {extract}");
+        println!("  host: zstd -dc | tar -x {zstd_tar}");
+        report.extract.push(extract.seconds);
+        report.zstd_tar.push(zstd_tar.seconds);
         settle()?;
         report
             .checkout_rss_mib
@@ -114,10 +139,7 @@ pub async fn checkout() -> Result<CheckoutReport> {
         report.aria2c_rss_mib.push(host.aria2c_rss()?);
         let last = |samples: &[f64]| samples.last().copied().unwrap_or(f64::NAN);
         println!(
-            "  host: fetch --extract {:.1} s, zstd -dc | tar -x {:.1} s; peak RSS: checkout \
-             {:.1} MiB, fetch -o {:.1} MiB, aria2c {:.1} MiB",
-            last(&report.extract),
-            last(&report.zstd_tar),
+            "  host: peak RSS: checkout {:.1} MiB, fetch -o {:.1} MiB, aria2c {:.1} MiB",
             last(&report.checkout_rss_mib),
             last(&report.fetch_rss_mib),
             last(&report.aria2c_rss_mib),
@@ -135,6 +157,10 @@ pub fn print(report: &CheckoutReport) -> bool {
         median(&report.shallow_clone),
     );
     let (extract, zstd_tar) = (median(&report.extract), median(&report.zstd_tar));
+    let (our_status, clone_status) = (
+        median(&report.snapcache_status),
+        median(&report.full_clone_status),
+    );
     let checkout_rss = report.checkout_rss_mib.iter().copied().fold(0.0, f64::max);
     let fetch_rss = report.fetch_rss_mib.iter().copied().fold(0.0, f64::max);
     let aria2c_rss = report.aria2c_rss_mib.iter().copied().fold(0.0, f64::max);
@@ -170,6 +196,11 @@ pub fn print(report: &CheckoutReport) -> bool {
         "checkout vs git clone --depth 1",
         shallow / ours,
         verdict(1)
+    );
+    println!(
+        "{:<58} {our_status:>10.2} {clone_status:>10.2} {:>7.2}  -",
+        "the app's first git status: checkout vs full clone (s)",
+        clone_status / our_status,
     );
     println!(
         "{:<58} {extract:>10.2} {zstd_tar:>10.2} {:>7.2}  <= {EXTRACTION_RATIO} {}",
@@ -364,13 +395,21 @@ impl Kind {
     }
 }
 
-/// Seconds from the pod create to its app's first command, which then checks the commit.
+/// What the app of a bench pod saw.
+pub(crate) struct PodTimes {
+    /// Seconds from the pod create to the app's first command.
+    pub first_command: f64,
+    /// Seconds the app's first `git status` of the repository took.
+    pub git_status: f64,
+}
+
+/// Times a bench pod, whose app then checks the commit.
 pub(crate) async fn time_pod(
     pods: &Api<Pod>,
     kind: Kind,
     daemon: &str,
     commit: &str,
-) -> Result<f64> {
+) -> Result<PodTimes> {
     let name = unique_name("bench-pod");
     let pod = bench_pod(&name, kind, daemon)?;
     let created_at = uptime()?;
@@ -406,21 +445,28 @@ pub(crate) async fn time_pod(
         "{} pod {name} ended {phase}; app log:\n{log}",
         kind.label()
     );
-    let first: f64 = log
-        .lines()
-        .find_map(|line| line.strip_prefix("FIRST "))
-        .and_then(|up| up.trim().parse().ok())
-        .with_context(|| format!("no FIRST line in the app log:\n{log}"))?;
+    let uptime_at = |label: &str| -> Result<f64> {
+        log.lines()
+            .find_map(|line| line.strip_prefix(label))
+            .and_then(|up| up.trim().parse().ok())
+            .with_context(|| format!("no {label}line in the app log:\n{log}"))
+    };
+    let first = uptime_at("FIRST ")?;
+    let git_status = uptime_at("STATUS ")? - first;
     ensure!(
         log.contains(&format!("HEAD {commit}")),
         "{} pod {name} has another commit; app log:\n{log}",
         kind.label()
     );
-    Ok(first - created_at)
+    Ok(PodTimes {
+        first_command: first - created_at,
+        git_status,
+    })
 }
 
 /// The pod: the app's first command prints the kernel's uptime (the host reads the same
-/// clock), then the checkout's commit. Clones run in an init container of the git image.
+/// clock), runs `git status` and prints the uptime again, then the checkout's commit.
+/// Clones run in an init container of the git image.
 fn bench_pod(name: &str, kind: Kind, daemon: &str) -> Result<Pod> {
     let image = TestEnv::get().require("CLUSTER_GIT_IMAGE");
     let as_user = json!({"runAsUser": 1000, "runAsGroup": 1000});
@@ -428,6 +474,8 @@ fn bench_pod(name: &str, kind: Kind, daemon: &str) -> Result<Pod> {
         "name": "app", "image": image, "imagePullPolicy": "Never",
         "command": ["sh", "-c",
             "read up rest < /proc/uptime; echo FIRST $up; \
+             git -C /src/repo status --porcelain > /dev/null; \
+             read up rest < /proc/uptime; echo STATUS $up; \
              echo HEAD $(git -C /src/repo rev-parse HEAD)"],
         "securityContext": as_user,
         "volumeMounts": [{"name": "src", "mountPath": "/src"}],
@@ -557,32 +605,37 @@ impl HostRuns {
             .context("no snapshot on the sidecar's disk tier")
     }
 
-    fn fetch_extract(&self) -> Result<f64> {
+    /// `fetch --extract` through the warm sidecar; the sidecar's CPU time is counted too.
+    fn fetch_extract(&self) -> Result<Extraction> {
         let dir = self.tree("extracted")?;
+        settle()?;
         HostRuns::warm(&self.disk_tier_copy()?)?;
-        let started = Instant::now();
-        run(Command::new(sidecar_binary())
-            .args(["fetch", &self.url, "--extract"])
-            .arg(&dir))?;
-        let seconds = started.elapsed().as_secs_f64();
+        let sidecar_before = cpu_seconds(self.sidecar.pid())?;
+        let mut extraction = Extraction::timed(
+            Command::new(sidecar_binary())
+                .args(["fetch", &self.url, "--extract"])
+                .arg(&dir),
+        )?;
+        extraction.server_cpu = cpu_seconds(self.sidecar.pid())? - sidecar_before;
         self.tree("extracted")?;
-        Ok(seconds)
+        Ok(extraction)
     }
 
-    fn zstd_tar(&self) -> Result<f64> {
+    fn zstd_tar(&self) -> Result<Extraction> {
         let dir = self.tree("untarred")?;
         std::fs::create_dir(&dir)?;
+        settle()?;
         HostRuns::warm(&self.snapshot)?;
-        let started = Instant::now();
-        run(Command::new("sh")
-            .arg("-c")
-            .arg(r#"zstd -dc "$1" | tar -x -C "$2""#)
-            .arg("sh")
-            .arg(&self.snapshot)
-            .arg(&dir))?;
-        let seconds = started.elapsed().as_secs_f64();
+        let extraction = Extraction::timed(
+            Command::new("sh")
+                .arg("-c")
+                .arg(r#"zstd -dc "$1" | tar -x -C "$2""#)
+                .arg("sh")
+                .arg(&self.snapshot)
+                .arg(&dir),
+        )?;
         self.tree("untarred")?;
-        Ok(seconds)
+        Ok(extraction)
     }
 
     /// `checkout` as the init container runs it, from S3 with a cold disk tier.
@@ -631,6 +684,88 @@ impl HostRuns {
         std::fs::remove_file(self.scratch.path().join("fetched.tar.zst"))?;
         Ok(rss)
     }
+}
+
+/// One extraction's wall time and the CPU it took, to tell the disk's share from ours.
+#[derive(Debug)]
+struct Extraction {
+    seconds: f64,
+    user: f64,
+    system: f64,
+    /// CPU the serving sidecar spent meanwhile (0 for zstd | tar).
+    server_cpu: f64,
+}
+
+impl Extraction {
+    /// Runs `command` under `/usr/bin/time`, both contenders alike.
+    fn timed(command: &mut Command) -> Result<Extraction> {
+        let mut timed = Command::new("/usr/bin/time");
+        timed
+            .args(["-f", "%U %S"])
+            .arg(command.get_program())
+            .args(command.get_args());
+        let started = Instant::now();
+        let out = timed.output()?;
+        let seconds = started.elapsed().as_secs_f64();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success(), "{command:?} failed: {stderr}");
+        let times: Vec<f64> = stderr
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|value| value.parse().ok())
+            .collect();
+        let [user, system] = times[..] else {
+            bail!("no user and system time from /usr/bin/time in: {stderr}");
+        };
+        Ok(Extraction {
+            seconds,
+            user,
+            system,
+            server_cpu: 0.0,
+        })
+    }
+}
+
+impl std::fmt::Display for Extraction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} s (CPU: {:.1} s user, {:.1} s system",
+            self.seconds, self.user, self.system
+        )?;
+        if self.server_cpu > 0.0 {
+            write!(f, ", {:.1} s in the sidecar", self.server_cpu)?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// User and system CPU seconds process `pid` has used (`/proc/PID/stat`, in clock ticks).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces;
+    // utime and stime (fields 14 and 15) are the 12th and 13th of them.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |index: usize| -> Result<f64> {
+        fields
+            .get(index)
+            .and_then(|value| value.parse::<f64>().ok())
+            .with_context(|| format!("parsing /proc/{pid}/stat: {stat}"))
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks_per_second()?)
+}
+
+fn clock_ticks_per_second() -> Result<f64> {
+    let out = Command::new("getconf").arg("CLK_TCK").output()?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("getconf CLK_TCK")
 }
 
 /// Every file below `dir`.

@@ -191,7 +191,9 @@ impl NodeTier {
     async fn timed_pod(&self, commit: &str, label: &str) -> Result<f64> {
         checkout::settle()?;
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let seconds = checkout::time_pod(&pods, Kind::Snapcache, "", commit).await?;
+        let seconds = checkout::time_pod(&pods, Kind::Snapcache, "", commit)
+            .await?
+            .first_command;
         println!("  {label:<52} {seconds:>7.1} s");
         Ok(seconds)
     }
