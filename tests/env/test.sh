@@ -35,8 +35,6 @@ crd_drift() {
 }
 run_start=$SECONDS
 trap report EXIT
-# CI builds from a fresh clone, once: incremental compilation's bookkeeping only costs there.
-if [[ ${CI:-} == true ]]; then export CARGO_INCREMENTAL=0; fi
 
 phase "cargo fmt --check" cargo fmt --all --check
 # No module of either crate depends on itself through others (cargo-modules' --acyclic, from the source).
