@@ -280,18 +280,12 @@ async fn a_prewarmed_node_cache_has_each_new_revision_before_the_next_pod() {
 async fn a_node_cache_killed_during_a_checkout_leaves_the_checkout_to_s3() {
     let (client, bucket) = cluster_and_bucket("node-tier").await;
     let (commit, size) = publish_this_repository(&bucket).await;
-    let env = TestEnv::get();
-    let node_ip = env.require("CLUSTER_NODE_IP").parse().expect("node IP");
-    let s3 = CutProxy::start_on(node_ip, env.s3_server("garage").socket_addr()).await;
-    let host_dir = host_dir();
-    let (namespace, operator, _) =
-        namespace_with_node_tier_on(&client, &bucket, &s3.url(), host_dir.path(), &[]).await;
-    s3.hold_gets();
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
-    jobs.create(&PostParams::default(), &checkout_job("build"))
-        .await
-        .expect("create the Job");
-    until_snapshot_get_held(&s3).await;
+    let HeldCheckout {
+        s3,
+        namespace,
+        operator,
+        _host_dir,
+    } = checkout_with_s3_held(&client, &bucket, "build").await;
     // Gone for good: the operator stops putting the DaemonSet back, the DaemonSet moves
     // to no node, and its pod is killed at once.
     operator.stop(&client).await;
@@ -417,18 +411,12 @@ async fn a_snapshot_regenerated_during_a_checkout_through_the_node_tier_ends_as_
     let source = tempfile::tempdir().expect("a repository");
     commit_large_file(source.path(), 1);
     publish(source.path(), &bucket).await;
-    let env = TestEnv::get();
-    let node_ip = env.require("CLUSTER_NODE_IP").parse().expect("node IP");
-    let s3 = CutProxy::start_on(node_ip, env.s3_server("garage").socket_addr()).await;
-    let host_dir = host_dir();
-    let (namespace, operator, _) =
-        namespace_with_node_tier_on(&client, &bucket, &s3.url(), host_dir.path(), &[]).await;
-    s3.hold_gets();
-    Api::<Job>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &checkout_job("regenerated"))
-        .await
-        .expect("create the Job");
-    until_snapshot_get_held(&s3).await;
+    let HeldCheckout {
+        s3,
+        namespace,
+        operator,
+        _host_dir,
+    } = checkout_with_s3_held(&client, &bucket, "regenerated").await;
     let second = commit_large_file(source.path(), 2);
     publish(source.path(), &bucket).await;
     s3.release();
@@ -449,6 +437,39 @@ async fn a_snapshot_regenerated_during_a_checkout_through_the_node_tier_ends_as_
         "the checkout restarted on a 412; its log:\n{checkout_log}"
     );
     operator.stop(&client).await;
+}
+
+/// A checkout Job under way through the node tier, whose S3 reads pass a proxy on the
+/// node's address that holds every GET; one of the snapshot waits there.
+struct HeldCheckout {
+    s3: CutProxy,
+    namespace: String,
+    operator: Operator,
+    /// The node cache's hostPath, removed when dropped.
+    _host_dir: tempfile::TempDir,
+}
+
+/// A namespace whose node tier and pods reach S3 through a GET-holding proxy, and the
+/// checkout Job `job` in it, once a GET of the snapshot is held.
+async fn checkout_with_s3_held(client: &kube::Client, bucket: &str, job: &str) -> HeldCheckout {
+    let env = TestEnv::get();
+    let node_ip = env.require("CLUSTER_NODE_IP").parse().expect("node IP");
+    let s3 = CutProxy::start_on(node_ip, env.s3_server("garage").socket_addr()).await;
+    let host_dir = host_dir();
+    let (namespace, operator, _) =
+        namespace_with_node_tier_on(client, bucket, &s3.url(), host_dir.path(), &[]).await;
+    s3.hold_gets();
+    Api::<Job>::namespaced(client.clone(), &namespace)
+        .create(&PostParams::default(), &checkout_job(job))
+        .await
+        .expect("create the Job");
+    until_snapshot_get_held(&s3).await;
+    HeldCheckout {
+        s3,
+        namespace,
+        operator,
+        _host_dir: host_dir,
+    }
 }
 
 /// Waits until a GET of a snapshot has reached S3 through `s3` (and, while GETs are held,
