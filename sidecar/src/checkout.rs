@@ -211,7 +211,7 @@ fn describe(error: &FetchError) -> String {
 }
 
 /// What `fetch --extract` does, keeping no copy of the tarball.
-fn fetch_options(url: &str, target: &Path) -> FetchOptions {
+pub(crate) fn fetch_options(url: &str, target: &Path) -> FetchOptions {
     FetchOptions {
         url: url.to_owned(),
         output: None,

@@ -97,13 +97,38 @@ pub struct ServeConfig {
 
     /// Repositories (`{host}/{path}`) whose snapshot this node cache keeps at its current
     /// revision before any pod asks; comma-separated in the variable. Needs --disk-dir.
-    #[arg(long, env = "SNAPCACHE_PREWARM", value_delimiter = ',', value_parser = parse_repository)]
+    #[arg(long, env = "SNAPCACHE_PREWARM", value_delimiter = ',', value_parser = SnapshotPath::parse_repository)]
     pub prewarm: Vec<SnapshotPath>,
 
     /// How often the --prewarm snapshots are checked for a new revision (a HeadObject
     /// each once their disk entry is older than --revalidate-after).
     #[arg(long, env = "SNAPCACHE_PREWARM_INTERVAL", default_value = "30s", value_parser = parse_timeout)]
     pub prewarm_interval: Duration,
+
+    /// Serve shared checkout trees as the CSI node plugin of this driver name (a node
+    /// cache's; the operator sets it): each pod's checkout volume becomes an overlay of one
+    /// extracted tree per revision on this node. Needs --disk-dir and --csi-namespace.
+    #[arg(long, env = "SNAPCACHE_CSI_DRIVER", value_parser = parse_driver_name,
+          requires_all = ["csi_namespace", "disk_dir"])]
+    pub csi_driver: Option<String>,
+
+    /// With --csi-driver: the only namespace whose pods get shared trees (the
+    /// SnapshotCache's); other pods' volumes stay empty for their init containers.
+    #[arg(long, env = "SNAPCACHE_CSI_NAMESPACE")]
+    pub csi_namespace: Option<String>,
+
+    /// With --csi-driver: the kubelet's root directory on the node (its --root-dir), where
+    /// the plugin's sockets go and the pods' volumes are.
+    #[arg(
+        long,
+        env = "SNAPCACHE_KUBELET_DIR",
+        default_value = "/var/lib/kubelet"
+    )]
+    pub kubelet_dir: PathBuf,
+
+    /// With --csi-driver: the node's name, as the kubelet knows it [default: the host name].
+    #[arg(long, env = "SNAPCACHE_NODE_NAME")]
+    pub node_name: Option<String>,
 
     /// How long in-flight responses may run after SIGTERM before the process exits.
     #[arg(long, env = "SNAPCACHE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -145,10 +170,21 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 }
 
 /// The snapshot of a repository, `{host}/{path}`.
-fn parse_repository(text: &str) -> Result<SnapshotPath, String> {
-    let repository = text.trim().trim_matches('/');
-    SnapshotPath::parse(&format!("/git/{repository}/snapshot.tar.zst"))
-        .map_err(|err| format!("`{text}` is not a repository like github.com/org/repo: {err}"))
+/// A CSI driver name: at most 63 characters of letters, digits, `-` and `.`, starting and
+/// ending with a letter or digit.
+fn parse_driver_name(text: &str) -> Result<String, String> {
+    let edges_plain = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    let plain = text.len() <= 63
+        && edges_plain(text.chars().next())
+        && edges_plain(text.chars().last())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    plain.then(|| text.to_owned()).ok_or_else(|| {
+        format!(
+            "`{text}` is not a CSI driver name like checkouts.snapcache.io (63 characters at most)"
+        )
+    })
 }
 
 /// `http://host:port` and nothing more: the node cache's snapshot API.
@@ -277,13 +313,25 @@ mod tests {
 
     #[test]
     fn prewarm_takes_repositories_as_snapshot_paths_do() {
-        let key = |text| parse_repository(text).map(|snapshot| snapshot.object_key("p/"));
+        let key =
+            |text| SnapshotPath::parse_repository(text).map(|snapshot| snapshot.object_key("p/"));
         let expected = Ok("p/git/github.com/org/repo/snapshot.tar.zst".to_owned());
         assert_eq!(key("github.com/org/repo"), expected);
         assert_eq!(key("/github.com/org/repo/"), expected);
         for refused in ["github.com", "github.com/../etc", "github.com//repo", ""] {
-            let err = parse_repository(refused).expect_err(refused);
+            let err = SnapshotPath::parse_repository(refused).expect_err(refused);
             assert!(err.contains("is not a repository like"), "{err}");
+        }
+    }
+
+    #[test]
+    fn csi_driver_names_are_dns_like() {
+        assert_eq!(
+            parse_driver_name("ci.monorepo.checkouts.snapcache.io"),
+            Ok("ci.monorepo.checkouts.snapcache.io".to_owned())
+        );
+        for refused in ["", "-a", "a.", "a/b", "a_b", &"a".repeat(64)] {
+            assert!(parse_driver_name(refused).is_err(), "{refused}");
         }
     }
 

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod checkout;
 pub mod cli;
 pub mod config;
+pub mod csi;
 pub mod fetch;
 pub mod http_range;
 pub mod metrics;

@@ -214,6 +214,10 @@ pub struct Metrics {
     pub prewarm_bytes: IntCounter,
     /// From a revision's Last-Modified in S3 to its being warm, for the last one warmed.
     pub prewarm_lag: Gauge,
+    /// Checkout volumes the CSI plugin published, by result (`shared`, `fallback`).
+    shared_tree_publishes: IntCounterVec,
+    /// Shared trees extracted on this node (one per repository, revision and owner).
+    pub shared_tree_builds: IntCounter,
     /// S3 request latency by operation (`head`, `get`).
     pub s3_latency: HistogramVec,
     /// Body bytes read from S3.
@@ -333,6 +337,17 @@ impl Metrics {
                     "From the last pre-warmed revision's Last-Modified in S3 to its being warm.",
                 ),
             ),
+            shared_tree_publishes: counter_vec(
+                "snapcache_shared_tree_publishes_total",
+                "Checkout volumes the CSI plugin published: shared (an overlay of the \
+                 node's tree) or fallback (an empty directory the checkout init container \
+                 fills from S3).",
+                &["result"],
+            ),
+            shared_tree_builds: counter(
+                "snapcache_shared_tree_builds_total",
+                "Shared trees extracted on this node: one per repository, revision and owner.",
+            ),
             s3_latency,
             s3_bytes_read: counter("snapcache_s3_read_bytes_total", "Body bytes read from S3."),
             s3_errors: counter_vec(
@@ -426,6 +441,9 @@ impl Metrics {
             fill_duration,
             registry,
         };
+        for result in ["shared", "fallback"] {
+            metrics.shared_tree_publishes.with_label_values(&[result]);
+        }
         // Both ports' series exist from the start, so rate() and alerts see zeros.
         for port in [Port::Api, Port::Admin] {
             metrics.connections_open.with_label_values(&[port.label()]);
@@ -456,6 +474,14 @@ impl Metrics {
 
     pub fn count_node_tier_fallback(&self, reason: &'static str) {
         self.node_tier_fallbacks.with_label_values(&[reason]).inc();
+    }
+
+    /// A checkout volume published: `shared` tree or `fallback` directory.
+    pub fn count_shared_tree_publish(&self, shared: bool) {
+        let result = if shared { "shared" } else { "fallback" };
+        self.shared_tree_publishes
+            .with_label_values(&[result])
+            .inc();
     }
 
     /// The value of one sample, e.g. `snapcache_x_total{reason="y"}`; 0 before it has one.

@@ -123,6 +123,18 @@ impl SnapshotPath {
         }
     }
 
+    /// The snapshot tarball of a repository named `{host}/{path}`, e.g. `github.com/org/repo`.
+    pub fn parse_repository(text: &str) -> Result<SnapshotPath, String> {
+        let repository = text.trim().trim_matches('/');
+        SnapshotPath::parse(&format!("/git/{repository}/snapshot.tar.zst"))
+            .map_err(|err| format!("`{text}` is not a repository like github.com/org/repo: {err}"))
+    }
+
+    /// The decoded `{host}/{path}`.
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
     /// The S3 object key: `prefix` followed by the decoded path without its leading `/`.
     pub fn object_key(&self, prefix: &str) -> String {
         format!("{prefix}git/{}/{}", self.repository, self.file.name())

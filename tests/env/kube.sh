@@ -12,7 +12,10 @@
 source "$(dirname "$0")/lib.sh"
 
 KUBE_VERSION=1.20.2
-KUBE_ROOT="$SNAPCACHE_CACHE/kubernetes-$KUBE_VERSION"
+# The kubelet carries 1.26's unix-socket gRPC authority fix, without which it cannot talk to
+# the node cache's CSI plugin (tonic); the suffix keys the cache to the patch.
+KUBELET_PATCH="$ENV_DIR/patches/kubelet-1.20-unix-socket-grpc-authority.patch"
+KUBE_ROOT="$SNAPCACHE_CACHE/kubernetes-$KUBE_VERSION-grpc-authority-1"
 KUBE_APISERVER_BIN="$KUBE_ROOT/kube-apiserver"
 KUBE_COMMANDS=(kube-apiserver kubelet kube-scheduler kube-controller-manager)
 ETCD=/usr/bin/etcd
@@ -51,7 +54,7 @@ disable_etcd_at_boot() {
 
 build_kubernetes() {
   log "building ${KUBE_COMMANDS[*]} $KUBE_VERSION from Debian's kubernetes source (about 12 minutes, once)"
-  apt_install golang-go dpkg-dev rsync make \
+  apt_install golang-go dpkg-dev rsync make patch \
     golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
   local partial="$KUBE_ROOT.partial"
   local work="$partial/work"
@@ -69,6 +72,7 @@ build_kubernetes() {
     rm -rf "${src:?}/vendor/$pkg"
     cp -rL "/usr/share/gocode/src/$pkg" "$src/vendor/$pkg"
   done
+  patch -s -d "$src" -p1 <"$KUBELET_PATCH"
   # As debian/rules does: a GOPATH inside the tree with k8s.io/kubernetes pointing at it.
   mkdir -p "$src/.go/src/k8s.io"
   ln -s ../../.. "$src/.go/src/k8s.io/kubernetes"

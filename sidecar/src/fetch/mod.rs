@@ -42,6 +42,8 @@ pub struct FetchSummary {
     pub restarts: u32,
     pub retries: u32,
     pub commit: Option<String>,
+    /// The pin of the revision downloaded; `None` from a server without pins.
+    pub pin: Option<String>,
     /// `pinned` (parallel ranges) or `stream` (one GET, for servers without pins).
     pub mode: &'static str,
     /// The bundle applied after extraction, if the snapshot named one.
@@ -124,10 +126,7 @@ pub async fn fetch(
 ) -> Result<FetchSummary, FetchError> {
     validate(options)?;
     let started = Instant::now();
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| FetchError::Failed(format!("building the HTTP client: {e}")))?;
+    let client = http_client()?;
     let retries = Arc::new(AtomicU32::new(0));
     let mut restarts = 0;
     let (probe, sink) = loop {
@@ -189,8 +188,24 @@ pub async fn fetch(
         } else {
             "stream"
         },
+        pin: probe.token,
         bundle_applied,
     })
+}
+
+fn http_client() -> Result<reqwest::Client, FetchError> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| FetchError::Failed(format!("building the HTTP client: {e}")))
+}
+
+/// The pin a probe of `url` hands out now: the revision a download would get.
+pub async fn current_pin(url: &str) -> Result<String, FetchError> {
+    probe(&http_client()?, url)
+        .await?
+        .token
+        .ok_or_else(|| FetchError::Failed(format!("{url} hands out no pins")))
 }
 
 fn validate(options: &FetchOptions) -> Result<(), FetchError> {

@@ -151,13 +151,39 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Running> {
         app.metrics.clone(),
         stopped(),
     ));
+    let mut servers = vec![api_server, admin_server];
+    if let Some(plugin) = plugin_config(config, api_addr) {
+        servers.push(crate::csi::serve(plugin, app.metrics.clone(), stopped()).await?);
+    }
     Ok(Running {
         api: api_addr,
         admin: admin_addr,
         stop: stop_tx,
-        servers: vec![api_server, admin_server],
+        servers,
         _prewarm: prewarm,
         grace: config.shutdown_grace,
+    })
+}
+
+/// The CSI node plugin's settings, when `--csi-driver` asks for one: its trees beside the
+/// disk tier's entries, extracted through this server's own snapshot API.
+fn plugin_config(
+    config: &ServeConfig,
+    api: std::net::SocketAddr,
+) -> Option<crate::csi::PluginConfig> {
+    let node_name = config.node_name.clone().unwrap_or_else(|| {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    });
+    Some(crate::csi::PluginConfig {
+        driver: config.csi_driver.clone()?,
+        namespace: config.csi_namespace.clone()?,
+        kubelet_dir: config.kubelet_dir.clone(),
+        node_name,
+        dir: config.disk_dir.as_ref()?.join("shared-trees"),
+        api: format!("http://{api}"),
     })
 }
 
