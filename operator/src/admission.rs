@@ -14,8 +14,9 @@ use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
 use crate::api::SnapshotCache;
-use crate::checkout;
+use crate::checkout::{self, SharedTrees};
 use crate::inject::{self, Environment};
+use crate::node_tier::Owner;
 
 /// `snapcache.io/inject: "false"` on a pod or its namespace keeps the sidecar out.
 pub const OPT_OUT_LABEL: &str = "snapcache.io/inject";
@@ -143,6 +144,7 @@ pub fn decide(
             patch.push(&["spec", "containers"], true, to_value(&container));
         }
     }
+    let mut shared_trees = None;
     if !wanted.is_empty() {
         // First of all: the user's own init containers may read the checkout.
         let init = checkout::init_container(
@@ -152,6 +154,10 @@ pub fn decide(
             cache.spec.checkout.give_up_after.as_deref(),
             checkout::app_user(&spec),
         );
+        if cache.spec.node_tier.shares_trees() {
+            shared_trees = Owner::of(cache)
+                .and_then(|owner| SharedTrees::owned_as(owner.csi_driver_name(), &init));
+        }
         patch.insert_init_container(had_init_containers, to_value(&init));
         // So the operator can watch these pods alone for their checkouts' outcomes.
         let label = crate::checkout_outcome::CHECKOUT_LABEL;
@@ -171,7 +177,7 @@ pub fn decide(
         had_volumes,
         to_value(&inject::disk_volume(&cache.spec)),
     );
-    for volume in checkout::volumes(&wanted) {
+    for volume in checkout::volumes(&wanted, shared_trees.as_ref()) {
         patch.push(&volumes, had_volumes, to_value(&volume));
     }
     Decision::Inject {

@@ -99,6 +99,18 @@ pub struct NodeTierSpec {
     /// Tolerations of the node caches, for tainted nodes (dedicated CI nodes often are).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// Shared checkout trees (default false): each node cache also serves a CSI driver of
+    /// its own, and the pods' checkouts become overlays of one tree per revision on the
+    /// node, mounted before any container starts, instead of a copy written per pod. The
+    /// node caches then run privileged (they mount) with the kubelet directory shared.
+    /// Needs a kubelet of 1.26 or later (or with its unix-socket gRPC authority fix).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_trees: bool,
+    /// The kubelet's root directory on the nodes (its `--root-dir`; default
+    /// `/var/lib/kubelet`), where shared trees' CSI sockets and pod volumes are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(/[A-Za-z0-9_-][A-Za-z0-9._-]*)+$"))]
+    pub kubelet_dir: Option<String>,
     /// ServiceAccount the node caches run as (default the namespace's `default`): the one
     /// that IRSA or a pod identity binds to the bucket's read access, when no
     /// `credentialsSecret` is given.
@@ -115,6 +127,7 @@ impl NodeTierSpec {
     pub const DEFAULT_ADMIN_PORT: i32 = 9766;
     pub const DEFAULT_HOST_PATH: &str = "/var/cache/snapcache";
     pub const DEFAULT_SIZE: &str = "20Gi";
+    pub const DEFAULT_KUBELET_DIR: &str = "/var/lib/kubelet";
 
     pub fn is_default(&self) -> bool {
         *self == NodeTierSpec::default()
@@ -130,6 +143,17 @@ impl NodeTierSpec {
 
     pub fn host_path(&self) -> &str {
         self.host_path.as_deref().unwrap_or(Self::DEFAULT_HOST_PATH)
+    }
+
+    pub fn kubelet_dir(&self) -> &str {
+        self.kubelet_dir
+            .as_deref()
+            .unwrap_or(Self::DEFAULT_KUBELET_DIR)
+    }
+
+    /// Whether pods' checkouts are overlays of the node caches' shared trees.
+    pub fn shares_trees(&self) -> bool {
+        self.enabled && self.shared_trees
     }
 
     pub fn size(&self) -> &str {

@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, PodSpec, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{
+    CSIVolumeSource, Container, EmptyDirVolumeSource, PodSpec, Volume, VolumeMount,
+};
 
 use crate::api::CheckoutSpec;
 
@@ -107,15 +109,56 @@ pub fn volume_name(index: usize) -> String {
     format!("snapcache-checkout-{index}")
 }
 
-/// An emptyDir per checkout.
-pub fn volumes(wanted: &[Wanted]) -> Vec<Volume> {
-    (0..wanted.len())
-        .map(|index| Volume {
-            name: volume_name(index),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
+/// A checkout volume per checkout: an emptyDir the init container fills, or with
+/// `shared` trees a volume of the node cache's CSI driver, which mounts the node's tree
+/// of the repository there (the init container then finds it complete), or leaves it
+/// empty for the init container if it cannot.
+pub fn volumes(wanted: &[Wanted], shared: Option<&SharedTrees>) -> Vec<Volume> {
+    wanted
+        .iter()
+        .enumerate()
+        .map(|(index, checkout)| match shared {
+            Some(shared) => Volume {
+                name: volume_name(index),
+                csi: Some(CSIVolumeSource {
+                    driver: shared.driver.clone(),
+                    volume_attributes: Some(BTreeMap::from([
+                        ("repository".to_owned(), checkout.repo.clone()),
+                        ("uid".to_owned(), shared.uid.to_string()),
+                        ("gid".to_owned(), shared.gid.to_string()),
+                    ])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            None => Volume {
+                name: volume_name(index),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            },
         })
         .collect()
+}
+
+/// The node caches' CSI driver, and who owns the trees it mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedTrees {
+    pub driver: String,
+    pub uid: i64,
+    pub gid: i64,
+}
+
+impl SharedTrees {
+    /// Trees owned by whom `init` (the checkout init container) runs as, who would own
+    /// the files it checked out; `None` when its user or group is not set.
+    pub fn owned_as(driver: String, init: &Container) -> Option<SharedTrees> {
+        let security = init.security_context.as_ref()?;
+        Some(SharedTrees {
+            driver,
+            uid: security.run_as_user?,
+            gid: security.run_as_group?,
+        })
+    }
 }
 
 /// What each app container mounts: the finished tree of every checkout at its directory.

@@ -16,6 +16,7 @@ use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodStatus};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::storage::v1::CSIDriver;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::{PartialObjectMeta, Selector, SelectorExt};
 use kube::runtime::controller::{self as kube_controller, Action, Controller};
@@ -256,13 +257,33 @@ async fn reconcile_node_tier(
     };
     let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &owner.namespace);
     let daemon_sets: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-    if cache.spec.node_tier.enabled {
+    let drivers: Api<CSIDriver> = Api::all(ctx.client.clone());
+    let driver = owner.csi_driver_name();
+    let tier = &cache.spec.node_tier;
+    // Its own DaemonSet says whether the driver was made: the watch keeps its labels.
+    let had_driver = ctx
+        .stores
+        .daemon_set(owner)
+        .is_some_and(|daemon_set| node_tier::shares_trees(&daemon_set.metadata));
+    if tier.enabled {
         let apply = PatchParams::apply(FIELD_MANAGER).force();
         let policy = node_tier::network_policy(owner, &cache.spec);
         policies
             .patch(&name, &apply, &Patch::Apply(&policy))
             .await
             .map_err(failed)?;
+        if tier.shares_trees() {
+            drivers
+                .patch(
+                    &driver,
+                    &apply,
+                    &Patch::Apply(&node_tier::csi_driver(owner)),
+                )
+                .await
+                .map_err(failed)?;
+        } else if had_driver {
+            delete_if_present(&drivers, &driver).await.map_err(failed)?;
+        }
         let env = Environment {
             default_image: &ctx.default_image,
             native_sidecars: ctx.native_sidecars,
@@ -273,8 +294,11 @@ async fn reconcile_node_tier(
             .await
             .map_err(failed)?;
     } else if ctx.stores.daemon_set(owner).is_some() {
-        // The DaemonSet last: while it is listed, a failed delete of either is retried.
+        // The DaemonSet last: while it is listed, a failed delete of the others is retried.
         delete_if_present(&policies, &name).await.map_err(failed)?;
+        if had_driver {
+            delete_if_present(&drivers, &driver).await.map_err(failed)?;
+        }
         delete_if_present(&daemon_sets, &name)
             .await
             .map_err(failed)?;

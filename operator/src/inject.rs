@@ -212,11 +212,16 @@ pub fn s3_environment(spec: &SnapshotCacheSpec) -> Vec<EnvVar> {
 
 /// `HOST_IP`: the address of the pod's node, from the downward API.
 pub fn host_ip_env() -> EnvVar {
+    field_env(HOST_IP, "status.hostIP")
+}
+
+/// Variable `name` set by the downward API to the pod's field `field_path`.
+pub fn field_env(name: &str, field_path: &str) -> EnvVar {
     EnvVar {
-        name: HOST_IP.to_owned(),
+        name: name.to_owned(),
         value_from: Some(EnvVarSource {
             field_ref: Some(ObjectFieldSelector {
-                field_path: "status.hostIP".to_owned(),
+                field_path: field_path.to_owned(),
                 ..Default::default()
             }),
             ..Default::default()

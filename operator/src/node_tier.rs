@@ -18,6 +18,7 @@ use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
+use k8s_openapi::api::storage::v1::{CSIDriver, CSIDriverSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -36,6 +37,13 @@ pub const NODE_CACHE_LABEL: &str = "snapcache.io/node-cache";
 pub const COMPONENT_LABEL: (&str, &str) = ("app.kubernetes.io/component", "node-cache");
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 const VOLUME_NAME: &str = "snapcache-node-disk";
+const KUBELET_VOLUME_NAME: &str = "snapcache-kubelet-dir";
+/// On a SnapshotCache's CSIDriver (cluster-scoped, so no owner reference can name it): the
+/// SnapshotCache's namespace; `NODE_CACHE_LABEL` names the SnapshotCache.
+pub const NAMESPACE_LABEL: &str = "snapcache.io/node-cache-namespace";
+const DRIVER_SUFFIX: &str = ".checkouts.snapcache.io";
+/// Longest CSI driver name.
+const MAX_DRIVER_NAME: usize = 63;
 const NAME_PREFIX: &str = "snapcache-node-";
 /// Longest object name and label value Kubernetes takes.
 const MAX_NAME: usize = 253;
@@ -83,6 +91,14 @@ impl Owner {
         }
     }
 
+    /// `<cache>.<namespace>.checkouts.snapcache.io`: the CSI driver of its shared trees,
+    /// one per SnapshotCache, so node caches of two never claim one driver on a node.
+    pub fn csi_driver_name(&self) -> String {
+        let room = MAX_DRIVER_NAME - DRIVER_SUFFIX.len();
+        let name = fitted(&format!("{}.{}", self.cache, self.namespace), room);
+        format!("{name}{DRIVER_SUFFIX}")
+    }
+
     /// The labels of this cache's node cache pods.
     pub fn selector_labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([(
@@ -103,6 +119,42 @@ impl Owner {
             .map(|(key, value)| (key.to_owned(), value.to_owned())),
         );
         labels
+    }
+}
+
+/// On a node tier's DaemonSet whose node caches serve shared trees (and so has a CSIDriver).
+const SHARED_TREES_LABEL: &str = "snapcache.io/shared-trees";
+
+/// Whether the DaemonSet with this metadata serves shared trees.
+pub fn shares_trees(daemon_set: &ObjectMeta) -> bool {
+    daemon_set
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(SHARED_TREES_LABEL))
+        .is_some_and(|value| value == "true")
+}
+
+/// The CSIDriver of `owner`'s shared trees: inline ephemeral volumes only, nothing to
+/// attach, the pod's namespace passed to the driver, and no fsGroup walk over the tree.
+pub fn csi_driver(owner: &Owner) -> CSIDriver {
+    let mut labels = owner.labels();
+    labels.insert(
+        NAMESPACE_LABEL.to_owned(),
+        fitted(&owner.namespace, MAX_LABEL_VALUE),
+    );
+    CSIDriver {
+        metadata: ObjectMeta {
+            name: Some(owner.csi_driver_name()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: CSIDriverSpec {
+            attach_required: Some(false),
+            pod_info_on_mount: Some(true),
+            volume_lifecycle_modes: Some(vec!["Ephemeral".to_owned()]),
+            fs_group_policy: Some("None".to_owned()),
+            ..Default::default()
+        },
     }
 }
 
@@ -129,8 +181,15 @@ pub fn daemon_set(owner: &Owner, spec: &SnapshotCacheSpec, env: &Environment<'_>
         owner.namespace,
         owner.cache
     );
+    let mut metadata = owner.metadata();
+    if tier.shares_trees() {
+        metadata
+            .labels
+            .get_or_insert_default()
+            .insert(SHARED_TREES_LABEL.to_owned(), "true".to_owned());
+    }
     DaemonSet {
-        metadata: owner.metadata(),
+        metadata,
         spec: Some(DaemonSetSpec {
             selector: LabelSelector {
                 match_labels: Some(owner.selector_labels()),
@@ -147,19 +206,12 @@ pub fn daemon_set(owner: &Owner, spec: &SnapshotCacheSpec, env: &Environment<'_>
                     dns_policy: Some("ClusterFirstWithHostNet".to_owned()),
                     // It reads S3, never the Kubernetes API.
                     automount_service_account_token: Some(false),
-                    containers: vec![node_cache_container(spec, env)],
+                    containers: vec![node_cache_container(owner, spec, env)],
                     node_selector: (!tier.node_selector.is_empty())
                         .then(|| tier.node_selector.clone()),
                     tolerations: (!tier.tolerations.is_empty()).then(|| tier.tolerations.clone()),
                     service_account_name: tier.service_account_name.clone(),
-                    volumes: Some(vec![Volume {
-                        name: VOLUME_NAME.to_owned(),
-                        host_path: Some(HostPathVolumeSource {
-                            path: host_path,
-                            type_: Some("DirectoryOrCreate".to_owned()),
-                        }),
-                        ..Default::default()
-                    }]),
+                    volumes: Some(node_cache_volumes(tier, host_path)),
                     ..Default::default()
                 }),
             },
@@ -169,9 +221,32 @@ pub fn daemon_set(owner: &Owner, spec: &SnapshotCacheSpec, env: &Environment<'_>
     }
 }
 
+/// The node disk at `host_path`, and with shared trees the kubelet's directory.
+fn node_cache_volumes(tier: &NodeTierSpec, host_path: String) -> Vec<Volume> {
+    let host = |name: &str, path: String, type_: &str| Volume {
+        name: name.to_owned(),
+        host_path: Some(HostPathVolumeSource {
+            path,
+            type_: Some(type_.to_owned()),
+        }),
+        ..Default::default()
+    };
+    let mut volumes = vec![host(VOLUME_NAME, host_path, "DirectoryOrCreate")];
+    if tier.shares_trees() {
+        let kubelet_dir = tier.kubelet_dir().to_owned();
+        volumes.push(host(KUBELET_VOLUME_NAME, kubelet_dir, "Directory"));
+    }
+    volumes
+}
+
 /// `serve --node-cache` on the node's address with the spec's S3 flags and credentials,
-/// its disk tier on the node.
-fn node_cache_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Container {
+/// its disk tier on the node; with shared trees also the CSI node plugin of `owner`'s
+/// driver, which mounts into the kubelet's directory and so runs privileged.
+fn node_cache_container(
+    owner: &Owner,
+    spec: &SnapshotCacheSpec,
+    env: &Environment<'_>,
+) -> Container {
     let tier = &spec.node_tier;
     let serving = Serving {
         listen: format!("$({HOST_IP}):{}", tier.port()),
@@ -188,6 +263,42 @@ fn node_cache_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Cont
     );
     let mut environment = vec![inject::host_ip_env()];
     environment.extend(inject::s3_environment(spec));
+    let mut mounts = vec![VolumeMount {
+        name: VOLUME_NAME.to_owned(),
+        mount_path: inject::DISK_PATH.to_owned(),
+        ..Default::default()
+    }];
+    // The kubelet's hostPath directory is created by root, mode 0755: only root writes
+    // there. Every capability stays dropped unless the node cache mounts.
+    let mut security = SecurityContext {
+        run_as_user: Some(0),
+        run_as_group: Some(0),
+        run_as_non_root: Some(false),
+        ..inject::restricted_security_context()
+    };
+    if tier.shares_trees() {
+        args.extend([
+            format!("--csi-driver={}", owner.csi_driver_name()),
+            format!("--csi-namespace={}", owner.namespace),
+            format!("--kubelet-dir={}", tier.kubelet_dir()),
+        ]);
+        environment.push(inject::field_env("SNAPCACHE_NODE_NAME", "spec.nodeName"));
+        // The same path inside as on the node: the kubelet names mount targets by it, and
+        // the overlays mounted there must propagate back to the node.
+        mounts.push(VolumeMount {
+            name: KUBELET_VOLUME_NAME.to_owned(),
+            mount_path: tier.kubelet_dir().to_owned(),
+            mount_propagation: Some("Bidirectional".to_owned()),
+            ..Default::default()
+        });
+        security = SecurityContext {
+            privileged: Some(true),
+            allow_privilege_escalation: Some(true),
+            capabilities: None,
+            read_only_root_filesystem: Some(true),
+            ..security
+        };
+    }
     let probe = |path: &str, period_seconds: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
@@ -222,19 +333,8 @@ fn node_cache_container(spec: &SnapshotCacheSpec, env: &Environment<'_>) -> Cont
             failure_threshold: Some(3),
             ..probe("/healthz", 10)
         }),
-        security_context: Some(SecurityContext {
-            // The kubelet creates the hostPath directory owned by root, mode 0755: only
-            // root may write there. Every capability stays dropped.
-            run_as_user: Some(0),
-            run_as_group: Some(0),
-            run_as_non_root: Some(false),
-            ..inject::restricted_security_context()
-        }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: VOLUME_NAME.to_owned(),
-            mount_path: inject::DISK_PATH.to_owned(),
-            ..Default::default()
-        }]),
+        security_context: Some(security),
+        volume_mounts: Some(mounts),
         ..Default::default()
     }
 }

@@ -94,6 +94,10 @@ pub async fn run(
     checkouts: &[Checkout],
     patience: &Patience,
 ) -> anyhow::Result<Result<Vec<Done>, Failed>> {
+    // A node cache's CSI driver mounted every tree already (shared trees): no server needed.
+    if checkouts.iter().all(|checkout| checkout.target.exists()) {
+        return Ok(Ok(checkouts.iter().map(in_place).collect()));
+    }
     // Loopback only, on ports of the kernel's choosing: nothing outside this container
     // should reach it, and the pod's sidecar may hold the usual ports later.
     config.listen = "127.0.0.1:0".parse()?;
@@ -138,16 +142,21 @@ fn hold_memory_within_bound(config: &mut ServeConfig) {
     config.parallel_get_budget = Some(s3_budget.min(S3_BUFFERS));
 }
 
+/// A checkout whose tree is there: renamed into place only once complete, by an earlier
+/// run of this container, or mounted by the node cache's CSI driver.
+fn in_place(checkout: &Checkout) -> Done {
+    Done {
+        repo: checkout.repo.clone(),
+        target: checkout.target.clone(),
+        fetched: None,
+        attempts: 0,
+    }
+}
+
 /// One checkout, retried with backoff until `patience` runs out.
 async fn one(url: &str, checkout: &Checkout, patience: &Patience) -> Result<Done, Failed> {
     if checkout.target.exists() {
-        // Renamed into place only once complete: an earlier run of this container did it.
-        return Ok(Done {
-            repo: checkout.repo.clone(),
-            target: checkout.target.clone(),
-            fetched: None,
-            attempts: 0,
-        });
+        return Ok(in_place(checkout));
     }
     let started = Instant::now();
     let mut backoff = patience.first_backoff;

@@ -278,6 +278,11 @@ serializeImagePulls: false
 volumePluginDir: $dir/kubelet/volume-plugins
 resolvConf: /etc/resolv.conf
 EOF
+  # A shared mount of its own, as on a real node: the node caches' CSI plugin mounts
+  # checkouts under it with Bidirectional propagation. unmount_under removes it at stop.
+  mkdir -p "$dir/kubelet"
+  mount --bind "$dir/kubelet" "$dir/kubelet"
+  mount --make-rshared "$dir/kubelet"
   spawn "$state" kubelet "$KUBE_BIN_DIR/kubelet" \
     --config="$dir/kubelet.yaml" --kubeconfig="$NODE_KUBECONFIG" \
     --container-runtime=remote --container-runtime-endpoint="unix://$dir/containerd.sock" \

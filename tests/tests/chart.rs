@@ -435,6 +435,7 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
     for (group, resource) in [
         ("apps", "daemonsets"),
         ("networking.k8s.io", "networkpolicies"),
+        ("storage.k8s.io", "csidrivers"),
     ] {
         for verb in ["update", "deletecollection"] {
             assert!(
@@ -463,6 +464,9 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
         ("create", "networking.k8s.io", "networkpolicies"),
         ("patch", "networking.k8s.io", "networkpolicies"),
         ("delete", "networking.k8s.io", "networkpolicies"),
+        ("create", "storage.k8s.io", "csidrivers"),
+        ("patch", "storage.k8s.io", "csidrivers"),
+        ("delete", "storage.k8s.io", "csidrivers"),
     ] {
         assert!(
             can_i(&client, &user, &groups, verb, group, resource).await,

@@ -80,6 +80,8 @@ fn every_option(pin_mode: PinMode) -> SnapshotCacheSpec {
                 operator: Some("Exists".to_owned()),
                 ..Toleration::default()
             }],
+            shared_trees: true,
+            kubelet_dir: Some("/var/lib/k0s/kubelet".to_owned()),
             service_account_name: Some("s3-reader".to_owned()),
         },
     }
@@ -213,6 +215,13 @@ fn the_sidecar_parses_the_node_caches_serve_args_for_every_option_as_the_spec_me
         ]
     );
     assert_eq!(config.prewarm_interval, Duration::from_secs(60));
+    // Shared trees: this SnapshotCache's own driver, for its namespace's pods only.
+    assert_eq!(
+        config.csi_driver.as_deref(),
+        Some("monorepo.ci.checkouts.snapcache.io")
+    );
+    assert_eq!(config.csi_namespace.as_deref(), Some("ci"));
+    assert_eq!(config.kubelet_dir, PathBuf::from("/var/lib/k0s/kubelet"));
 }
 
 #[test]
