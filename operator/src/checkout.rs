@@ -404,4 +404,46 @@ mod tests {
         assert_eq!(app_user(&spec), (Some(1000), Some(3000)));
         assert_eq!(app_user(&PodSpec::default()), (None, None));
     }
+
+    #[test]
+    fn with_shared_trees_each_checkout_is_a_volume_of_the_driver_owned_as_the_init_container() {
+        let wanted = [
+            checkout("github.com/org/repo", "/workspace/repo"),
+            checkout("github.com/org/tools", "/workspace/tools"),
+        ];
+        let sidecar = Container {
+            security_context: Some(SecurityContext {
+                run_as_user: Some(65532),
+                run_as_group: Some(65532),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let init = init_container(&sidecar, &wanted, false, None, (Some(1000), Some(2000)));
+        let shared =
+            SharedTrees::owned_as("ci.x.checkouts.snapcache.io".to_owned(), &init).expect("owned");
+        assert_eq!((shared.uid, shared.gid), (1000, 2000));
+        let shared_volumes = volumes(&wanted, Some(&shared));
+        assert_eq!(shared_volumes.len(), 2);
+        for (volume, repo) in shared_volumes
+            .iter()
+            .zip(["github.com/org/repo", "github.com/org/tools"])
+        {
+            let csi = volume.csi.clone().expect("a CSI volume");
+            assert_eq!(csi.driver, "ci.x.checkouts.snapcache.io");
+            let attributes = csi.volume_attributes.unwrap_or_default();
+            assert_eq!(attributes.get("repository").map(String::as_str), Some(repo));
+            assert_eq!(attributes.get("uid").map(String::as_str), Some("1000"));
+            assert_eq!(attributes.get("gid").map(String::as_str), Some("2000"));
+            assert_eq!(volume.empty_dir, None);
+        }
+        let plain = volumes(&wanted, None);
+        assert!(
+            plain
+                .iter()
+                .all(|v| v.empty_dir.is_some() && v.csi.is_none())
+        );
+        let unknown = Container::default();
+        assert_eq!(SharedTrees::owned_as("d".to_owned(), &unknown), None);
+    }
 }

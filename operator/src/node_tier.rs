@@ -837,4 +837,118 @@ mod tests {
         .object_name();
         assert_eq!(name.len(), 253);
     }
+
+    #[test]
+    fn shared_trees_make_a_privileged_node_cache_serving_its_own_csi_driver() {
+        let (owner, daemon_set, _) = built(json!({
+            "enabled": true, "sharedTrees": true, "kubeletDir": "/var/lib/k0s/kubelet"
+        }));
+        assert!(shares_trees(&daemon_set.metadata));
+        let pod = pod_spec(&daemon_set);
+        let container = &pod.containers[0];
+        let args = container.args.clone().unwrap_or_default();
+        for expected in [
+            "--csi-driver=monorepo.ci.checkouts.snapcache.io",
+            "--csi-namespace=ci",
+            "--kubelet-dir=/var/lib/k0s/kubelet",
+        ] {
+            assert!(
+                args.iter().any(|arg| arg == expected),
+                "{expected}: {args:?}"
+            );
+        }
+        let security = container
+            .security_context
+            .clone()
+            .expect("security context");
+        assert_eq!(security.privileged, Some(true));
+        let kubelet = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == KUBELET_VOLUME_NAME)
+            .expect("the kubelet directory's mount");
+        assert_eq!(
+            kubelet.mount_path, "/var/lib/k0s/kubelet",
+            "the node's own path"
+        );
+        assert_eq!(kubelet.mount_propagation.as_deref(), Some("Bidirectional"));
+        let node_name = container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "SNAPCACHE_NODE_NAME")
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone());
+        assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
+        let driver = csi_driver(&owner);
+        assert_eq!(
+            driver.metadata.name.as_deref(),
+            Some("monorepo.ci.checkouts.snapcache.io")
+        );
+        let labels = driver.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels.get(NAMESPACE_LABEL).map(String::as_str), Some("ci"));
+        assert_eq!(
+            labels.get(NODE_CACHE_LABEL).map(String::as_str),
+            Some("monorepo")
+        );
+        assert_eq!(driver.spec.attach_required, Some(false));
+        assert_eq!(driver.spec.pod_info_on_mount, Some(true));
+        assert_eq!(
+            driver.spec.volume_lifecycle_modes,
+            Some(vec!["Ephemeral".to_owned()])
+        );
+        assert_eq!(driver.spec.fs_group_policy.as_deref(), Some("None"));
+    }
+
+    #[test]
+    fn without_shared_trees_the_node_cache_stays_unprivileged_and_off_the_kubelet() {
+        for tier in [
+            json!({"enabled": true}),
+            json!({"enabled": true, "sharedTrees": false}),
+        ] {
+            let (_, daemon_set, _) = built(tier);
+            assert!(!shares_trees(&daemon_set.metadata));
+            let pod = pod_spec(&daemon_set);
+            let container = &pod.containers[0];
+            let args = container.args.clone().unwrap_or_default();
+            assert!(
+                !args.iter().any(|arg| arg.starts_with("--csi-")),
+                "{args:?}"
+            );
+            let security = container
+                .security_context
+                .clone()
+                .expect("security context");
+            assert_eq!(security.privileged, None);
+            assert_eq!(security.allow_privilege_escalation, Some(false));
+            let volumes: Vec<_> = pod
+                .volumes
+                .iter()
+                .flatten()
+                .map(|v| v.name.clone())
+                .collect();
+            assert_eq!(volumes, [VOLUME_NAME]);
+        }
+    }
+
+    #[test]
+    fn csi_driver_names_are_dns_names_of_63_characters_at_most() {
+        let owner = |cache: &str, namespace: &str| Owner {
+            namespace: namespace.to_owned(),
+            cache: cache.to_owned(),
+            reference: OwnerReference::default(),
+        };
+        let long = owner(&"x".repeat(200), &"n".repeat(63)).csi_driver_name();
+        assert_eq!(long.len(), 63);
+        assert!(long.ends_with(".checkouts.snapcache.io"), "{long}");
+        assert_ne!(
+            long,
+            owner(&"x".repeat(199), &"n".repeat(63)).csi_driver_name()
+        );
+        assert_eq!(
+            owner("a", "b").csi_driver_name(),
+            "a.b.checkouts.snapcache.io"
+        );
+    }
 }

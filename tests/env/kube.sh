@@ -165,6 +165,8 @@ start() {
     # Webhooks are dialled at their endpoints' pod IPs (there is no kube-proxy); the
     # kubelet (logs, exec) at the node address, as its name resolves nowhere.
     args+=(--enable-aggregator-routing=true --kubelet-preferred-address-types=InternalIP)
+    # As every real cluster's: shared trees' node caches run privileged (they mount).
+    args+=(--allow-privileged=true)
   else
     # No controller-manager mints service account tokens for the plain API server.
     args+=(--disable-admission-plugins=ServiceAccount)

@@ -205,7 +205,8 @@ impl Operator {
             .env("KUBECONFIG", TestEnv::get().require("CLUSTER_KUBECONFIG"))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            // Into the test's own output, which nextest shows when the test fails.
+            .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("start snapcache-operator");
         let operator = Operator {

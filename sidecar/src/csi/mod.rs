@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use sha2::Digest;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
@@ -66,7 +67,7 @@ impl PluginConfig {
     fn csi_socket(&self) -> PathBuf {
         self.kubelet_dir
             .join("plugins")
-            .join(&self.driver)
+            .join(self.socket_name())
             .join("csi.sock")
     }
 
@@ -74,7 +75,14 @@ impl PluginConfig {
     fn registration_socket(&self) -> PathBuf {
         self.kubelet_dir
             .join("plugins_registry")
-            .join(format!("{}-reg.sock", self.driver))
+            .join(format!("{}-reg.sock", self.socket_name()))
+    }
+
+    /// `snapcache-<hash of the driver>`: a socket path must fit in 108 bytes, and a driver
+    /// name alone may take 63 of them.
+    fn socket_name(&self) -> String {
+        let hash = sha2::Sha256::digest(self.driver.as_bytes());
+        format!("snapcache-{}", hex::encode(&hash[..6]))
     }
 }
 
