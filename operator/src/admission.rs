@@ -13,13 +13,11 @@ use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
+use crate::OPT_OUT_LABEL;
 use crate::api::SnapshotCache;
 use crate::checkout::{self, SharedTrees};
 use crate::inject::{self, Environment};
 use crate::node_tier::Owner;
-
-/// `snapcache.io/inject: "false"` on a pod or its namespace keeps the sidecar out.
-pub const OPT_OUT_LABEL: &str = "snapcache.io/inject";
 
 /// Why a pod is admitted unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -98,7 +98,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
     use super::*;
-    use crate::admission::OPT_OUT_LABEL;
+    use crate::OPT_OUT_LABEL;
     use crate::admission::tests::cache;
     use crate::inject;
 

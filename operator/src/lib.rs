@@ -6,6 +6,9 @@
 /// `app.kubernetes.io/managed-by` of the objects it makes.
 pub const FIELD_MANAGER: &str = "snapcache-operator";
 
+/// `snapcache.io/inject: "false"` on a pod or its namespace keeps the sidecar out.
+pub const OPT_OUT_LABEL: &str = "snapcache.io/inject";
+
 pub mod admission;
 pub mod api;
 pub mod bucket_health;

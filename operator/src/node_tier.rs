@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::admission::OPT_OUT_LABEL;
+use crate::OPT_OUT_LABEL;
 use crate::api::{NodeCachesStatus, NodeTierSpec, SnapshotCache, SnapshotCacheSpec};
 use crate::inject::{self, Environment, HOST_IP, Serving};
 

@@ -126,14 +126,13 @@ pub async fn run(
     Ok(outcome.map(|()| done))
 }
 
-/// A checkout's transfer buffers: S3 parts, the download window, and files queued for
-/// the writer threads (5 MiB, see `fetch::extract`).
+/// A checkout's transfer buffers: S3 parts, the download window
+/// (`FetchOptions::extraction`'s), and files queued for the writer threads (5 MiB, see
+/// `fetch::extract`).
 /// With the process's own ~20 MiB this keeps a checkout under 64 MiB peak RSS at any
 /// snapshot size (the checkout benchmark holds it), inside the sidecar's memory limit.
 const S3_PART_SIZE: u64 = 2 << 20;
 const S3_BUFFERS: u64 = 16 << 20;
-const DOWNLOAD_WORKERS: usize = 4;
-const DOWNLOAD_CHUNK_SIZE: u64 = 4 << 20;
 
 /// Smaller parts and budgets than a long-running sidecar's; settings below them stay.
 fn hold_memory_within_bound(config: &mut ServeConfig) {
@@ -163,7 +162,7 @@ async fn one(url: &str, checkout: &Checkout, patience: &Patience) -> Result<Done
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let options = fetch_options(url, &checkout.target);
+        let options = FetchOptions::extraction(url, &checkout.target);
         let result = fetch::fetch(&options, &Quiet).await;
         let error = match result {
             Ok(summary) => {
@@ -216,20 +215,6 @@ fn describe(error: &FetchError) -> String {
                 .to_owned()
         }
         other => other.to_string(),
-    }
-}
-
-/// What `fetch --extract` does, keeping no copy of the tarball.
-pub(crate) fn fetch_options(url: &str, target: &Path) -> FetchOptions {
-    FetchOptions {
-        url: url.to_owned(),
-        output: None,
-        workers: DOWNLOAD_WORKERS,
-        chunk_size: DOWNLOAD_CHUNK_SIZE,
-        max_restarts: 3,
-        chunk_attempts: 5,
-        chunk_timeout: Duration::from_secs(60),
-        extract: Some(target.to_owned()),
     }
 }
 
@@ -288,7 +273,8 @@ mod tests {
 
     #[test]
     fn a_checkout_keeps_no_copy_of_the_tarball() {
-        let options = fetch_options("http://x", Path::new("/snapcache/checkouts/0/tree"));
+        let options =
+            FetchOptions::extraction("http://x", Path::new("/snapcache/checkouts/0/tree"));
         assert_eq!(options.output, None);
         assert_eq!(
             options.extract,

@@ -16,7 +16,7 @@ use anyhow::Context;
 use rustix::mount::{MountFlags, UnmountFlags};
 
 use super::volume::{self, Layout, TREE, TreeRequest};
-use crate::fetch::{self, Quiet};
+use crate::fetch::{self, FetchOptions, Quiet};
 use crate::metrics::Metrics;
 
 /// Builds trees from the snapshot API at `api` and lays them out in `layout`.
@@ -105,7 +105,7 @@ impl Trees {
         remove_if_present(&staging)?;
         std::fs::create_dir_all(&staging)
             .with_context(|| format!("creating {}", staging.display()))?;
-        let options = crate::checkout::fetch_options(url, &staging.join(TREE));
+        let options = FetchOptions::extraction(url, &staging.join(TREE));
         let summary = fetch::fetch(&options, &Quiet)
             .await
             .with_context(|| format!("extracting {url}"))?;

@@ -18,3 +18,24 @@ pub struct FetchOptions {
     /// Unpack the snapshot into this directory as it downloads.
     pub extract: Option<PathBuf>,
 }
+
+/// Download workers and chunk size of a checkout: 16 MiB in flight at most, within a
+/// checkout's memory bound (see `checkout`).
+const EXTRACTION_WORKERS: usize = 4;
+const EXTRACTION_CHUNK_SIZE: u64 = 4 << 20;
+
+impl FetchOptions {
+    /// What `fetch --extract` does, keeping no copy of the tarball.
+    pub fn extraction(url: &str, target: &std::path::Path) -> FetchOptions {
+        FetchOptions {
+            url: url.to_owned(),
+            output: None,
+            workers: EXTRACTION_WORKERS,
+            chunk_size: EXTRACTION_CHUNK_SIZE,
+            max_restarts: 3,
+            chunk_attempts: 5,
+            chunk_timeout: Duration::from_secs(60),
+            extract: Some(target.to_owned()),
+        }
+    }
+}

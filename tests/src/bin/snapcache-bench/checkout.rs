@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
-use snapcache_tests::cluster::{Operator, container_log, until_admitted};
+use snapcache_tests::cluster::{Operator, container_log, until_admitted, until_node_cache_ready};
 use snapcache_tests::generated_repo::{self, Shape};
 use snapcache_tests::git::git;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, sidecar_binary};
@@ -50,6 +50,10 @@ const EXTRACTION_RATIO: f64 = 1.2;
 #[derive(Debug, Default)]
 pub struct CheckoutReport {
     snapcache: Vec<f64>,
+    /// A pod whose checkout is an overlay of its node's shared tree, the tree already there.
+    shared_tree: Vec<f64>,
+    /// The first such pod, whose node cache built the tree.
+    shared_tree_cold: f64,
     full_clone: Vec<f64>,
     shallow_clone: Vec<f64>,
     /// The app's first `git status` in the checkout and in the full clone.
@@ -89,18 +93,63 @@ pub async fn checkout() -> Result<CheckoutReport> {
     until_admitted(&client, &namespace, &[("app", "bench-checkout")], true).await;
     let node_ip = env.require("CLUSTER_NODE_IP");
     let daemon = GitDaemon::start(&repo, node_ip)?;
+    let node_disk = tempfile::Builder::new()
+        .prefix("snapcache-bench-shared-trees-")
+        .tempdir()?;
+    let port = |listener: std::net::TcpListener| listener.local_addr().map(|a| a.port());
+    let shared_trees = json!({
+        "enabled": true, "sharedTrees": true, "size": "8Gi",
+        "kubeletDir": env.require("CLUSTER_KUBELET_DIR"), "hostPath": node_disk.path(),
+        "port": port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+        "adminPort": port(std::net::TcpListener::bind("127.0.0.1:0")?)?,
+    });
+    let shared_namespace = namespace_with_cache(
+        &client,
+        "bench-shared-trees",
+        &garage,
+        &bucket,
+        endpoint,
+        shared_trees,
+    )
+    .await?;
+    let shared_operator = Operator::start(&client, &shared_namespace).await;
+    until_admitted(
+        &client,
+        &shared_namespace,
+        &[("app", "bench-checkout")],
+        true,
+    )
+    .await;
+    until_node_cache_ready(&client, &shared_namespace, "bench").await;
+    let shared_pods: Api<Pod> = Api::namespaced(client.clone(), &shared_namespace);
 
     let host = HostRuns::start(&garage, &bucket)?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    settle()?;
+    let cold = time_pod(&shared_pods, Kind::SharedTree, &daemon.url, &commit).await?;
+    println!(
+        "the first shared-tree pod, whose node cache builds the tree: {:.1} s",
+        cold.first_command
+    );
     let mut report = CheckoutReport {
         snapshot_bytes: host.snapshot_bytes()?,
+        shared_tree_cold: cold.first_command,
         ..CheckoutReport::default()
     };
     for round in 1..=ROUNDS {
         println!("checkout round {round} of {ROUNDS}");
-        for kind in [Kind::Snapcache, Kind::FullClone, Kind::ShallowClone] {
+        for kind in [
+            Kind::Snapcache,
+            Kind::SharedTree,
+            Kind::FullClone,
+            Kind::ShallowClone,
+        ] {
             settle()?;
-            let times = time_pod(&pods, kind, &daemon.url, &commit).await?;
+            let in_namespace = match kind {
+                Kind::SharedTree => &shared_pods,
+                _ => &pods,
+            };
+            let times = time_pod(in_namespace, kind, &daemon.url, &commit).await?;
             println!(
                 "  {:<40} {:>7.1} s (then its first git status {:.2} s)",
                 kind.label(),
@@ -112,6 +161,7 @@ pub async fn checkout() -> Result<CheckoutReport> {
                     report.snapcache.push(times.first_command);
                     report.snapcache_status.push(times.git_status);
                 }
+                Kind::SharedTree => report.shared_tree.push(times.first_command),
                 Kind::FullClone => {
                     report.full_clone.push(times.first_command);
                     report.full_clone_status.push(times.git_status);
@@ -145,14 +195,16 @@ pub async fn checkout() -> Result<CheckoutReport> {
             last(&report.aria2c_rss_mib),
         );
     }
+    shared_operator.stop(&client).await;
     operator.stop(&client).await;
     Ok(report)
 }
 
 /// Prints each figure beside its peer; true when a target is missed.
 pub fn print(report: &CheckoutReport) -> bool {
-    let (ours, full, shallow) = (
+    let (per_pod, shared, full, shallow) = (
         median(&report.snapcache),
+        median(&report.shared_tree),
         median(&report.full_clone),
         median(&report.shallow_clone),
     );
@@ -165,8 +217,8 @@ pub fn print(report: &CheckoutReport) -> bool {
     let fetch_rss = report.fetch_rss_mib.iter().copied().fold(0.0, f64::max);
     let aria2c_rss = report.aria2c_rss_mib.iter().copied().fold(0.0, f64::max);
     let checks = [
-        (full / ours >= SPEEDUP_OVER_FULL_CLONE, "5x a full clone"),
-        (shallow / ours > 1.0, "faster than a shallow clone"),
+        (full / shared >= SPEEDUP_OVER_FULL_CLONE, "5x a full clone"),
+        (shallow / per_pod > 1.0, "faster than a shallow clone"),
         (extract / zstd_tar <= EXTRACTION_RATIO, "extraction"),
         (checkout_rss <= RSS_BOUND_MIB, "checkout RSS"),
         (fetch_rss <= RSS_BOUND_MIB, "fetch RSS"),
@@ -186,16 +238,27 @@ pub fn print(report: &CheckoutReport) -> bool {
         "pod create -> app's first command, repo ready (s)", "snapcache", "peer", "ratio"
     );
     println!(
-        "{:<58} {ours:>10.1} {full:>10.1} {:>7.2}  >= {SPEEDUP_OVER_FULL_CLONE} {}",
-        "checkout vs git clone (full) from git daemon on the node",
-        full / ours,
+        "{:<58} {shared:>10.1} {full:>10.1} {:>7.2}  >= {SPEEDUP_OVER_FULL_CLONE} {}",
+        "shared-tree checkout vs git clone (full) from git daemon",
+        full / shared,
         verdict(0)
     );
     println!(
-        "{:<58} {ours:>10.1} {shallow:>10.1} {:>7.2}  > 1 {}",
-        "checkout vs git clone --depth 1",
-        shallow / ours,
+        "{:<58} {per_pod:>10.1} {full:>10.1} {:>7.2}  -",
+        "per-pod checkout (no node tier) vs git clone (full)",
+        full / per_pod,
+    );
+    println!(
+        "{:<58} {per_pod:>10.1} {shallow:>10.1} {:>7.2}  > 1 {}",
+        "per-pod checkout vs git clone --depth 1",
+        shallow / per_pod,
         verdict(1)
+    );
+    println!(
+        "{:<58} {:>10.1} {full:>10.1} {:>7.2}  -",
+        "the first shared-tree pod of the node (builds the tree)",
+        report.shared_tree_cold,
+        full / report.shared_tree_cold,
     );
     println!(
         "{:<58} {our_status:>10.2} {clone_status:>10.2} {:>7.2}  -",
@@ -381,6 +444,7 @@ impl Drop for GitDaemon {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Kind {
     Snapcache,
+    SharedTree,
     FullClone,
     ShallowClone,
 }
@@ -389,6 +453,7 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::Snapcache => "snapcache checkout (init container)",
+            Kind::SharedTree => "snapcache checkout (shared tree, warm node)",
             Kind::FullClone => "git clone (full) from git daemon",
             Kind::ShallowClone => "git clone --depth 1 from git daemon",
         }
@@ -492,7 +557,7 @@ fn bench_pod(name: &str, kind: Kind, daemon: &str) -> Result<Pod> {
         "volumeMounts": [{"name": "src", "mountPath": "/src"}],
     });
     let pod = match kind {
-        Kind::Snapcache => json!({
+        Kind::Snapcache | Kind::SharedTree => json!({
             "metadata": {"name": name, "labels": {"app": "bench-checkout"},
                          "annotations": {"snapcache.io/checkout": format!("{REPO}=/src/repo")}},
             "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
