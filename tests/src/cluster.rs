@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::Client;
 use kube::api::{Api, ListParams, LogParams, Patch, PatchParams, PostParams};
@@ -337,4 +338,40 @@ pub fn publish_to_garage(dir: &std::path::Path, bucket: &str, name: &str, extra:
         "publish: {}",
         String::from_utf8_lossy(&published.stderr)
     );
+}
+
+/// Waits for Job `name` in `namespace` to succeed or fail: whether it succeeded, its pod,
+/// and the log of the pod's `app` container.
+pub async fn job_finished(client: &Client, namespace: &str, name: &str) -> (bool, Pod, String) {
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let status = within(
+        Duration::from_secs(180),
+        &format!("Job {name} to finish"),
+        async || {
+            let status = jobs.get(name).await.ok()?.status?;
+            (status.succeeded == Some(1) || status.failed == Some(1)).then_some(status)
+        },
+    )
+    .await;
+    let listed = pods
+        .list(&ListParams::default().labels(&format!("job-name={name}")))
+        .await
+        .expect("the Job's pods");
+    let pod = listed.items.into_iter().next().expect("the Job's pod");
+    let pod_name = pod.metadata.name.clone().expect("pod name");
+    let log = container_log(&pods, &pod_name, "app").await;
+    (status.succeeded == Some(1), pod, log)
+}
+
+/// One sample of the metrics of the node cache whose admin port is `admin_port`.
+pub async fn node_cache_metric(admin_port: u16, sample: &str) -> f64 {
+    let node_ip = TestEnv::get().require("CLUSTER_NODE_IP");
+    let metrics = reqwest::get(format!("http://{node_ip}:{admin_port}/metrics"))
+        .await
+        .expect("the node cache's metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    crate::sidecar::Sidecar::metric(&metrics, sample)
 }

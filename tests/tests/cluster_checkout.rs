@@ -9,7 +9,8 @@ use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use snapcache_tests::cluster::{
-    Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, publish_to_garage,
+    Operator, cluster_and_bucket, container_log, job_finished, namespace_with_snapshot_cache,
+    publish_to_garage,
 };
 use snapcache_tests::git::{commit_file, commit_large_file, git, init_repository};
 use snapcache_tests::proxy::CutProxy;
@@ -69,29 +70,6 @@ fn job(name: &str, annotations: serde_json::Value, script: &str) -> Job {
     .expect("job")
 }
 
-/// Waits for Job `name` to succeed or fail; its pod, with the app container's log.
-async fn finished(client: &kube::Client, namespace: &str, name: &str) -> (bool, Pod, String) {
-    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let status = within(
-        Duration::from_secs(180),
-        &format!("Job {name} to finish"),
-        async || {
-            let status = jobs.get(name).await.ok()?.status?;
-            (status.succeeded == Some(1) || status.failed == Some(1)).then_some(status)
-        },
-    )
-    .await;
-    let listed = pods
-        .list(&ListParams::default().labels(&format!("job-name={name}")))
-        .await
-        .expect("the Job's pods");
-    let pod = listed.items.into_iter().next().expect("the Job's pod");
-    let pod_name = pod.metadata.name.clone().expect("pod name");
-    let log = container_log(&pods, &pod_name, "app").await;
-    (status.succeeded == Some(1), pod, log)
-}
-
 /// A Job whose pod asks for a checkout: its app runs as uid 1000, checks that git sees the
 /// published commit and a clean tree at each directory, and writes into the checkout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +94,7 @@ async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
     jobs.create(&PostParams::default(), &job("build", annotations, &script))
         .await
         .expect("create the Job");
-    let (succeeded, pod, log) = finished(&client, &namespace, "build").await;
+    let (succeeded, pod, log) = job_finished(&client, &namespace, "build").await;
     assert!(
         succeeded,
         "the Job failed; app log:\n{log}\npod status: {:?}",
@@ -157,7 +135,7 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
         .await
         .expect("create the optional Job");
 
-    let (succeeded, pod, log) = finished(&client, &namespace, "required").await;
+    let (succeeded, pod, log) = job_finished(&client, &namespace, "required").await;
     assert!(!succeeded, "the Job succeeded without its checkout: {log}");
     let terminated = checkout_terminated(&pod);
     let message = terminated.message.unwrap_or_default();
@@ -174,7 +152,7 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
     );
     assert!(!log.contains("APP RAN"), "{log}");
 
-    let (succeeded, _, log) = finished(&client, &namespace, "optional").await;
+    let (succeeded, _, log) = job_finished(&client, &namespace, "optional").await;
     assert!(succeeded, "the optional Job failed: {log}");
     assert!(
         log.contains("APP RAN\n0"),
@@ -300,7 +278,7 @@ async fn a_snapshot_replaced_during_the_checkout_ends_as_one_whole_revision() {
     publish(source.path(), &bucket, REPO);
     proxy.release();
 
-    let (succeeded, pod, log) = finished(&client, &namespace, "replaced").await;
+    let (succeeded, pod, log) = job_finished(&client, &namespace, "replaced").await;
     let checkout_log = init_log(&client, &namespace, &pod).await;
     assert!(succeeded, "app log:\n{log}\ncheckout log:\n{checkout_log}");
     assert!(
@@ -398,7 +376,7 @@ async fn s3_down_or_a_corrupt_snapshot_fails_the_pod_with_nothing_partial() {
             )
             .await
             .expect("create the Job");
-        let (succeeded, pod, log) = finished(&client, &namespace, name).await;
+        let (succeeded, pod, log) = job_finished(&client, &namespace, name).await;
         assert!(!succeeded, "{name}: the Job succeeded: {log}");
         let terminated = checkout_terminated(&pod);
         let message = terminated.message.unwrap_or_default();
@@ -492,7 +470,7 @@ async fn a_checkout_applies_the_delta_bundle_to_the_newest_commit() {
         .create(&PostParams::default(), &job("bundled", annotations, script))
         .await
         .expect("create the Job");
-    let (succeeded, pod, log) = finished(&client, &namespace, "bundled").await;
+    let (succeeded, pod, log) = job_finished(&client, &namespace, "bundled").await;
     let checkout_log = init_log(&client, &namespace, &pod).await;
     assert!(succeeded, "app log:\n{log}\ncheckout log:\n{checkout_log}");
     assert!(

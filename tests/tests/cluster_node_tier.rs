@@ -13,12 +13,12 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
-    Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, publish_to_garage,
-    sidecar_image, until_node_cache_ready,
+    Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, node_cache_metric,
+    publish_to_garage, sidecar_image, until_node_cache_ready,
 };
 use snapcache_tests::git::{commit_file, commit_large_file, git, init_repository};
 use snapcache_tests::proxy::CutProxy;
-use snapcache_tests::sidecar::{Sidecar, free_addr};
+use snapcache_tests::sidecar::free_addr;
 use snapcache_tests::{TestEnv, create_namespace, within};
 
 const REPO: &str = "example.com/snapcache/node-tier";
@@ -148,17 +148,6 @@ async fn checkouts_finish(client: &kube::Client, namespace: &str, names: &[&str]
 /// The node cache's `snapcache_s3_read_bytes_total`.
 async fn node_cache_s3_bytes(admin_port: u16) -> f64 {
     node_cache_metric(admin_port, "snapcache_s3_read_bytes_total").await
-}
-
-async fn node_cache_metric(admin_port: u16, sample: &str) -> f64 {
-    let node_ip = TestEnv::get().require("CLUSTER_NODE_IP");
-    let metrics = reqwest::get(format!("http://{node_ip}:{admin_port}/metrics"))
-        .await
-        .expect("the node cache's metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    Sidecar::metric(&metrics, sample)
 }
 
 /// Waits until the SnapshotCache's `Warm` condition is True, as the operator asks its node

@@ -7,15 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, PostParams, PropagationPolicy};
 use serde_json::json;
 use snapcache_tests::cluster::{
-    Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, publish_to_garage,
-    until_node_cache_ready,
+    Operator, cluster_and_bucket, job_finished, namespace_with_snapshot_cache, node_cache_metric,
+    publish_to_garage, until_node_cache_ready,
 };
 use snapcache_tests::git::git;
-use snapcache_tests::sidecar::{Sidecar, free_addr};
+use snapcache_tests::sidecar::free_addr;
 use snapcache_tests::{TestEnv, within};
 
 const REPO: &str = "example.com/snapcache/shared-trees";
@@ -71,40 +70,6 @@ async fn namespace_with_shared_trees(
     (namespace, operator, admin_port)
 }
 
-/// Waits for Job `name` to finish: whether it succeeded, its pod, and the app's log.
-async fn finished(client: &kube::Client, namespace: &str, name: &str) -> (bool, Pod, String) {
-    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let status = within(
-        Duration::from_secs(180),
-        &format!("Job {name} to finish"),
-        async || {
-            let status = jobs.get(name).await.ok()?.status?;
-            (status.succeeded == Some(1) || status.failed == Some(1)).then_some(status)
-        },
-    )
-    .await;
-    let listed = pods
-        .list(&ListParams::default().labels(&format!("job-name={name}")))
-        .await
-        .expect("the Job's pods");
-    let pod = listed.items.into_iter().next().expect("the Job's pod");
-    let pod_name = pod.metadata.name.clone().expect("pod name");
-    let log = container_log(&pods, &pod_name, "app").await;
-    (status.succeeded == Some(1), pod, log)
-}
-
-async fn node_cache_metric(admin_port: u16, sample: &str) -> f64 {
-    let node_ip = TestEnv::get().require("CLUSTER_NODE_IP");
-    let metrics = reqwest::get(format!("http://{node_ip}:{admin_port}/metrics"))
-        .await
-        .expect("the node cache's metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    Sidecar::metric(&metrics, sample)
-}
-
 /// The overlays mounted on this host in the volumes of the pods with uids `pod_uids`.
 fn overlays_of(pod_uids: &[String]) -> Vec<String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -151,7 +116,7 @@ async fn pods_on_the_node_share_one_tree_per_revision_and_owner() {
 
     let mut pods = Vec::new();
     for name in ["first", "second", "other-user"] {
-        let (succeeded, pod, log) = finished(&client, &namespace, name).await;
+        let (succeeded, pod, log) = job_finished(&client, &namespace, name).await;
         assert!(succeeded, "Job {name} failed: {log}");
         let pod_name = pod.metadata.name.clone().expect("pod name");
         assert!(
@@ -174,7 +139,7 @@ async fn pods_on_the_node_share_one_tree_per_revision_and_owner() {
         3,
         "each pod's checkout is an overlay (the kubelet keeps finished pods' volumes here)"
     );
-    let (succeeded, pod, log) = finished(&client, &namespace, "missing").await;
+    let (succeeded, pod, log) = job_finished(&client, &namespace, "missing").await;
     assert!(!succeeded, "the Job succeeded without its checkout: {log}");
     let message = pod
         .status
