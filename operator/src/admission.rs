@@ -589,6 +589,56 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn with_shared_trees_a_checkout_volume_is_the_node_caches_csi_volume_owned_as_the_init_container()
+     {
+        let mut spec = app_spec();
+        spec.restart_policy = Some("Never".to_owned());
+        let pod = with_checkout(
+            pod(&[("app", "build")], spec),
+            "github.com/org/repo=/src/repo",
+        );
+        let mut shared = cache("c", 1, "build");
+        shared.metadata.namespace = Some("ci".to_owned());
+        shared.metadata.uid = Some("5e0c7f4e-0000-4000-8000-000000000002".to_owned());
+        shared.spec.node_tier.enabled = true;
+        shared.spec.node_tier.shared_trees = true;
+        let injected = inject_into(&pod, std::slice::from_ref(&shared), &env(false));
+        let spec = injected.spec.clone().expect("spec");
+        let init = &spec.init_containers.clone().expect("init containers")[0];
+        let user = init
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .expect("the init container's user");
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "snapcache-checkout-0")
+            .expect("the checkout volume");
+        let csi = volume.csi.clone().expect("a CSI volume");
+        assert_eq!(csi.driver, "c.ci.checkouts.snapcache.io");
+        let attributes = csi.volume_attributes.unwrap_or_default();
+        assert_eq!(attributes.get("uid"), Some(&user.to_string()));
+        assert_eq!(
+            attributes.get("repository").map(String::as_str),
+            Some("github.com/org/repo")
+        );
+        assert_eq!(volume.empty_dir, None);
+
+        shared.spec.node_tier.shared_trees = false;
+        let injected = inject_into(&pod, &[shared], &env(false));
+        let volume = injected
+            .spec
+            .and_then(|spec| spec.volumes)
+            .into_iter()
+            .flatten()
+            .find(|v| v.name == "snapcache-checkout-0")
+            .expect("the checkout volume");
+        assert!(volume.empty_dir.is_some() && volume.csi.is_none());
+    }
+
+    #[test]
     fn a_long_running_pod_gets_the_checkout_before_its_own_init_containers_and_the_sidecar() {
         let mut spec = app_spec();
         spec.init_containers = Some(vec![Container {
