@@ -679,6 +679,7 @@ pub async fn run(
         default_image,
         native_sidecars,
     });
+    tokio::spawn(sweep_csi_drivers(ctx.clone()));
     let stop = stop_requested().boxed().shared();
     let held_caches = ctx.stores.snapshot_caches.clone();
     // The controller holds reconciles until the SnapshotCache store has listed, and its
@@ -726,6 +727,39 @@ pub async fn run(
     tokio::select! {
         () = reconciling => {}
         () = stopped_before_listing => tracing::info!("stopped before the first list: nothing to finish"),
+    }
+}
+
+/// How often the leader looks for CSIDrivers that no SnapshotCache shares trees through.
+const CSI_DRIVER_SWEEP: Duration = Duration::from_secs(15);
+
+/// Deletes, on the leader, the operator's CSIDrivers that no SnapshotCache wants any more
+/// (`node_tier::orphaned_drivers`), once the SnapshotCache watch has listed.
+async fn sweep_csi_drivers(ctx: Arc<Context>) {
+    let drivers: Api<CSIDriver> = Api::all(ctx.client.clone());
+    let ours = kube::api::ListParams::default().labels(&node_tier::watch_selector());
+    let mut every = tokio::time::interval(CSI_DRIVER_SWEEP);
+    loop {
+        every.tick().await;
+        if !ctx.stores.synced.load(Ordering::SeqCst) || !ctx.leadership.is_leader() {
+            continue;
+        }
+        let names: Vec<String> = match drivers.list_metadata(&ours).await {
+            Ok(listed) => listed.items.iter().map(ResourceExt::name_any).collect(),
+            Err(err) => {
+                tracing::debug!(%err, "listing the shared trees' CSIDrivers");
+                continue;
+            }
+        };
+        let caches = ctx.stores.snapshot_caches.state();
+        for name in node_tier::orphaned_drivers(&names, &caches) {
+            match delete_if_present(&drivers, &name).await {
+                Ok(()) => {
+                    tracing::info!(driver = %name, "deleted a CSIDriver no SnapshotCache uses")
+                }
+                Err(err) => tracing::warn!(driver = %name, %err, "deleting an unused CSIDriver"),
+            }
+        }
     }
 }
 

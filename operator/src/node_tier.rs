@@ -8,6 +8,7 @@
 //! downward API's `status.hostIP`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
 use k8s_openapi::api::core::v1::{
@@ -156,6 +157,23 @@ pub fn csi_driver(owner: &Owner) -> CSIDriver {
             ..Default::default()
         },
     }
+}
+
+/// Of the CSIDrivers named `drivers` (the operator's, by their labels), those no
+/// SnapshotCache of `caches` shares trees through any more: one deleted cannot own its
+/// cluster-scoped driver, so nothing else removes them.
+pub fn orphaned_drivers(drivers: &[String], caches: &[Arc<SnapshotCache>]) -> Vec<String> {
+    let wanted: std::collections::HashSet<String> = caches
+        .iter()
+        .filter(|cache| cache.spec.node_tier.shares_trees())
+        .filter_map(|cache| Owner::of(cache))
+        .map(|owner| owner.csi_driver_name())
+        .collect();
+    drivers
+        .iter()
+        .filter(|driver| !wanted.contains(*driver))
+        .cloned()
+        .collect()
 }
 
 /// The label selector of the operator's watch of node cache DaemonSets.
@@ -949,6 +967,27 @@ mod tests {
         assert_eq!(
             owner("a", "b").csi_driver_name(),
             "a.b.checkouts.snapcache.io"
+        );
+    }
+
+    #[test]
+    fn a_driver_is_orphaned_once_no_cache_shares_trees_through_it() {
+        let sharing = Arc::new(cache(json!({"enabled": true, "sharedTrees": true})));
+        let mut stopped = cache(json!({"enabled": true}));
+        stopped.metadata.name = Some("stopped".to_owned());
+        let drivers = [
+            "monorepo.ci.checkouts.snapcache.io".to_owned(),
+            "stopped.ci.checkouts.snapcache.io".to_owned(),
+            "deleted.ci.checkouts.snapcache.io".to_owned(),
+        ];
+        assert_eq!(
+            orphaned_drivers(&drivers, &[sharing.clone(), Arc::new(stopped)]),
+            drivers[1..]
+        );
+        assert_eq!(orphaned_drivers(&drivers, &[]), drivers);
+        assert_eq!(
+            orphaned_drivers(&drivers[..1], &[sharing]),
+            Vec::<String>::new()
         );
     }
 }

@@ -464,6 +464,7 @@ async fn helm_install_and_the_operator_runs_as_the_charts_service_account() {
         ("create", "networking.k8s.io", "networkpolicies"),
         ("patch", "networking.k8s.io", "networkpolicies"),
         ("delete", "networking.k8s.io", "networkpolicies"),
+        ("list", "storage.k8s.io", "csidrivers"),
         ("create", "storage.k8s.io", "csidrivers"),
         ("patch", "storage.k8s.io", "csidrivers"),
         ("delete", "storage.k8s.io", "csidrivers"),

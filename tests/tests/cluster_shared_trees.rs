@@ -7,8 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::storage::v1::CSIDriver;
 use kube::api::{Api, DeleteParams, PostParams, PropagationPolicy};
 use serde_json::json;
+use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
     Operator, cluster_and_bucket, job_finished, namespace_with_snapshot_cache, node_cache_metric,
     publish_to_garage, until_node_cache_ready,
@@ -202,6 +204,26 @@ async fn pods_on_the_node_share_one_tree_per_revision_and_owner() {
             let left = std::fs::read_dir(&volumes).ok()?.count();
             (left == 0).then_some(())
         },
+    )
+    .await;
+    // The driver is cluster-scoped: the operator deletes it once its SnapshotCache is gone.
+    let drivers: Api<CSIDriver> = Api::all(client.clone());
+    let driver = format!("ci.{namespace}.checkouts.snapcache.io");
+    assert!(
+        drivers
+            .get_opt(&driver)
+            .await
+            .expect("get the CSIDriver")
+            .is_some()
+    );
+    Api::<SnapshotCache>::namespaced(client.clone(), &namespace)
+        .delete("ci", &DeleteParams::default())
+        .await
+        .expect("delete the SnapshotCache");
+    within(
+        Duration::from_secs(90),
+        &format!("the CSIDriver {driver} to be deleted"),
+        async || drivers.get_opt(&driver).await.ok()?.is_none().then_some(()),
     )
     .await;
     operator.stop(&client).await;
