@@ -158,6 +158,14 @@ impl Sidecar {
             .expect("metrics body")
     }
 
+    /// Waits (as `eventually` does) until `sample` of the metrics reads `value`.
+    pub async fn until_metric(&self, sample: &str, value: f64) {
+        crate::eventually(&format!("{sample} to read {value}"), async || {
+            (Sidecar::metric(&self.metrics().await, sample) == value).then_some(())
+        })
+        .await;
+    }
+
     /// Panics when this sidecar has sent any HeadObject or GetObject to S3. `metric` reads
     /// a sample that is not exported as 0, so the start-up HeadBucket must first show under
     /// the same metric: a zero below is then a count of none, not a name that went wrong.

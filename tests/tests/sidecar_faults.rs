@@ -164,11 +164,9 @@ async fn sigkill_mid_fill_leaves_no_partial_file_after_restart() {
     let (status, got, broke) = get_until_end(second.url(PATH)).await;
     assert_eq!((status, broke), (StatusCode::OK, false));
     assert!(got == body, "the entry served is whole");
-    eventually("the refill to be committed", async || {
-        let metrics = second.metrics().await;
-        (Sidecar::metric(&metrics, "snapcache_disk_tier_entries") == 1.0).then_some(())
-    })
-    .await;
+    second
+        .until_metric("snapcache_disk_tier_entries", 1.0)
+        .await;
     let (_, again, _) = get_until_end(second.url(PATH)).await;
     assert!(again == body, "and so is its disk copy");
     let metrics = second.metrics().await;

@@ -153,22 +153,6 @@ async fn a_node_cache_holding_an_older_revision_is_passed_over() {
     );
 }
 
-/// Waits (30 s at most) until `sample` of `sidecar`'s metrics reads `value`.
-async fn until_metric(sidecar: &Sidecar, sample: &str, value: f64) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let metrics = sidecar.metrics().await;
-        if Sidecar::metric(&metrics, sample) == value {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{sample} never reached {value}:\n{metrics}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_prewarmed_node_cache_holds_each_new_revision_before_any_pod_asks() {
     let server = TestEnv::get().s3_server("garage");
@@ -186,8 +170,10 @@ async fn a_prewarmed_node_cache_holds_each_new_revision_before_any_pod_asks() {
         ..SidecarOptions::default()
     };
     let node = Sidecar::start(&server, &bucket, &options);
-    until_metric(&node, "snapcache_prewarm_read_bytes_total", SIZE as f64).await;
-    until_metric(&node, "snapcache_prewarm_snapshots_current", 1.0).await;
+    node.until_metric("snapcache_prewarm_read_bytes_total", SIZE as f64)
+        .await;
+    node.until_metric("snapcache_prewarm_snapshots_current", 1.0)
+        .await;
     let pod = pod_sidecar(&server, &bucket, &node);
     assert!(get_all(&pod).await == first);
     assert_eq!(s3_bytes(&pod).await, 0.0, "the first pod found it warm");
@@ -199,12 +185,8 @@ async fn a_prewarmed_node_cache_holds_each_new_revision_before_any_pod_asks() {
 
     let second = snapshot_bytes(SIZE, 57);
     put_snapshot(&server.client(), &bucket, REPO, &second, COMMIT).await;
-    until_metric(
-        &node,
-        "snapcache_prewarm_read_bytes_total",
-        2.0 * SIZE as f64,
-    )
-    .await;
+    node.until_metric("snapcache_prewarm_read_bytes_total", 2.0 * SIZE as f64)
+        .await;
     let new_pod = pod_sidecar(&server, &bucket, &node);
     assert!(get_all(&new_pod).await == second);
     assert_eq!(s3_bytes(&new_pod).await, 0.0);

@@ -236,6 +236,10 @@ async fn a_stale_disk_tier_never_leaks_into_pinned_reads() {
             old,
             "the disk tier now holds the old revision"
         );
+        // The response can end before its fill is committed to disk.
+        sidecar
+            .until_metric("snapcache_disk_tier_entries", 1.0)
+            .await;
         put_snapshot(&s3, &bucket, REPO, &new, COMMIT).await;
         let plain = reqwest::get(sidecar.url(PATH))
             .await
