@@ -104,6 +104,29 @@ pub fn bare_pod(name: &str, labels: &[(&str, &str)], script: &str) -> Pod {
     .expect("pod")
 }
 
+/// A Job `name` whose one pod (app=ci, annotations `annotations`) runs `script` in the git
+/// image as uid and gid `uid`, once.
+pub fn git_job(name: &str, annotations: serde_json::Value, script: &str, uid: u32) -> Job {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": {"app": "ci"}, "annotations": annotations},
+                "spec": {
+                    "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "app", "image": TestEnv::get().require("CLUSTER_GIT_IMAGE"),
+                        "imagePullPolicy": "Never", "command": ["sh", "-c", script],
+                        "securityContext": {"runAsUser": uid, "runAsGroup": uid},
+                    }]
+                }
+            }
+        }
+    }))
+    .expect("job")
+}
+
 /// Returns once a pod with `labels` created in `namespace` is admitted with the sidecar
 /// (`sidecar` true) or without it (dry-run creates, so nothing is stored). A SnapshotCache
 /// created or deleted takes effect once every webhook's watch has it: a workload created

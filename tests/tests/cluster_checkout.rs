@@ -9,8 +9,8 @@ use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use snapcache_tests::cluster::{
-    Operator, cluster_and_bucket, container_log, job_finished, namespace_with_snapshot_cache,
-    publish_to_garage,
+    Operator, cluster_and_bucket, container_log, git_job, job_finished,
+    namespace_with_snapshot_cache, publish_to_garage,
 };
 use snapcache_tests::git::{commit_file, commit_large_file, git, init_repository};
 use snapcache_tests::proxy::CutProxy;
@@ -47,29 +47,6 @@ async fn namespace_at_endpoint(
     namespace_with_snapshot_cache(client, "checkout", bucket, endpoint, spec).await
 }
 
-/// A Job `name` whose pod (app=ci, annotations `annotations`) runs `script` in the git
-/// image as uid 1000.
-fn job(name: &str, annotations: serde_json::Value, script: &str) -> Job {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {"labels": {"app": "ci"}, "annotations": annotations},
-                "spec": {
-                    "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "app", "image": TestEnv::get().require("CLUSTER_GIT_IMAGE"),
-                        "imagePullPolicy": "Never", "command": ["sh", "-c", script],
-                        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
-                    }]
-                }
-            }
-        }
-    }))
-    .expect("job")
-}
-
 /// A Job whose pod asks for a checkout: its app runs as uid 1000, checks that git sees the
 /// published commit and a clean tree at each directory, and writes into the checkout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,9 +68,12 @@ async fn a_job_starts_with_its_repository_checked_out_and_succeeds() {
     let annotations =
         json!({"snapcache.io/checkout": format!("{REPO}=/src/repo,{REPO}=/src/again")});
     let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
-    jobs.create(&PostParams::default(), &job("build", annotations, &script))
-        .await
-        .expect("create the Job");
+    jobs.create(
+        &PostParams::default(),
+        &git_job("build", annotations, &script, 1000),
+    )
+    .await
+    .expect("create the Job");
     let (succeeded, pod, log) = job_finished(&client, &namespace, "build").await;
     assert!(
         succeeded,
@@ -124,16 +104,19 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
     let missing = json!({"snapcache.io/checkout": "example.com/nobody/missing=/src/missing"});
     jobs.create(
         &PostParams::default(),
-        &job("required", missing.clone(), "echo APP RAN"),
+        &git_job("required", missing.clone(), "echo APP RAN", 1000),
     )
     .await
     .expect("create the Job");
     let mut optional = missing;
     optional["snapcache.io/checkout-optional"] = json!("true");
     let script = "echo APP RAN; ls -A /src/missing | wc -l";
-    jobs.create(&PostParams::default(), &job("optional", optional, script))
-        .await
-        .expect("create the optional Job");
+    jobs.create(
+        &PostParams::default(),
+        &git_job("optional", optional, script, 1000),
+    )
+    .await
+    .expect("create the optional Job");
 
     let (succeeded, pod, log) = job_finished(&client, &namespace, "required").await;
     assert!(!succeeded, "the Job succeeded without its checkout: {log}");
@@ -264,7 +247,7 @@ async fn a_snapshot_replaced_during_the_checkout_ends_as_one_whole_revision() {
     Api::<Job>::namespaced(client.clone(), &namespace)
         .create(
             &PostParams::default(),
-            &job("replaced", annotations, script),
+            &git_job("replaced", annotations, script, 1000),
         )
         .await
         .expect("create the Job");
@@ -372,7 +355,7 @@ async fn s3_down_or_a_corrupt_snapshot_fails_the_pod_with_nothing_partial() {
         Api::<Job>::namespaced(client.clone(), &namespace)
             .create(
                 &PostParams::default(),
-                &job(name, annotations, "echo APP RAN"),
+                &git_job(name, annotations, "echo APP RAN", 1000),
             )
             .await
             .expect("create the Job");
@@ -411,7 +394,7 @@ async fn a_deployment_pod_starts_with_its_checkout() {
         "metadata": {"name": "service"},
         "spec": {
             "selector": {"matchLabels": {"app": "ci"}},
-            "template": job("unused", json!({"snapcache.io/checkout": format!("{REPO}=/src/repo")}), &script)
+            "template": git_job("unused", json!({"snapcache.io/checkout": format!("{REPO}=/src/repo")}), &script, 1000)
                 .spec.expect("job spec").template,
         }
     }))
@@ -467,7 +450,10 @@ async fn a_checkout_applies_the_delta_bundle_to_the_newest_commit() {
                   echo \"CHECKED OUT $(git -C /src/repo rev-parse HEAD) $(cat /src/repo/README)\"";
     let annotations = json!({"snapcache.io/checkout": format!("{REPO}=/src/repo")});
     Api::<Job>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), &job("bundled", annotations, script))
+        .create(
+            &PostParams::default(),
+            &git_job("bundled", annotations, script, 1000),
+        )
         .await
         .expect("create the Job");
     let (succeeded, pod, log) = job_finished(&client, &namespace, "bundled").await;

@@ -13,8 +13,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
-    Operator, cluster_and_bucket, container_log, namespace_with_snapshot_cache, node_cache_metric,
-    publish_to_garage, sidecar_image, until_node_cache_ready,
+    Operator, cluster_and_bucket, container_log, git_job, namespace_with_snapshot_cache,
+    node_cache_metric, publish_to_garage, sidecar_image, until_node_cache_ready,
 };
 use snapcache_tests::git::{commit_file, commit_large_file, git, init_repository};
 use snapcache_tests::proxy::CutProxy;
@@ -38,28 +38,15 @@ async fn publish(repository: &std::path::Path, bucket: &str) -> (String, u64) {
     (git(repository, &["rev-parse", "HEAD"]), size)
 }
 
-/// A Job whose pod (app=ci) checks `REPO` out at /src/repo and prints its commit.
+/// A Job whose pod (app=ci, uid 1000) checks `REPO` out at /src/repo and prints its commit.
 fn checkout_job(name: &str) -> Job {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {"labels": {"app": "ci"},
-                             "annotations": {"snapcache.io/checkout": format!("{REPO}=/src/repo")}},
-                "spec": {
-                    "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "app", "image": TestEnv::get().require("CLUSTER_GIT_IMAGE"),
-                        "imagePullPolicy": "Never",
-                        "command": ["sh", "-c", "echo CHECKED OUT $(git -C /src/repo rev-parse HEAD)"],
-                        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
-                    }]
-                }
-            }
-        }
-    }))
-    .expect("job")
+    let annotations = json!({"snapcache.io/checkout": format!("{REPO}=/src/repo")});
+    git_job(
+        name,
+        annotations,
+        "echo CHECKED OUT $(git -C /src/repo rev-parse HEAD)",
+        1000,
+    )
 }
 
 /// A namespace whose SnapshotCache `ci` has a node tier (on ports of this test, its disk

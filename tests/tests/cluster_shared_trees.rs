@@ -12,8 +12,8 @@ use kube::api::{Api, DeleteParams, PostParams, PropagationPolicy};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
-    Operator, cluster_and_bucket, job_finished, namespace_with_snapshot_cache, node_cache_metric,
-    publish_to_garage, until_node_cache_ready,
+    Operator, cluster_and_bucket, git_job, job_finished, namespace_with_snapshot_cache,
+    node_cache_metric, publish_to_garage, until_node_cache_ready,
 };
 use snapcache_tests::git::git;
 use snapcache_tests::sidecar::free_addr;
@@ -28,25 +28,12 @@ fn job(name: &str, repo: &str, uid: u32) -> Job {
     let script = "cd /src/repo && echo \"CHECKED OUT $(git rev-parse HEAD)\" && \
                   [ -z \"$(git status --porcelain)\" ] && echo CLEAN && \
                   echo mine > \"written-by-$HOSTNAME\" && echo SEES && ls written-by-*";
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {"labels": {"app": "ci"},
-                             "annotations": {"snapcache.io/checkout": format!("{repo}=/src/repo")}},
-                "spec": {
-                    "restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
-                    "containers": [{
-                        "name": "app", "image": TestEnv::get().require("CLUSTER_GIT_IMAGE"),
-                        "imagePullPolicy": "Never", "command": ["sh", "-c", script],
-                        "securityContext": {"runAsUser": uid, "runAsGroup": uid},
-                    }]
-                }
-            }
-        }
-    }))
-    .expect("job")
+    git_job(
+        name,
+        json!({"snapcache.io/checkout": format!("{repo}=/src/repo")}),
+        script,
+        uid,
+    )
 }
 
 /// A namespace whose SnapshotCache `ci` has a node tier with shared trees (its disk in
