@@ -104,6 +104,39 @@ pub fn bare_pod(name: &str, labels: &[(&str, &str)], script: &str) -> Pod {
     .expect("pod")
 }
 
+/// A port free on the node's address for a listener of the host network (a node cache),
+/// taken below the kernel's ephemeral range: a port `free_addr` gives may meanwhile be an
+/// outgoing connection's local port on the node's address, failing every restart's bind.
+/// Each test process starts at its own offset, so parallel tests do not pick alike.
+pub fn free_node_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    const PER_PROCESS: u32 = 8;
+    static TAKEN: AtomicU32 = AtomicU32::new(0);
+    let node_ip: std::net::IpAddr = TestEnv::get()
+        .require("CLUSTER_NODE_IP")
+        .parse()
+        .expect("CLUSTER_NODE_IP is an IP address");
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("read net.ipv4.ip_local_port_range")
+        .split_whitespace()
+        .next()
+        .and_then(|low| low.parse::<u32>().ok())
+        .expect("net.ipv4.ip_local_port_range starts with a port");
+    let span = ephemeral_low
+        .checked_sub(LOWEST)
+        .filter(|span| *span > 0)
+        .expect("the ephemeral port range starts above 10000");
+    let start = std::process::id() * PER_PROCESS + TAKEN.fetch_add(1, Ordering::Relaxed);
+    (0..span)
+        .map(|i| (LOWEST + (start + i) % span) as u16)
+        .find(|port| {
+            std::net::TcpListener::bind((node_ip, *port)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok()
+        })
+        .expect("a free port below the ephemeral range on the node's address")
+}
+
 /// A Job `name` whose one pod (app=ci, annotations `annotations`) runs `script` in the git
 /// image as uid and gid `uid`, once.
 pub fn git_job(name: &str, annotations: serde_json::Value, script: &str, uid: u32) -> Job {

@@ -13,12 +13,12 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
-    Operator, cluster_and_bucket, container_log, git_job, namespace_with_snapshot_cache,
-    node_cache_metric, publish_to_garage, sidecar_image, until_node_cache_ready,
+    Operator, cluster_and_bucket, container_log, free_node_port, git_job,
+    namespace_with_snapshot_cache, node_cache_metric, publish_to_garage, sidecar_image,
+    until_node_cache_ready,
 };
 use snapcache_tests::git::{commit_file, commit_large_file, git, init_repository};
 use snapcache_tests::proxy::CutProxy;
-use snapcache_tests::sidecar::free_addr;
 use snapcache_tests::{TestEnv, create_namespace, within};
 
 const REPO: &str = "example.com/snapcache/node-tier";
@@ -72,8 +72,7 @@ async fn namespace_with_node_tier_on(
     host_dir: &std::path::Path,
     prewarm: &[&str],
 ) -> (String, Operator, (u16, u16)) {
-    // Ports free here are free on the node's address too; parallel tests each get theirs.
-    let (port, admin_port) = (free_addr().port(), free_addr().port());
+    let (port, admin_port) = (free_node_port(), free_node_port());
     let spec = json!({
         "nodeTier": {"enabled": true, "port": port, "adminPort": admin_port,
                      "hostPath": host_dir, "size": "1Gi",

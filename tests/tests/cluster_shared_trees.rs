@@ -12,11 +12,10 @@ use kube::api::{Api, DeleteParams, PostParams, PropagationPolicy};
 use serde_json::json;
 use snapcache_operator::api::SnapshotCache;
 use snapcache_tests::cluster::{
-    Operator, cluster_and_bucket, git_job, job_finished, namespace_with_snapshot_cache,
-    node_cache_metric, publish_to_garage, until_node_cache_ready,
+    Operator, cluster_and_bucket, free_node_port, git_job, job_finished,
+    namespace_with_snapshot_cache, node_cache_metric, publish_to_garage, until_node_cache_ready,
 };
 use snapcache_tests::git::git;
-use snapcache_tests::sidecar::free_addr;
 use snapcache_tests::{TestEnv, within};
 
 const REPO: &str = "example.com/snapcache/shared-trees";
@@ -44,7 +43,7 @@ async fn namespace_with_shared_trees(
     host_dir: &Path,
 ) -> (String, Operator, u16) {
     let env = TestEnv::get();
-    let (port, admin_port) = (free_addr().port(), free_addr().port());
+    let (port, admin_port) = (free_node_port(), free_node_port());
     let spec = json!({
         "nodeTier": {"enabled": true, "sharedTrees": true,
                      "kubeletDir": env.require("CLUSTER_KUBELET_DIR"),

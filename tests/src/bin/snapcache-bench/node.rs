@@ -18,10 +18,10 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, DeleteParams};
 use serde_json::json;
-use snapcache_tests::cluster::{Operator, until_admitted, until_node_cache_ready};
+use snapcache_tests::cluster::{Operator, free_node_port, until_admitted, until_node_cache_ready};
 use snapcache_tests::git::git;
 use snapcache_tests::proxy::CutProxy;
-use snapcache_tests::sidecar::{Sidecar, free_addr};
+use snapcache_tests::sidecar::Sidecar;
 use snapcache_tests::{
     S3Server, TestEnv, create_bucket, install_snapshot_cache_crd, unique_name, within,
 };
@@ -187,7 +187,7 @@ impl NodeTier {
         let host_dir = tempfile::Builder::new()
             .prefix("snapcache-bench-node-")
             .tempdir()?;
-        let (port, admin_port) = (free_addr().port(), free_addr().port());
+        let (port, admin_port) = (free_node_port(), free_node_port());
         let node_tier = json!({
             "enabled": true, "port": port, "adminPort": admin_port,
             "hostPath": host_dir.path(), "size": "4Gi",
