@@ -272,6 +272,73 @@ async fn a_stale_disk_tier_never_leaks_into_pinned_reads() {
 }
 
 #[tokio::test]
+async fn pinned_reads_of_the_revision_on_disk_come_from_the_disk_tier() {
+    const S3_GETS: &str = "snapcache_s3_request_duration_seconds_count{operation=\"get\"}";
+    const DISK_BYTES: &str = "snapcache_response_bytes_total{source=\"disk\"}";
+    for server in TestEnv::get().s3_servers() {
+        let name = &server.name;
+        let bucket = bucket(&server, false).await;
+        let s3 = server.client();
+        let old = snapshot_bytes(300_000, 28);
+        let new = snapshot_bytes(300_000, 29);
+        put_snapshot(&s3, &bucket, REPO, &old, COMMIT).await;
+        let sidecar = Sidecar::start(&server, &bucket, &SidecarOptions::default());
+        let plain = reqwest::get(sidecar.url(PATH)).await.expect("GET");
+        assert_eq!(plain.bytes().await.expect("body").to_vec(), old);
+        // The response can end before its fill is committed to disk.
+        sidecar
+            .until_metric("snapcache_disk_tier_entries", 1.0)
+            .await;
+        let metric = |text: &str, name: &str| Sidecar::metric(text, name);
+        let before = sidecar.metrics().await;
+        let (token, size) = probe(&sidecar).await;
+        let answers = pinned_ranges(&sidecar, &token, size, 4).await;
+        let body: Vec<u8> = answers
+            .iter()
+            .flat_map(|(_, _, body)| body.clone())
+            .collect();
+        assert!(
+            body == old,
+            "{name}: the pinned download is the revision on disk"
+        );
+        let after = sidecar.metrics().await;
+        assert_eq!(
+            metric(&after, S3_GETS),
+            metric(&before, S3_GETS),
+            "{name}: no GetObject for a revision the disk tier holds"
+        );
+        assert_eq!(
+            metric(&after, DISK_BYTES) - metric(&before, DISK_BYTES),
+            old.len() as f64,
+            "{name}: every pinned byte came from the disk tier"
+        );
+
+        // A regeneration: the old pin still names the bytes on disk, a new probe pins the
+        // new revision, which only S3 has.
+        put_snapshot(&s3, &bucket, REPO, &new, COMMIT).await;
+        let (status, first) = pinned_range(&sidecar, &token, 0, 999).await;
+        assert_eq!(status, StatusCode::PARTIAL_CONTENT, "{name}");
+        assert_eq!(
+            first,
+            old[..1000],
+            "{name}: the old pin reads the old revision"
+        );
+        let before = sidecar.metrics().await;
+        assert_eq!(
+            pinned_download(&sidecar, 4).await,
+            Ok(new.clone()),
+            "{name}"
+        );
+        let after = sidecar.metrics().await;
+        assert_eq!(
+            metric(&after, S3_GETS) - metric(&before, S3_GETS),
+            4.0,
+            "{name}: the new revision's ranges came from S3"
+        );
+    }
+}
+
+#[tokio::test]
 async fn pinned_ranges_past_the_end_give_416_and_whole_reads_200() {
     let server = TestEnv::get().s3_server("garage");
     let bucket = bucket(&server, false).await;

@@ -1,5 +1,6 @@
-//! The pin probe and pinned reads: answered by `App::pins` (S3, never the disk tier), so
-//! parallel ranges of one pin always come from one revision.
+//! The pin probe and pinned reads, so parallel ranges of one pin always come from one
+//! revision: the probe asks `App::pins` (S3), a pinned read takes the disk tier's copy
+//! when it is exactly the pinned revision and asks S3 for that revision otherwise.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -13,7 +14,7 @@ use super::reply::{Reply, empty, plain, representation_headers};
 use crate::pin::PinToken;
 use crate::protocol::{PIN_HEADER, SIZE_HEADER};
 use crate::snapshot_path::SnapshotFile;
-use crate::store::{ObjectInfo, Revision, StoreError};
+use crate::store::{ObjectInfo, Revision, SnapshotSource, StoreError};
 
 /// `X-Cachew-Snapshot-Pin: probe`: a token for the revision S3 holds now, and its size.
 pub async fn probe(app: &App, key: &str, file: SnapshotFile) -> Result<Response, ApiError> {
@@ -31,7 +32,7 @@ pub async fn probe(app: &App, key: &str, file: SnapshotFile) -> Result<Response,
     Ok(response)
 }
 
-/// A read of exactly the pinned revision, streamed from S3; 412 once it is gone.
+/// A read of exactly the pinned revision, from the disk tier or S3; 412 once it is gone.
 pub async fn read(
     app: &App,
     key: &str,
@@ -53,6 +54,9 @@ pub async fn read(
         with_body,
     };
     let result = async {
+        if let Some(info) = pinned.on_disk().await {
+            return pinned.reply(&info, &AtomicBool::new(false)).await;
+        }
         // A remembered revision is trusted only when the pinned GetObject confirms it;
         // an answer with no bytes (HEAD, 304, 416) asks S3 again.
         if let Some(info) = app.revisions.get(key, &token, Instant::now()) {
@@ -96,7 +100,15 @@ struct PinnedRead<'a> {
 }
 
 impl PinnedRead<'_> {
-    /// Answers from `info`; `asked_s3` records whether a pinned GetObject was sent.
+    /// The disk tier's entry when it is the pinned revision: bytes under one ETag or
+    /// VersionId never change, so they need no word from S3.
+    async fn on_disk(&self) -> Option<ObjectInfo> {
+        let disk = self.app.disk.as_ref()?;
+        disk.head(self.key, self.revision).await.ok()
+    }
+
+    /// Answers from `info`, each range from the disk tier while it holds the pinned
+    /// revision, else from S3; `asked_s3` records whether a pinned GetObject was sent.
     async fn reply(&self, info: &ObjectInfo, asked_s3: &AtomicBool) -> Result<Response, ApiError> {
         let reply = Reply {
             app: self.app,
@@ -107,6 +119,12 @@ impl PinnedRead<'_> {
         };
         reply
             .send(|range| async move {
+                if let Some(disk) = &self.app.disk {
+                    // Evicted, replaced or unreadable since: S3 has the revision or says 412.
+                    if let Ok(read) = disk.get(self.key, Some(range), self.revision).await {
+                        return Ok(read);
+                    }
+                }
                 asked_s3.store(true, Ordering::Relaxed);
                 let read = self.app.pins.get(self.key, Some(range), self.revision);
                 Ok(read.await?)
