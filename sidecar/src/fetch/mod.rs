@@ -11,6 +11,7 @@ mod extract;
 mod options;
 mod sink;
 mod staging;
+mod unpack;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
