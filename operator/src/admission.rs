@@ -121,7 +121,22 @@ pub fn decide(
         return Decision::Skip(Skip::RunsToCompletion);
     }
 
-    let container = inject::sidecar_container(&cache.spec, env);
+    // A native sidecar in a pod that stays up makes the checkouts itself; its startup
+    // probe holds back the app. Elsewhere an init container makes them and exits.
+    let sidecar_checks_out = native && !runs_to_completion && !wanted.is_empty();
+    let optional = checkout::optional(pod.annotations());
+    let give_up_after = cache.spec.checkout.give_up_after.as_deref();
+    let app_user = checkout::app_user(&spec);
+    let mut container = inject::sidecar_container(&cache.spec, env);
+    if sidecar_checks_out {
+        container = checkout::sidecar_making_checkouts(
+            &container,
+            &wanted,
+            optional,
+            give_up_after,
+            app_user,
+        );
+    }
     let mut patch = Additions::default();
     let had_init_containers = spec.init_containers.is_some();
     // The checkouts' mounts first, while the app containers are all there is.
@@ -144,28 +159,28 @@ pub fn decide(
     }
     let mut shared_trees = None;
     if !wanted.is_empty() {
-        // First of all: the user's own init containers may read the checkout.
-        let init = checkout::init_container(
-            &container,
-            &wanted,
-            checkout::optional(pod.annotations()),
-            cache.spec.checkout.give_up_after.as_deref(),
-            checkout::app_user(&spec),
-        );
+        let maker = if sidecar_checks_out {
+            container
+        } else {
+            checkout::init_container(&container, &wanted, optional, give_up_after, app_user)
+        };
         if cache.spec.node_tier.shares_trees() {
             shared_trees = Owner::of(cache)
-                .and_then(|owner| SharedTrees::owned_as(owner.csi_driver_name(), &init));
+                .and_then(|owner| SharedTrees::owned_as(owner.csi_driver_name(), &maker));
         }
-        patch.insert_init_container(had_init_containers, to_value(&init));
-        // So the operator can watch these pods alone for their checkouts' outcomes.
-        let label = crate::checkout_outcome::CHECKOUT_LABEL;
-        if pod.metadata.labels.is_some() {
-            patch.add(&["metadata", "labels", label], "true".into());
-        } else {
-            patch.add(
-                &["metadata", "labels"],
-                serde_json::json!({ label: "true" }),
-            );
+        if !sidecar_checks_out {
+            // First of all: the user's own init containers may read the checkout.
+            patch.insert_init_container(had_init_containers, to_value(&maker));
+            // So the operator can watch these pods alone for their checkouts' outcomes.
+            let label = crate::checkout_outcome::CHECKOUT_LABEL;
+            if pod.metadata.labels.is_some() {
+                patch.add(&["metadata", "labels", label], "true".into());
+            } else {
+                patch.add(
+                    &["metadata", "labels"],
+                    serde_json::json!({ label: "true" }),
+                );
+            }
         }
     }
     let volumes = ["spec", "volumes"];
@@ -639,7 +654,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_long_running_pod_gets_the_checkout_before_its_own_init_containers_and_the_sidecar() {
+    fn a_long_running_pod_gets_the_checkout_before_its_own_init_containers() {
         let mut spec = app_spec();
         spec.init_containers = Some(vec![Container {
             name: "setup".to_owned(),
@@ -660,14 +675,8 @@ pub(crate) mod tests {
                 .collect();
             let containers: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
             if native {
-                assert_eq!(
-                    init,
-                    [
-                        checkout::INIT_CONTAINER_NAME,
-                        inject::CONTAINER_NAME,
-                        "setup"
-                    ]
-                );
+                // The native sidecar makes the checkouts itself.
+                assert_eq!(init, [inject::CONTAINER_NAME, "setup"]);
                 assert_eq!(containers, ["app"]);
             } else {
                 assert_eq!(init, [checkout::INIT_CONTAINER_NAME, "setup"]);
@@ -714,6 +723,145 @@ pub(crate) mod tests {
                 .position(|e| e.name == "HOST_IP");
             assert_eq!(host_ip, Some(0), "{}: {:?}", container.name, container.env);
         }
+    }
+
+    /// The spec of a pod running as uid 1000, with an init container of its own, asking
+    /// for a checkout of example.com/org/a at /src/a, injected on a native sidecar
+    /// cluster with `cache`.
+    fn injected_on_a_native_cluster(restart_policy: &str, cache: SnapshotCache) -> PodSpec {
+        let mut spec = app_spec();
+        spec.restart_policy = Some(restart_policy.to_owned());
+        spec.security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
+            run_as_user: Some(1000),
+            run_as_group: Some(2000),
+            ..Default::default()
+        });
+        spec.init_containers = Some(vec![Container {
+            name: "setup".to_owned(),
+            ..Default::default()
+        }]);
+        let mut pod = with_checkout(pod(&[("app", "build")], spec), "example.com/org/a=/src/a");
+        pod.annotations_mut()
+            .insert(checkout::OPTIONAL_ANNOTATION.to_owned(), "true".to_owned());
+        inject_into(&pod, &[cache], &env(true)).spec.expect("spec")
+    }
+
+    #[test]
+    fn on_a_native_cluster_a_long_running_pods_sidecar_makes_its_checkouts_and_then_starts() {
+        let mut cache = cache("c", 1, "build");
+        cache.spec.checkout.give_up_after = Some("2m".to_owned());
+        let spec = injected_on_a_native_cluster("Always", cache);
+        let init = spec.init_containers.expect("init containers");
+        let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [inject::CONTAINER_NAME, "setup"],
+            "no checkout init container"
+        );
+        let sidecar = &init[0];
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        let args = sidecar.args.clone().unwrap_or_default();
+        assert_eq!(args[0], "serve");
+        for flag in [
+            "--checkout=example.com/org/a=/snapcache/checkouts/0/tree",
+            "--optional",
+            "--give-up-after=2m",
+        ] {
+            assert!(args.contains(&flag.to_owned()), "{flag} in {args:?}");
+        }
+        let probe = sidecar.startup_probe.clone().expect("a startup probe");
+        let http = probe.http_get.expect("an HTTP probe");
+        assert_eq!(http.path.as_deref(), Some("/startupz"));
+        assert_eq!(
+            http.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                inject::ADMIN_PORT_NAME.to_owned()
+            )
+        );
+        let waits = i64::from(probe.period_seconds.unwrap_or(10))
+            * i64::from(probe.failure_threshold.unwrap_or(3));
+        assert!(
+            waits > 120 + 600,
+            "outlasts --give-up-after and a long download: {waits}s"
+        );
+        let security = sidecar.security_context.clone().expect("security");
+        assert_eq!(
+            (
+                security.run_as_user,
+                security.run_as_group,
+                security.run_as_non_root
+            ),
+            (Some(1000), Some(2000), Some(true)),
+            "the files belong to the app's user"
+        );
+        let mounts: Vec<&str> = sidecar
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(mounts, [inject::DISK_PATH, "/snapcache/checkouts/0"]);
+        let app_mount = &spec.containers[0].volume_mounts.clone().expect("mounts")[0];
+        assert_eq!(
+            (app_mount.mount_path.as_str(), app_mount.sub_path.as_deref()),
+            ("/src/a", Some("tree"))
+        );
+    }
+
+    #[test]
+    fn on_a_native_cluster_a_job_pod_still_gets_its_checkout_from_an_init_container() {
+        let spec = injected_on_a_native_cluster("Never", cache("c", 1, "build"));
+        let init = spec.init_containers.expect("init containers");
+        let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                checkout::INIT_CONTAINER_NAME,
+                inject::CONTAINER_NAME,
+                "setup"
+            ]
+        );
+        let sidecar = &init[1];
+        assert!(
+            !sidecar
+                .args
+                .iter()
+                .flatten()
+                .any(|arg| arg.starts_with("--checkout")),
+            "the serving sidecar makes no checkout: {:?}",
+            sidecar.args
+        );
+        assert_eq!(
+            sidecar
+                .startup_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.as_deref()),
+            Some("/readyz")
+        );
+    }
+
+    #[test]
+    fn with_shared_trees_a_sidecar_making_checkouts_gets_trees_owned_as_itself() {
+        let mut shared = cache("c", 1, "build");
+        shared.metadata.namespace = Some("ci".to_owned());
+        shared.metadata.uid = Some("5e0c7f4e-0000-4000-8000-000000000003".to_owned());
+        shared.spec.node_tier.enabled = true;
+        shared.spec.node_tier.shared_trees = true;
+        let spec = injected_on_a_native_cluster("Always", shared);
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "snapcache-checkout-0")
+            .expect("the checkout volume");
+        let attributes = volume
+            .csi
+            .clone()
+            .and_then(|csi| csi.volume_attributes)
+            .expect("a CSI volume with attributes");
+        assert_eq!(attributes.get("uid").map(String::as_str), Some("1000"));
+        assert_eq!(attributes.get("gid").map(String::as_str), Some("2000"));
     }
 
     #[test]

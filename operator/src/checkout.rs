@@ -1,19 +1,26 @@
-//! Ready checkouts, pure: which repositories a pod asks for, and the init container,
-//! volumes and mounts that put them in place before its app containers start.
+//! Ready checkouts, pure: which repositories a pod asks for, and the container, volumes
+//! and mounts that put them in place before its app containers start.
 //!
 //! A pod asks with `snapcache.io/checkout: "github.com/org/repo=/workspace/repo"` (several
 //! comma-separated; a repository without `=DIR` lands at `/workspace/<last part>`). Each
-//! checkout gets an emptyDir; the init container (`snapcache-sidecar checkout`) renames a
-//! complete tree to `tree` in it, and every app container mounts that `tree` at the
-//! directory asked for, so it sees the whole repository or, before the rename, nothing.
+//! checkout gets an emptyDir. The init container (`snapcache-sidecar checkout`), or on a
+//! native sidecar cluster the sidecar itself (`serve --checkout`, whose startup probe
+//! holds back the app), renames a complete tree to `tree` in it, and every app container
+//! mounts that `tree` at the directory asked for, so it sees the whole repository or,
+//! before the rename, nothing.
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use k8s_openapi::api::core::v1::{
-    CSIVolumeSource, Container, EmptyDirVolumeSource, PodSpec, Volume, VolumeMount,
+    CSIVolumeSource, Container, EmptyDirVolumeSource, HTTPGetAction, PodSpec, Probe,
+    SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::api::CheckoutSpec;
+use crate::inject::ADMIN_PORT_NAME;
 
 /// Repositories to check out: `REPO[=DIR], ...`.
 pub const CHECKOUT_ANNOTATION: &str = "snapcache.io/checkout";
@@ -26,6 +33,13 @@ const MOUNT_ROOT: &str = "/snapcache/checkouts";
 const TREE: &str = "tree";
 /// Where a repository without `=DIR` goes.
 const DEFAULT_PARENT: &str = "/workspace";
+/// The sidecar's `--give-up-after` when the spec sets none.
+const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(300);
+/// How long a checking-out sidecar's startup probe waits beyond `--give-up-after`: an
+/// attempt started just before it may still be downloading a large snapshot. A checkout
+/// that fails ends the sidecar with its reason well before.
+const STARTUP_PROBE_MARGIN: Duration = Duration::from_secs(3600);
+const STARTUP_PROBE_PERIOD_SECONDS: i32 = 2;
 
 /// One repository a pod asks for, and where its app containers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,15 +217,7 @@ pub fn init_container(
     app_user: (Option<i64>, Option<i64>),
 ) -> Container {
     let mut args = vec!["checkout".to_owned()];
-    args.extend(wanted.iter().enumerate().map(|(index, checkout)| {
-        format!("--checkout={}={MOUNT_ROOT}/{index}/{TREE}", checkout.repo)
-    }));
-    if optional {
-        args.push("--optional".to_owned());
-    }
-    if let Some(limit) = give_up_after {
-        args.push(format!("--give-up-after={limit}"));
-    }
+    args.extend(checkout_flags(wanted, optional, give_up_after));
     // The sidecar's serve flags, but its ports: the checkout picks free loopback ones.
     args.extend(
         sidecar
@@ -222,12 +228,86 @@ pub fn init_container(
             .filter(|arg| !arg.starts_with("--listen=") && !arg.starts_with("--admin-listen="))
             .cloned(),
     );
+    Container {
+        name: INIT_CONTAINER_NAME.to_owned(),
+        image: sidecar.image.clone(),
+        args: Some(args),
+        env: sidecar.env.clone(),
+        resources: sidecar.resources.clone(),
+        security_context: Some(as_app_user(sidecar, app_user)),
+        volume_mounts: Some(with_checkout_mounts(sidecar, wanted)),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Default::default()
+    }
+}
+
+/// The sidecar making the checkouts itself (`serve --checkout`), for a native sidecar:
+/// run as the app's user when known, with a startup probe on /startupz, which passes
+/// once every checkout is in place, so the kubelet starts the app containers only then.
+pub fn sidecar_making_checkouts(
+    sidecar: &Container,
+    wanted: &[Wanted],
+    optional: bool,
+    give_up_after: Option<&str>,
+    app_user: (Option<i64>, Option<i64>),
+) -> Container {
+    let mut args = sidecar.args.clone().unwrap_or_default();
+    args.extend(checkout_flags(wanted, optional, give_up_after));
+    let give_up_after = give_up_after
+        .and_then(|text| humantime::parse_duration(text).ok())
+        .unwrap_or(DEFAULT_GIVE_UP_AFTER);
+    let waited = give_up_after + STARTUP_PROBE_MARGIN;
+    let periods = waited.as_secs() / STARTUP_PROBE_PERIOD_SECONDS.unsigned_abs() as u64;
+    Container {
+        args: Some(args),
+        security_context: Some(as_app_user(sidecar, app_user)),
+        volume_mounts: Some(with_checkout_mounts(sidecar, wanted)),
+        startup_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/startupz".to_owned()),
+                port: IntOrString::String(ADMIN_PORT_NAME.to_owned()),
+                ..Default::default()
+            }),
+            period_seconds: Some(STARTUP_PROBE_PERIOD_SECONDS),
+            failure_threshold: Some(i32::try_from(periods).unwrap_or(i32::MAX)),
+            ..Default::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..sidecar.clone()
+    }
+}
+
+/// The flags `checkout` and `serve` both take: each checkout at its volume's `tree`.
+fn checkout_flags(wanted: &[Wanted], optional: bool, give_up_after: Option<&str>) -> Vec<String> {
+    let mut flags: Vec<String> = wanted
+        .iter()
+        .enumerate()
+        .map(|(index, checkout)| {
+            format!("--checkout={}={MOUNT_ROOT}/{index}/{TREE}", checkout.repo)
+        })
+        .collect();
+    if optional {
+        flags.push("--optional".to_owned());
+    }
+    if let Some(limit) = give_up_after {
+        flags.push(format!("--give-up-after={limit}"));
+    }
+    flags
+}
+
+/// The sidecar's mounts, and each checkout volume at `MOUNT_ROOT/index`.
+fn with_checkout_mounts(sidecar: &Container, wanted: &[Wanted]) -> Vec<VolumeMount> {
     let mut mounts = sidecar.volume_mounts.clone().unwrap_or_default();
     mounts.extend(wanted.iter().enumerate().map(|(index, _)| VolumeMount {
         name: volume_name(index),
         mount_path: format!("{MOUNT_ROOT}/{index}"),
         ..Default::default()
     }));
+    mounts
+}
+
+/// The sidecar's security context as the app's user and group, where they are known.
+fn as_app_user(sidecar: &Container, app_user: (Option<i64>, Option<i64>)) -> SecurityContext {
     let mut security = sidecar.security_context.clone().unwrap_or_default();
     if let Some(user) = app_user.0 {
         security.run_as_user = Some(user);
@@ -236,17 +316,7 @@ pub fn init_container(
     if let Some(group) = app_user.1 {
         security.run_as_group = Some(group);
     }
-    Container {
-        name: INIT_CONTAINER_NAME.to_owned(),
-        image: sidecar.image.clone(),
-        args: Some(args),
-        env: sidecar.env.clone(),
-        resources: sidecar.resources.clone(),
-        security_context: Some(security),
-        volume_mounts: Some(mounts),
-        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
-        ..Default::default()
-    }
+    security
 }
 
 #[cfg(test)]

@@ -1,18 +1,23 @@
-//! `snapcache-sidecar checkout`: git working trees from snapshots, before the app starts.
+//! Git working trees from snapshots, before the app starts, made in one of two ways:
+//! - `snapcache-sidecar checkout`, a pod's init container, where no sidecar serves yet: it
+//!   starts the sidecar's own server in-process on loopback (same S3 reads; no disk tier);
+//! - `snapcache-sidecar serve --checkout`, a native sidecar: it serves at once, and its
+//!   /startupz (the startup probe that holds back the app containers) passes only once
+//!   every checkout is in place.
 //!
-//! It runs as a pod's init container, where no sidecar serves yet: it starts the sidecar's
-//! own server in-process on loopback (same S3 reads; no disk tier) and downloads each
-//! snapshot through it as `fetch --extract` does: pinned parallel ranges, a restart on
-//! 412, verified, unpacked into a staging directory beside the target and renamed into
-//! place, so the app sees a complete tree or none. Failures are retried with backoff
-//! until a deadline; then the reason goes to the termination message the kubelet shows.
+//! Either downloads each snapshot through the server as `fetch --extract` does: pinned
+//! parallel ranges, a restart on 412, verified, unpacked into a staging directory beside
+//! the target and renamed into place, so the app sees a complete tree or none. Failures
+//! are retried with backoff until a deadline; then the reason goes to the termination
+//! message the kubelet shows.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::ServeConfig;
 use crate::fetch::{self, FetchError, FetchOptions, FetchSummary, Quiet};
-use crate::server;
+use crate::metrics::{CheckoutResult, Metrics};
+use crate::server::{self, startup::Startup};
 
 /// One checkout: the snapshot `{host}/{path}` unpacked at `target`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +75,8 @@ pub struct Done {
     /// `None` when the target was complete already (a restarted init container).
     pub fetched: Option<FetchSummary>,
     pub attempts: u32,
+    /// From the first attempt to the tree in place.
+    pub seconds: f64,
 }
 
 /// Why a checkout failed, in one line for `kubectl describe pod`.
@@ -86,6 +93,25 @@ pub struct Failed {
     /// The last error's `fetch` exit code, which names the reason (3 not found, 5
     /// corrupt, 6 S3 unreachable...): the container exits with it.
     pub exit_code: u8,
+    /// The last error's metric label (`FetchError::reason`).
+    pub reason: &'static str,
+}
+
+/// How a run of checkouts ended: those in place, and the failure that stopped it, if any
+/// (checkouts after a failed one are not tried).
+#[derive(Debug)]
+pub struct Outcome {
+    pub done: Vec<Done>,
+    pub failed: Option<Failed>,
+}
+
+impl Outcome {
+    pub fn into_result(self) -> Result<Vec<Done>, Failed> {
+        match self.failed {
+            Some(failed) => Err(failed),
+            None => Ok(self.done),
+        }
+    }
 }
 
 /// Materializes every checkout through an in-process sidecar started from `config`.
@@ -93,10 +119,11 @@ pub async fn run(
     mut config: ServeConfig,
     checkouts: &[Checkout],
     patience: &Patience,
-) -> anyhow::Result<Result<Vec<Done>, Failed>> {
+) -> anyhow::Result<Outcome> {
     // A node cache's CSI driver mounted every tree already (shared trees): no server needed.
     if checkouts.iter().all(|checkout| checkout.target.exists()) {
-        return Ok(Ok(checkouts.iter().map(in_place).collect()));
+        let done = checkouts.iter().map(in_place).collect();
+        return Ok(Outcome { done, failed: None });
     }
     // Loopback only, on ports of the kernel's choosing: nothing outside this container
     // should reach it, and the pod's sidecar may hold the usual ports later.
@@ -106,24 +133,101 @@ pub async fn run(
     // Straight from S3 into the tree: a copy of the tarball on the disk tier would double
     // what the checkout writes, and the pod's next read of it is no checkout's business.
     config.disk_dir = None;
-    let running = server::start(&config).await?;
-    let mut done = Vec::new();
-    let mut outcome = Ok(());
-    for checkout in checkouts {
-        let url = format!(
-            "http://{}/git/{}/snapshot.tar.zst",
-            running.api, checkout.repo
+    let running = server::start(&config, Startup::started()).await?;
+    let outcome = materialize(running.api, checkouts, patience, &|_| ()).await;
+    running.stop().await;
+    Ok(outcome)
+}
+
+/// What `serve --checkout` does when a checkout fails for good.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub patience: Patience,
+    /// Start without it, rather than end the process with its reason.
+    pub optional: bool,
+}
+
+/// `serve --checkout`: serves from the start, and starts (/startupz) once every checkout
+/// is in place, then serves until SIGTERM. A checkout that fails for good ends the
+/// process with its reason (the kubelet restarts the sidecar; the app keeps waiting),
+/// unless the policy lets it start without. `Ok(())` once stopped.
+pub async fn serve(
+    config: ServeConfig,
+    checkouts: &[Checkout],
+    policy: &Policy,
+) -> anyhow::Result<Result<(), Failed>> {
+    let repositories: Vec<&str> = checkouts.iter().map(|c| c.repo.as_str()).collect();
+    let startup = Startup::waiting(format!("checking out {}", repositories.join(", ")));
+    let running = server::start(&config, startup.clone()).await?;
+    running.metrics.expect_checkouts(&FetchError::REASONS);
+    let report = |what: String| startup.wait_for(what);
+    let outcome = tokio::select! {
+        outcome = materialize(running.api, checkouts, &policy.patience, &report) => outcome,
+        () = server::shutdown_signal() => {
+            running.stop().await;
+            return Ok(Ok(()));
+        }
+    };
+    count(&running.metrics, &outcome, policy.optional);
+    if let Some(failed) = outcome.failed {
+        if !policy.optional {
+            running.stop().await;
+            return Ok(Err(failed));
+        }
+        tracing::error!(
+            error = %failed,
+            "the checkout is optional (--optional): starting without it"
         );
-        match one(&url, checkout, patience).await {
+    }
+    startup.start();
+    tracing::info!("checkouts in place: started");
+    server::shutdown_signal().await;
+    running.stop().await;
+    Ok(Ok(()))
+}
+
+/// Counts each checkout of `outcome` in the sidecar's metrics.
+fn count(metrics: &Metrics, outcome: &Outcome, optional: bool) {
+    for done in &outcome.done {
+        let fetched = done.fetched.as_ref();
+        let result = CheckoutResult::Succeeded {
+            bytes: fetched.map_or(0, |f| f.bytes),
+            restarts: fetched.map_or(0, |f| f.restarts),
+            bundle_applied: fetched.is_some_and(|f| f.bundle_applied),
+        };
+        metrics.count_checkout(result, done.seconds);
+    }
+    if let Some(failed) = &outcome.failed {
+        let result = CheckoutResult::Failed {
+            reason: failed.reason,
+            optional,
+        };
+        metrics.count_checkout(result, failed.seconds);
+    }
+}
+
+/// Every checkout in turn, through the snapshot API at `api`, until one fails for good;
+/// `report` hears what is under way (for /startupz).
+async fn materialize(
+    api: std::net::SocketAddr,
+    checkouts: &[Checkout],
+    patience: &Patience,
+    report: &(dyn Fn(String) + Sync),
+) -> Outcome {
+    let mut done = Vec::new();
+    for checkout in checkouts {
+        let url = format!("http://{api}/git/{}/snapshot.tar.zst", checkout.repo);
+        match one(&url, checkout, patience, report).await {
             Ok(finished) => done.push(finished),
             Err(failed) => {
-                outcome = Err(failed);
-                break;
+                return Outcome {
+                    done,
+                    failed: Some(failed),
+                };
             }
         }
     }
-    running.stop().await;
-    Ok(outcome.map(|()| done))
+    Outcome { done, failed: None }
 }
 
 /// A checkout's transfer buffers: S3 parts, the download window
@@ -149,19 +253,27 @@ fn in_place(checkout: &Checkout) -> Done {
         target: checkout.target.clone(),
         fetched: None,
         attempts: 0,
+        seconds: 0.0,
     }
 }
 
 /// One checkout, retried with backoff until `patience` runs out.
-async fn one(url: &str, checkout: &Checkout, patience: &Patience) -> Result<Done, Failed> {
+async fn one(
+    url: &str,
+    checkout: &Checkout,
+    patience: &Patience,
+    report: &(dyn Fn(String) + Sync),
+) -> Result<Done, Failed> {
     if checkout.target.exists() {
         return Ok(in_place(checkout));
     }
+    let what = format!("{} into {}", checkout.repo, checkout.target.display());
     let started = Instant::now();
     let mut backoff = patience.first_backoff;
     let mut attempts = 0;
     loop {
         attempts += 1;
+        report(format!("checking out {what}, attempt {attempts}"));
         let options = FetchOptions::extraction(url, &checkout.target);
         let result = fetch::fetch(&options, &Quiet).await;
         let error = match result {
@@ -177,6 +289,7 @@ async fn one(url: &str, checkout: &Checkout, patience: &Patience) -> Result<Done
                     target: checkout.target.clone(),
                     fetched: Some(summary),
                     attempts,
+                    seconds: started.elapsed().as_secs_f64(),
                 });
             }
             Err(err) => err,
@@ -190,12 +303,18 @@ async fn one(url: &str, checkout: &Checkout, patience: &Patience) -> Result<Done
                 seconds: elapsed.as_secs_f64(),
                 last: describe(&error),
                 exit_code: error.exit_code(),
+                reason: error.reason(),
             });
         }
         tracing::warn!(
             repo = %checkout.repo, error = %error, retry_in = ?backoff,
             "checkout failed; retrying"
         );
+        report(format!(
+            "checking out {what}: attempt {attempts} failed ({}); retrying in {}s",
+            describe(&error),
+            backoff.as_secs()
+        ));
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(patience.max_backoff);
     }

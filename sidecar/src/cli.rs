@@ -13,8 +13,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve snapshots on localhost from the disk tier and S3.
-    Serve(Box<ServeConfig>),
+    /// Serve snapshots on localhost from the disk tier and S3; with --checkout, as a
+    /// native sidecar, also check repositories out before /startupz passes.
+    #[command(after_help = SERVE_EXIT_CODES)]
+    Serve(Box<ServeArgs>),
     /// Download a snapshot through a sidecar with parallel pinned ranges.
     #[command(after_help = FETCH_EXIT_CODES)]
     Fetch(FetchArgs),
@@ -32,6 +34,28 @@ const CHECKOUT_EXIT_CODES: &str = "Exit codes: 0 every checkout is in place (or 
 with its last error's fetch code: 3 snapshot not found, 4 it kept changing, 5 corrupt \
 (digest mismatch or does not unpack), 6 S3 unreachable, 1 anything else.";
 
+const SERVE_EXIT_CODES: &str = "Exit codes: 0 stopped (SIGTERM), 1 could not start \
+(ports, disk tier); with --checkout, a checkout that failed after retrying until \
+--give-up-after (and not --optional) exits with its fetch code: 3 snapshot not found, \
+4 it kept changing, 5 corrupt, 6 S3 unreachable.";
+
+/// `serve`: the server, and what must be checked out before it counts as started.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// REPO=DIR: check the snapshot of REPO ({host}/{path}) out at DIR, which must not
+    /// exist yet (its parent directory must), before /startupz answers 200 (a native
+    /// sidecar's startup probe, which holds back the app containers); the snapshot API
+    /// serves meanwhile. Repeat for several.
+    #[arg(long = "checkout", value_parser = crate::checkout::parse_checkout)]
+    pub checkouts: Vec<crate::checkout::Checkout>,
+
+    #[command(flatten)]
+    pub policy: CheckoutPolicy,
+
+    #[command(flatten)]
+    pub config: ServeConfig,
+}
+
 /// `checkout --checkout REPO=DIR...`: S3 and disk tier flags as `serve` takes them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CheckoutArgs {
@@ -40,18 +64,8 @@ pub struct CheckoutArgs {
     #[arg(long = "checkout", required = true, value_parser = crate::checkout::parse_checkout)]
     pub checkouts: Vec<crate::checkout::Checkout>,
 
-    /// Keep retrying a failed checkout (snapshot missing, S3 unreachable, digest
-    /// mismatch) for this long, backing off from 1s to 30s.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    pub give_up_after: std::time::Duration,
-
-    /// Exit 0 even when a checkout fails, so the app starts without it.
-    #[arg(long)]
-    pub optional: bool,
-
-    /// Where a failure's one-line reason goes (`kubectl describe pod` shows it).
-    #[arg(long, default_value = "/dev/termination-log")]
-    pub termination_message: std::path::PathBuf,
+    #[command(flatten)]
+    pub policy: CheckoutPolicy,
 
     /// Print a JSON line per checkout (repository, directory, bytes, seconds, commit).
     #[arg(long)]
@@ -59,6 +73,34 @@ pub struct CheckoutArgs {
 
     #[command(flatten)]
     pub serve: ServeConfig,
+}
+
+/// What a checkout that keeps failing comes to, in `checkout` and `serve --checkout`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckoutPolicy {
+    /// Keep retrying a failed checkout (snapshot missing, S3 unreachable, digest
+    /// mismatch) for this long, backing off from 1s to 30s; then fail with the reason.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub give_up_after: std::time::Duration,
+
+    /// When a checkout fails, let the app start without it: `checkout` exits 0 and
+    /// `serve` starts.
+    #[arg(long)]
+    pub optional: bool,
+
+    /// Where a failure's one-line reason goes (`kubectl describe pod` shows it).
+    #[arg(long, default_value = "/dev/termination-log")]
+    pub termination_message: std::path::PathBuf,
+}
+
+impl CheckoutPolicy {
+    pub fn patience(&self) -> crate::checkout::Patience {
+        crate::checkout::Patience {
+            give_up_after: self.give_up_after,
+            first_backoff: std::time::Duration::from_secs(1),
+            max_backoff: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 const FETCH_EXIT_CODES: &str = "Exit codes: 0 success, 1 other failure, 2 bad usage, \

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use snapcache_sidecar::checkout;
-use snapcache_sidecar::cli::{CheckoutArgs, Cli, Command, FetchArgs, PublishArgs};
+use snapcache_sidecar::cli::{CheckoutArgs, Cli, Command, FetchArgs, PublishArgs, ServeArgs};
 use snapcache_sidecar::fetch::{self, FetchOptions, Progress, Quiet, TerminalProgress};
 use snapcache_sidecar::publish::{self, PublishError, PublishOptions, PublishSummary};
 
@@ -30,29 +30,52 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(config) => match runtime.block_on(snapcache_sidecar::server::run(*config)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("error: {err:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Serve(args) => runtime.block_on(run_serve(*args)),
         Command::Fetch(args) => runtime.block_on(run_fetch(args)),
         Command::Publish(args) => runtime.block_on(run_publish(*args)),
         Command::Checkout(args) => runtime.block_on(run_checkout(*args)),
     }
 }
 
-async fn run_checkout(args: CheckoutArgs) -> ExitCode {
-    let patience = checkout::Patience {
-        give_up_after: args.give_up_after,
-        first_backoff: std::time::Duration::from_secs(1),
-        max_backoff: std::time::Duration::from_secs(30),
+async fn run_serve(args: ServeArgs) -> ExitCode {
+    if args.checkouts.is_empty() {
+        return match snapcache_sidecar::server::run(args.config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let policy = checkout::Policy {
+        patience: args.policy.patience(),
+        optional: args.policy.optional,
     };
-    match checkout::run(args.serve, &args.checkouts, &patience).await {
+    let termination_message = &args.policy.termination_message;
+    match checkout::serve(args.config, &args.checkouts, &policy).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(failed)) => {
+            let message = failed.to_string();
+            eprintln!("error: {message}");
+            checkout::write_termination_message(termination_message, &message);
+            ExitCode::from(failed.exit_code)
+        }
+        Err(err) => {
+            let message = format!("the sidecar could not start: {err:#}");
+            eprintln!("error: {message}");
+            checkout::write_termination_message(termination_message, &message);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_checkout(args: CheckoutArgs) -> ExitCode {
+    let policy = &args.policy;
+    let outcome = checkout::run(args.serve, &args.checkouts, &policy.patience()).await;
+    match outcome.map(checkout::Outcome::into_result) {
         Ok(Ok(done)) => {
             let summary = checkout::success_message(&done);
-            checkout::write_termination_message(&args.termination_message, &summary);
+            checkout::write_termination_message(&policy.termination_message, &summary);
             for finished in done {
                 if args.json {
                     match serde_json::to_string(&finished) {
@@ -72,8 +95,8 @@ async fn run_checkout(args: CheckoutArgs) -> ExitCode {
         Ok(Err(failed)) => {
             let message = failed.to_string();
             eprintln!("error: {message}");
-            checkout::write_termination_message(&args.termination_message, &message);
-            if args.optional {
+            checkout::write_termination_message(&policy.termination_message, &message);
+            if policy.optional {
                 eprintln!("the checkout is optional (--optional): the app starts without it");
                 ExitCode::SUCCESS
             } else {
@@ -83,7 +106,7 @@ async fn run_checkout(args: CheckoutArgs) -> ExitCode {
         Err(err) => {
             let message = format!("checkout could not start: {err:#}");
             eprintln!("error: {message}");
-            checkout::write_termination_message(&args.termination_message, &message);
+            checkout::write_termination_message(&policy.termination_message, &message);
             ExitCode::FAILURE
         }
     }

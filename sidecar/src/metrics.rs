@@ -260,6 +260,28 @@ pub struct Metrics {
     heap_allocated: IntGauge,
     heap_resident: IntGauge,
     fill_duration: Histogram,
+    /// 1 once /startupz answers 200: `serve --checkout`'s checkouts are in place.
+    pub started: IntGauge,
+    checkouts: IntCounterVec,
+    checkout_duration: Histogram,
+    checkout_bytes: IntCounter,
+    checkout_restarts: IntCounter,
+    checkout_bundles_applied: IntCounter,
+}
+
+/// How one checkout of `serve --checkout` ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CheckoutResult {
+    Succeeded {
+        bytes: u64,
+        restarts: u32,
+        bundle_applied: bool,
+    },
+    /// Failed for `reason` (a `FetchError::reason`); the app starts without it if `optional`.
+    Failed {
+        reason: &'static str,
+        optional: bool,
+    },
 }
 
 impl Metrics {
@@ -292,6 +314,19 @@ impl Metrics {
                 )
                 .buckets(vec![
                     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                ]),
+            ),
+        );
+
+        let checkout_duration = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "snapcache_checkout_duration_seconds",
+                    "serve --checkout: from the first attempt at a checkout to its end.",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
                 ]),
             ),
         );
@@ -439,6 +474,32 @@ impl Metrics {
                 "Bytes in physically resident allocator pages (jemalloc stats.resident).",
             ),
             fill_duration,
+            started: gauge(
+                "snapcache_started",
+                "1 once /startupz answers 200: the checkouts of serve --checkout are in \
+                 place (or failed, when optional) and the sidecar is ready.",
+            ),
+            checkouts: counter_vec(
+                "snapcache_checkouts_total",
+                "serve --checkout: finished checkouts by result (succeeded, failed, \
+                 optional_failed) and reason (why failed: not_found, kept_changing, corrupt, \
+                 s3_unreachable, usage, other).",
+                &["result", "reason"],
+            ),
+            checkout_duration,
+            checkout_bytes: counter(
+                "snapcache_checkout_bytes_total",
+                "serve --checkout: snapshot bytes the finished checkouts downloaded.",
+            ),
+            checkout_restarts: counter(
+                "snapcache_checkout_restarts_total",
+                "serve --checkout: downloads restarted because the snapshot changed \
+                 meanwhile (412).",
+            ),
+            checkout_bundles_applied: counter(
+                "snapcache_checkout_bundles_applied_total",
+                "serve --checkout: checkouts brought to the newest commit with a delta bundle.",
+            ),
             registry,
         };
         for result in ["shared", "fallback"] {
@@ -492,6 +553,43 @@ impl Metrics {
             .lines()
             .find_map(|line| line.strip_prefix(&prefix)?.parse().ok())
             .unwrap_or(0.0)
+    }
+
+    /// Makes every series of `snapcache_checkouts_total` exist at 0 before the first
+    /// checkout ends, so rate() and alerts see them: one per failure `reasons`.
+    pub fn expect_checkouts(&self, reasons: &[&str]) {
+        self.checkouts.with_label_values(&["succeeded", ""]);
+        for reason in reasons {
+            self.checkouts.with_label_values(&["failed", reason]);
+            self.checkouts
+                .with_label_values(&["optional_failed", reason]);
+        }
+    }
+
+    /// One checkout of `serve --checkout` has ended after `seconds`.
+    pub fn count_checkout(&self, result: CheckoutResult, seconds: f64) {
+        self.checkout_duration.observe(seconds);
+        match result {
+            CheckoutResult::Succeeded {
+                bytes,
+                restarts,
+                bundle_applied,
+            } => {
+                self.checkouts.with_label_values(&["succeeded", ""]).inc();
+                self.checkout_bytes.inc_by(bytes);
+                self.checkout_restarts.inc_by(u64::from(restarts));
+                self.checkout_bundles_applied
+                    .inc_by(u64::from(bundle_applied));
+            }
+            CheckoutResult::Failed { reason, optional } => {
+                let result = if optional {
+                    "optional_failed"
+                } else {
+                    "failed"
+                };
+                self.checkouts.with_label_values(&[result, reason]).inc();
+            }
+        }
     }
 
     pub fn count_lookup(&self, result: &'static str) {

@@ -55,3 +55,16 @@ pub fn commit_large_file(dir: &Path, seed: u64) -> String {
     let blob = crate::snapshot_bytes(40 << 20, seed);
     commit_file(dir, "blob.bin", blob, &format!("seed {seed}"))
 }
+
+/// `tar | zstd` of `dir` (a working tree with its .git), built in-process: a snapshot as
+/// `publish` makes one.
+pub fn tar_zst(dir: &Path) -> Vec<u8> {
+    let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("zstd");
+    let mut builder = tar::Builder::new(encoder);
+    builder.append_dir_all(".", dir).expect("tar");
+    builder
+        .into_inner()
+        .expect("tar finish")
+        .finish()
+        .expect("zstd finish")
+}

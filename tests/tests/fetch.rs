@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use snapcache_sidecar::fetch::{FetchError, FetchOptions, Progress, fetch};
-use snapcache_tests::git::{git, init_repository};
+use snapcache_tests::git::{git, init_repository, tar_zst};
 use snapcache_tests::proxy::FaultProxy;
 use snapcache_tests::sidecar::{Sidecar, SidecarOptions, free_addr, json_summary, run_fetch};
 use snapcache_tests::{
@@ -306,18 +306,6 @@ fn fetch_extract(
     args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     (json_summary(&run_fetch(&args)), checkout)
-}
-
-/// `tar | zstd` of `dir`, built in-process.
-fn tar_zst(dir: &Path) -> Vec<u8> {
-    let encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("zstd");
-    let mut builder = tar::Builder::new(encoder);
-    builder.append_dir_all(".", dir).expect("tar");
-    builder
-        .into_inner()
-        .expect("tar finish")
-        .finish()
-        .expect("zstd finish")
 }
 
 #[tokio::test]

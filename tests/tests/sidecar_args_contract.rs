@@ -138,12 +138,13 @@ fn the_sidecar_parses_the_injected_serve_args_for_every_option_as_the_spec_meant
         (PinMode::Version, SidecarPinMode::Version),
     ] {
         let container = inject::sidecar_container(&every_option(pin_mode), &ENV);
-        let Command::Serve(config) = parse(container.args.as_deref().unwrap_or_default()) else {
+        let Command::Serve(serve) = parse(container.args.as_deref().unwrap_or_default()) else {
             panic!(
                 "the sidecar container does not run `serve`: {:?}",
                 container.args
             );
         };
+        let config = serve.config;
         assert_eq!(config.listen, addr("127.0.0.1:18765"));
         assert_eq!(config.admin_listen, addr("0.0.0.0:19765"));
         assert_serves_as_specified(&config, parsed);
@@ -183,22 +184,25 @@ fn on_an_ipv6_node_the_node_cache_and_the_sidecars_agree_on_its_address() {
     let Command::Serve(node_cache) = parse_on(&node_cache_args(), "fd00::5") else {
         panic!("the node cache does not run `serve`");
     };
+    let node_cache = node_cache.config;
     assert_eq!(node_cache.listen, addr("[fd00::5]:18766"));
     assert_eq!(node_cache.admin_listen, addr("[fd00::5]:19766"));
     let sidecar = inject::sidecar_container(&every_option(PinMode::Auto), &ENV);
-    let Command::Serve(config) = parse_on(sidecar.args.as_deref().unwrap_or_default(), "fd00::5")
+    let Command::Serve(serve) = parse_on(sidecar.args.as_deref().unwrap_or_default(), "fd00::5")
     else {
         panic!("the sidecar container does not run `serve`");
     };
+    let config = serve.config;
     assert_eq!(config.node_tier.as_deref(), Some("http://[fd00::5]:18766"));
 }
 
 #[test]
 fn the_sidecar_parses_the_node_caches_serve_args_for_every_option_as_the_spec_meant_them() {
     let args = node_cache_args();
-    let Command::Serve(config) = parse(&args) else {
+    let Command::Serve(serve) = parse(&args) else {
         panic!("the node cache does not run `serve`: {args:?}");
     };
+    let config = serve.config;
     assert_eq!(config.listen, addr(&format!("{NODE_ADDRESS}:18766")));
     assert_eq!(config.admin_listen, addr(&format!("{NODE_ADDRESS}:19766")));
     assert_serves_as_specified(&config, snapcache_sidecar::pin::PinMode::Version);
@@ -238,12 +242,13 @@ fn the_sidecar_parses_the_injected_serve_args_of_a_spec_with_only_its_bucket() {
         node_tier: Default::default(),
     };
     let container = inject::sidecar_container(&minimal, &ENV);
-    let Command::Serve(config) = parse(container.args.as_deref().unwrap_or_default()) else {
+    let Command::Serve(serve) = parse(container.args.as_deref().unwrap_or_default()) else {
         panic!(
             "the sidecar container does not run `serve`: {:?}",
             container.args
         );
     };
+    let config = serve.config;
     assert_eq!(config.s3.bucket, "snapshots");
     assert_eq!(config.listen, addr("127.0.0.1:8765"));
     assert_eq!(config.admin_listen, addr("0.0.0.0:9765"));
@@ -270,8 +275,48 @@ fn the_sidecar_parses_the_injected_checkout_args_for_every_option_as_the_spec_me
     };
     let repos: Vec<&str> = args.checkouts.iter().map(|c| c.repo.as_str()).collect();
     assert_eq!(repos, ["github.com/org/repo", "github.com/org/tools"]);
-    assert_eq!(args.give_up_after, Duration::from_secs(120));
-    assert!(args.optional);
+    assert_eq!(args.policy.give_up_after, Duration::from_secs(120));
+    assert!(args.policy.optional);
     assert_serves_as_specified(&args.serve, snapcache_sidecar::pin::PinMode::Etag);
     assert_is_a_pods_sidecar(&args.serve);
+}
+
+#[test]
+fn the_sidecar_parses_a_native_sidecars_checkout_args_as_the_spec_meant_them() {
+    let spec = every_option(PinMode::Etag);
+    let sidecar = inject::sidecar_container(&spec, &ENV);
+    let wanted = checkout::wanted(&BTreeMap::new(), &spec.checkout).expect("checkouts");
+    let making = checkout::sidecar_making_checkouts(
+        &sidecar,
+        &wanted,
+        true,
+        spec.checkout.give_up_after.as_deref(),
+        (Some(1000), Some(1000)),
+    );
+    let Command::Serve(serve) = parse(making.args.as_deref().unwrap_or_default()) else {
+        panic!("the sidecar does not run `serve`: {:?}", making.args);
+    };
+    let checkouts: Vec<(&str, PathBuf)> = serve
+        .checkouts
+        .iter()
+        .map(|c| (c.repo.as_str(), c.target.clone()))
+        .collect();
+    assert_eq!(
+        checkouts,
+        [
+            (
+                "github.com/org/repo",
+                PathBuf::from("/snapcache/checkouts/0/tree")
+            ),
+            (
+                "github.com/org/tools",
+                PathBuf::from("/snapcache/checkouts/1/tree")
+            )
+        ]
+    );
+    assert_eq!(serve.policy.give_up_after, Duration::from_secs(120));
+    assert!(serve.policy.optional);
+    assert_eq!(serve.config.listen, addr("127.0.0.1:18765"));
+    assert_serves_as_specified(&serve.config, snapcache_sidecar::pin::PinMode::Etag);
+    assert_is_a_pods_sidecar(&serve.config);
 }

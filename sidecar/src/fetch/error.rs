@@ -32,6 +32,28 @@ impl FetchError {
             FetchError::Unavailable(_) => 6,
         }
     }
+
+    /// Every `reason`, for metrics whose series exist before the first failure.
+    pub const REASONS: [&'static str; 6] = [
+        "not_found",
+        "kept_changing",
+        "corrupt",
+        "s3_unreachable",
+        "usage",
+        "other",
+    ];
+
+    /// The kind as a metric label, named as the operator's checkout reasons are.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FetchError::Failed(_) => "other",
+            FetchError::Usage(_) => "usage",
+            FetchError::NotFound(_) => "not_found",
+            FetchError::GaveUp(_) => "kept_changing",
+            FetchError::Verification(_) => "corrupt",
+            FetchError::Unavailable(_) => "s3_unreachable",
+        }
+    }
 }
 
 /// How one attempt at the whole download ended, when it did not succeed.

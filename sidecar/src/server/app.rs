@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::revisions::RevisionCache;
+use super::startup::Startup;
 use crate::config::ServeConfig;
 use crate::metrics::{Buffers, Metrics};
 use crate::pin::PinMode;
@@ -35,6 +36,8 @@ pub struct App {
     pub pin_mode: PinMode,
     /// HeadObject answers for pinned revisions.
     pub revisions: RevisionCache,
+    /// Whether /startupz may pass: the checkouts of `serve --checkout` are in place.
+    pub startup: Startup,
 }
 
 impl App {
@@ -44,6 +47,7 @@ impl App {
         config: &ServeConfig,
         s3: Arc<S3Store>,
         metrics: Metrics,
+        startup: Startup,
     ) -> anyhow::Result<App> {
         metrics
             .memory_limit
@@ -107,6 +111,7 @@ impl App {
             prefix: config.s3.prefix.clone(),
             pin_mode: config.pin_mode,
             revisions: Default::default(),
+            startup,
         })
     }
 }

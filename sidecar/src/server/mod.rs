@@ -10,6 +10,7 @@ pub mod revisions;
 #[cfg(test)]
 mod router_tests;
 pub mod snapshot;
+pub mod startup;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use anyhow::Context;
 use axum::Router;
 
 use self::app::App;
+use self::startup::Startup;
 use crate::config::ServeConfig;
 use crate::metrics::{Metrics, Port};
 use crate::store::prewarm;
@@ -31,7 +33,7 @@ pub fn router(app: Arc<App>) -> Router {
 /// Serves until SIGTERM or Ctrl-C, then lets in-flight responses finish for up to
 /// `shutdown_grace` before returning.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
-    let running = start(&config).await?;
+    let running = start(&config, Startup::started()).await?;
     shutdown_signal().await;
     running.stop().await;
     Ok(())
@@ -42,6 +44,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 pub struct Running {
     pub api: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
+    pub metrics: Metrics,
     stop: tokio::sync::watch::Sender<bool>,
     servers: Vec<tokio::task::JoinHandle<()>>,
     /// The pre-warming rounds, stopped with the server.
@@ -66,14 +69,15 @@ impl Running {
     }
 }
 
-/// Binds both ports and serves on them until `Running::stop`.
-pub async fn start(config: &ServeConfig) -> anyhow::Result<Running> {
+/// Binds both ports and serves on them until `Running::stop`; /startupz passes once
+/// `startup` has started (and the sidecar is ready).
+pub async fn start(config: &ServeConfig, startup: Startup) -> anyhow::Result<Running> {
     if !config.prewarm.is_empty() && config.disk_dir.is_none() {
         anyhow::bail!("--prewarm needs a disk tier to keep the snapshots in: set --disk-dir");
     }
     let metrics = Metrics::new();
     let s3 = Arc::new(S3Store::connect(&config.s3, metrics.clone()).await);
-    let app = Arc::new(App::from_config(config, s3.clone(), metrics)?);
+    let app = Arc::new(App::from_config(config, s3.clone(), metrics, startup)?);
     let prewarm = (!config.prewarm.is_empty()).then(|| {
         let keys = config
             .prewarm
@@ -158,6 +162,7 @@ pub async fn start(config: &ServeConfig) -> anyhow::Result<Running> {
     Ok(Running {
         api: api_addr,
         admin: admin_addr,
+        metrics: app.metrics.clone(),
         stop: stop_tx,
         servers,
         _prewarm: prewarm,
@@ -230,7 +235,8 @@ async fn report_bucket_check(s3: Arc<S3Store>) {
     }
 }
 
-async fn shutdown_signal() {
+/// SIGTERM (the kubelet stopping the container) or Ctrl-C.
+pub async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

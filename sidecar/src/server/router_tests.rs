@@ -37,6 +37,7 @@ fn server(pin_mode: PinMode) -> Server {
         prefix: "snapshots/".into(),
         pin_mode,
         revisions: Default::default(),
+        startup: Default::default(),
     });
     Server { source, app }
 }
