@@ -171,8 +171,8 @@ pub struct CheckoutSpec {
     /// `snapcache.io/checkout` annotation, e.g. `github.com/org/repo=/workspace/repo`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repositories: Vec<String>,
-    /// How long a failing checkout is retried before the pod's init container fails with
-    /// the reason, e.g. `2m` (default 5m).
+    /// How long a failing checkout is retried before it fails with the reason (the init
+    /// container's, or on native sidecar clusters the sidecar's), e.g. `2m` (default 5m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
     pub give_up_after: Option<String>,
