@@ -124,18 +124,15 @@ pub fn decide(
     // A native sidecar in a pod that stays up makes the checkouts itself; its startup
     // probe holds back the app. Elsewhere an init container makes them and exits.
     let sidecar_checks_out = native && !runs_to_completion && !wanted.is_empty();
-    let optional = checkout::optional(pod.annotations());
-    let give_up_after = cache.spec.checkout.give_up_after.as_deref();
-    let app_user = checkout::app_user(&spec);
+    let request = checkout::Request {
+        wanted: &wanted,
+        optional: checkout::optional(pod.annotations()),
+        give_up_after: cache.spec.checkout.give_up_after.as_deref(),
+        app_user: checkout::app_user(&spec),
+    };
     let mut container = inject::sidecar_container(&cache.spec, env);
     if sidecar_checks_out {
-        container = checkout::sidecar_making_checkouts(
-            &container,
-            &wanted,
-            optional,
-            give_up_after,
-            app_user,
-        );
+        container = checkout::sidecar_making_checkouts(&container, &request);
     }
     let mut patch = Additions::default();
     let had_init_containers = spec.init_containers.is_some();
@@ -162,7 +159,7 @@ pub fn decide(
         let maker = if sidecar_checks_out {
             container
         } else {
-            checkout::init_container(&container, &wanted, optional, give_up_after, app_user)
+            checkout::init_container(&container, &request)
         };
         if cache.spec.node_tier.shares_trees() {
             shared_trees = Owner::of(cache)

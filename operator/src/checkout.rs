@@ -207,17 +207,23 @@ pub fn app_user(spec: &PodSpec) -> (Option<i64>, Option<i64>) {
     (user, group)
 }
 
+/// What a pod asks of whichever container makes its checkouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub wanted: &'a [Wanted],
+    /// The app starts even when a checkout fails (`OPTIONAL_ANNOTATION`).
+    pub optional: bool,
+    /// `spec.checkout.giveUpAfter`, e.g. `2m`.
+    pub give_up_after: Option<&'a str>,
+    /// Who the app runs as, when its spec says (`app_user`).
+    pub app_user: (Option<i64>, Option<i64>),
+}
+
 /// The init container: `checkout` with the sidecar's own S3 and disk-tier flags, its
 /// environment (credentials) and disk volume, run as the app's user when known.
-pub fn init_container(
-    sidecar: &Container,
-    wanted: &[Wanted],
-    optional: bool,
-    give_up_after: Option<&str>,
-    app_user: (Option<i64>, Option<i64>),
-) -> Container {
+pub fn init_container(sidecar: &Container, request: &Request<'_>) -> Container {
     let mut args = vec!["checkout".to_owned()];
-    args.extend(checkout_flags(wanted, optional, give_up_after));
+    args.extend(checkout_flags(request));
     // The sidecar's serve flags, but its ports: the checkout picks free loopback ones.
     args.extend(
         sidecar
@@ -234,8 +240,8 @@ pub fn init_container(
         args: Some(args),
         env: sidecar.env.clone(),
         resources: sidecar.resources.clone(),
-        security_context: Some(as_app_user(sidecar, app_user)),
-        volume_mounts: Some(with_checkout_mounts(sidecar, wanted)),
+        security_context: Some(as_app_user(sidecar, request.app_user)),
+        volume_mounts: Some(with_checkout_mounts(sidecar, request.wanted)),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Default::default()
     }
@@ -244,24 +250,19 @@ pub fn init_container(
 /// The sidecar making the checkouts itself (`serve --checkout`), for a native sidecar:
 /// run as the app's user when known, with a startup probe on /startupz, which passes
 /// once every checkout is in place, so the kubelet starts the app containers only then.
-pub fn sidecar_making_checkouts(
-    sidecar: &Container,
-    wanted: &[Wanted],
-    optional: bool,
-    give_up_after: Option<&str>,
-    app_user: (Option<i64>, Option<i64>),
-) -> Container {
+pub fn sidecar_making_checkouts(sidecar: &Container, request: &Request<'_>) -> Container {
     let mut args = sidecar.args.clone().unwrap_or_default();
-    args.extend(checkout_flags(wanted, optional, give_up_after));
-    let give_up_after = give_up_after
+    args.extend(checkout_flags(request));
+    let give_up_after = request
+        .give_up_after
         .and_then(|text| humantime::parse_duration(text).ok())
         .unwrap_or(DEFAULT_GIVE_UP_AFTER);
     let waited = give_up_after + STARTUP_PROBE_MARGIN;
     let periods = waited.as_secs() / STARTUP_PROBE_PERIOD_SECONDS.unsigned_abs() as u64;
     Container {
         args: Some(args),
-        security_context: Some(as_app_user(sidecar, app_user)),
-        volume_mounts: Some(with_checkout_mounts(sidecar, wanted)),
+        security_context: Some(as_app_user(sidecar, request.app_user)),
+        volume_mounts: Some(with_checkout_mounts(sidecar, request.wanted)),
         startup_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
                 path: Some("/startupz".to_owned()),
@@ -278,18 +279,19 @@ pub fn sidecar_making_checkouts(
 }
 
 /// The flags `checkout` and `serve` both take: each checkout at its volume's `tree`.
-fn checkout_flags(wanted: &[Wanted], optional: bool, give_up_after: Option<&str>) -> Vec<String> {
-    let mut flags: Vec<String> = wanted
+fn checkout_flags(request: &Request<'_>) -> Vec<String> {
+    let mut flags: Vec<String> = request
+        .wanted
         .iter()
         .enumerate()
         .map(|(index, checkout)| {
             format!("--checkout={}={MOUNT_ROOT}/{index}/{TREE}", checkout.repo)
         })
         .collect();
-    if optional {
+    if request.optional {
         flags.push("--optional".to_owned());
     }
-    if let Some(limit) = give_up_after {
+    if let Some(limit) = request.give_up_after {
         flags.push(format!("--give-up-after={limit}"));
     }
     flags
@@ -416,13 +418,13 @@ mod tests {
             ..Default::default()
         };
         let wanted = [checkout("github.com/org/a", "/src/a")];
-        let init = init_container(
-            &sidecar,
-            &wanted,
-            true,
-            Some("2m"),
-            (Some(1000), Some(1000)),
-        );
+        let request = Request {
+            wanted: &wanted,
+            optional: true,
+            give_up_after: Some("2m"),
+            app_user: (Some(1000), Some(1000)),
+        };
+        let init = init_container(&sidecar, &request);
         assert_eq!(
             init.args.expect("args"),
             [
@@ -440,7 +442,13 @@ mod tests {
         );
         let mounts = init.volume_mounts.expect("mounts");
         assert_eq!(mounts[0].mount_path, "/snapcache/checkouts/0");
-        let root = init_container(&sidecar, &wanted, false, None, (Some(0), None));
+        let as_root = Request {
+            optional: false,
+            give_up_after: None,
+            app_user: (Some(0), None),
+            ..request
+        };
+        let root = init_container(&sidecar, &as_root);
         assert_eq!(
             root.security_context.and_then(|s| s.run_as_non_root),
             Some(false)
@@ -489,7 +497,13 @@ mod tests {
             }),
             ..Default::default()
         };
-        let init = init_container(&sidecar, &wanted, false, None, (Some(1000), Some(2000)));
+        let request = Request {
+            wanted: &wanted,
+            optional: false,
+            give_up_after: None,
+            app_user: (Some(1000), Some(2000)),
+        };
+        let init = init_container(&sidecar, &request);
         let shared =
             SharedTrees::owned_as("ci.x.checkouts.snapcache.io".to_owned(), &init).expect("owned");
         assert_eq!((shared.uid, shared.gid), (1000, 2000));

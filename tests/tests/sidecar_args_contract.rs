@@ -255,18 +255,25 @@ fn the_sidecar_parses_the_injected_serve_args_of_a_spec_with_only_its_bucket() {
     assert_eq!(config.node_tier, None, "no node tier unless asked for");
 }
 
+/// Optional checkouts of `wanted` as `spec` sets them, for an app running as 1000.
+fn request<'a>(
+    spec: &'a SnapshotCacheSpec,
+    wanted: &'a [checkout::Wanted],
+) -> checkout::Request<'a> {
+    checkout::Request {
+        wanted,
+        optional: true,
+        give_up_after: spec.checkout.give_up_after.as_deref(),
+        app_user: (Some(1000), Some(1000)),
+    }
+}
+
 #[test]
 fn the_sidecar_parses_the_injected_checkout_args_for_every_option_as_the_spec_meant_them() {
     let spec = every_option(PinMode::Etag);
     let sidecar = inject::sidecar_container(&spec, &ENV);
     let wanted = checkout::wanted(&BTreeMap::new(), &spec.checkout).expect("checkouts");
-    let init = checkout::init_container(
-        &sidecar,
-        &wanted,
-        true,
-        spec.checkout.give_up_after.as_deref(),
-        (Some(1000), Some(1000)),
-    );
+    let init = checkout::init_container(&sidecar, &request(&spec, &wanted));
     let Command::Checkout(args) = parse(init.args.as_deref().unwrap_or_default()) else {
         panic!(
             "the init container does not run `checkout`: {:?}",
@@ -286,13 +293,7 @@ fn the_sidecar_parses_a_native_sidecars_checkout_args_as_the_spec_meant_them() {
     let spec = every_option(PinMode::Etag);
     let sidecar = inject::sidecar_container(&spec, &ENV);
     let wanted = checkout::wanted(&BTreeMap::new(), &spec.checkout).expect("checkouts");
-    let making = checkout::sidecar_making_checkouts(
-        &sidecar,
-        &wanted,
-        true,
-        spec.checkout.give_up_after.as_deref(),
-        (Some(1000), Some(1000)),
-    );
+    let making = checkout::sidecar_making_checkouts(&sidecar, &request(&spec, &wanted));
     let Command::Serve(serve) = parse(making.args.as_deref().unwrap_or_default()) else {
         panic!("the sidecar does not run `serve`: {:?}", making.args);
     };

@@ -38,13 +38,7 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
 async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
     let readiness = readiness(&app).await;
     app.metrics.ready.set(i64::from(readiness.is_ok()));
-    match readiness {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
-        ),
-    }
+    answer(readiness, "ready")
 }
 
 /// Started once `serve --checkout`'s checkouts are in place and the sidecar is ready: the
@@ -55,11 +49,16 @@ async fn startupz(State(app): State<Arc<App>>) -> impl IntoResponse {
         None => readiness(&app).await,
     };
     app.metrics.started.set(i64::from(started.is_ok()));
-    match started {
-        Ok(()) => (StatusCode::OK, "started\n".to_owned()),
+    answer(started, "started")
+}
+
+/// A probe's answer: 200 `state`, or 503 `not state: reason`.
+fn answer(result: Result<(), String>, state: &str) -> (StatusCode, String) {
+    match result {
+        Ok(()) => (StatusCode::OK, format!("{state}\n")),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not started: {reason}\n"),
+            format!("not {state}: {reason}\n"),
         ),
     }
 }
