@@ -168,16 +168,16 @@ pub fn decide(
         if !sidecar_checks_out {
             // First of all: the user's own init containers may read the checkout.
             patch.insert_init_container(had_init_containers, to_value(&maker));
-            // So the operator can watch these pods alone for their checkouts' outcomes.
-            let label = crate::checkout_outcome::CHECKOUT_LABEL;
-            if pod.metadata.labels.is_some() {
-                patch.add(&["metadata", "labels", label], "true".into());
-            } else {
-                patch.add(
-                    &["metadata", "labels"],
-                    serde_json::json!({ label: "true" }),
-                );
-            }
+        }
+        // So the operator can watch these pods alone for their checkouts' outcomes.
+        let label = crate::checkout_outcome::CHECKOUT_LABEL;
+        if pod.metadata.labels.is_some() {
+            patch.add(&["metadata", "labels", label], "true".into());
+        } else {
+            patch.add(
+                &["metadata", "labels"],
+                serde_json::json!({ label: "true" }),
+            );
         }
     }
     let volumes = ["spec", "volumes"];
@@ -722,10 +722,10 @@ pub(crate) mod tests {
         }
     }
 
-    /// The spec of a pod running as uid 1000, with an init container of its own, asking
+    /// A pod running as uid 1000, with an init container of its own, asking
     /// for a checkout of example.com/org/a at /src/a, injected on a native sidecar
     /// cluster with `cache`.
-    fn injected_on_a_native_cluster(restart_policy: &str, cache: SnapshotCache) -> PodSpec {
+    fn injected_on_a_native_cluster(restart_policy: &str, cache: SnapshotCache) -> Pod {
         let mut spec = app_spec();
         spec.restart_policy = Some(restart_policy.to_owned());
         spec.security_context = Some(k8s_openapi::api::core::v1::PodSecurityContext {
@@ -740,14 +740,22 @@ pub(crate) mod tests {
         let mut pod = with_checkout(pod(&[("app", "build")], spec), "example.com/org/a=/src/a");
         pod.annotations_mut()
             .insert(checkout::OPTIONAL_ANNOTATION.to_owned(), "true".to_owned());
-        inject_into(&pod, &[cache], &env(true)).spec.expect("spec")
+        inject_into(&pod, &[cache], &env(true))
     }
 
     #[test]
     fn on_a_native_cluster_a_long_running_pods_sidecar_makes_its_checkouts_and_then_starts() {
         let mut cache = cache("c", 1, "build");
         cache.spec.checkout.give_up_after = Some("2m".to_owned());
-        let spec = injected_on_a_native_cluster("Always", cache);
+        let pod = injected_on_a_native_cluster("Always", cache);
+        assert_eq!(
+            pod.labels()
+                .get(crate::checkout_outcome::CHECKOUT_LABEL)
+                .map(String::as_str),
+            Some("true"),
+            "watched for its sidecar's checkout failures"
+        );
+        let spec = pod.spec.expect("spec");
         let init = spec.init_containers.expect("init containers");
         let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
@@ -807,7 +815,9 @@ pub(crate) mod tests {
 
     #[test]
     fn on_a_native_cluster_a_job_pod_still_gets_its_checkout_from_an_init_container() {
-        let spec = injected_on_a_native_cluster("Never", cache("c", 1, "build"));
+        let spec = injected_on_a_native_cluster("Never", cache("c", 1, "build"))
+            .spec
+            .expect("spec");
         let init = spec.init_containers.expect("init containers");
         let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
@@ -845,7 +855,9 @@ pub(crate) mod tests {
         shared.metadata.uid = Some("5e0c7f4e-0000-4000-8000-000000000003".to_owned());
         shared.spec.node_tier.enabled = true;
         shared.spec.node_tier.shared_trees = true;
-        let spec = injected_on_a_native_cluster("Always", shared);
+        let spec = injected_on_a_native_cluster("Always", shared)
+            .spec
+            .expect("spec");
         let volume = spec
             .volumes
             .iter()

@@ -144,13 +144,16 @@ async fn a_missing_snapshot_fails_the_pod_with_the_reason_and_the_app_never_runs
     operator.stop(&client).await;
 }
 
-/// The operator counts a failed checkout under the reason its exit code names, and that
-/// code is `fetch`'s: each kind of fetch failure must come out as its own reason (two
-/// kinds sharing a code, or a code the operator does not know, would not).
+/// The operator names a failed checkout by its container's exit code (the init container's,
+/// or the native sidecar's that makes the checkouts), and that code is `fetch`'s: each kind
+/// of fetch failure must come out as its own reason, the one the sidecar's own metrics
+/// use (two kinds sharing a code, or a code the operator does not know, would not). A
+/// native sidecar's failure counts only by its message, so that must be the sidecar's.
 #[test]
 fn each_kind_of_fetch_failure_is_counted_under_its_own_reason() {
     use snapcache_operator::checkout::INIT_CONTAINER_NAME;
     use snapcache_operator::checkout_outcome::{CheckoutResult, outcome};
+    use snapcache_operator::inject::CONTAINER_NAME;
     use snapcache_sidecar::fetch::FetchError;
     for (error, reason) in [
         (FetchError::Usage("usage".into()), "usage"),
@@ -160,23 +163,36 @@ fn each_kind_of_fetch_failure_is_counted_under_its_own_reason() {
         (FetchError::Unavailable("503".into()), "s3_unreachable"),
         (FetchError::Failed("reset".into()), "other"),
     ] {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "p", "uid": "u-1"},
-            "status": {"initContainerStatuses": [{
-                "name": INIT_CONTAINER_NAME, "image": "i", "imageID": "", "ready": false,
-                "restartCount": 0,
-                "state": {"terminated": {
-                    "exitCode": error.exit_code(), "message": error.to_string(),
-                }},
-            }]}
-        }))
-        .expect("pod");
-        assert_eq!(
-            outcome(&pod).map(|o| o.result),
-            Some(CheckoutResult::Failed { reason }),
-            "{error:?} exits with {}",
-            error.exit_code()
-        );
+        assert_eq!(error.reason(), reason, "the sidecar's label for {error:?}");
+        let failed = snapcache_sidecar::checkout::Failed {
+            repo: "github.com/org/repo".into(),
+            target: "/snapcache/checkouts/0/tree".into(),
+            attempts: 3,
+            seconds: 7.0,
+            last: error.to_string(),
+            exit_code: error.exit_code(),
+            reason: error.reason(),
+        };
+        for container in [INIT_CONTAINER_NAME, CONTAINER_NAME] {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": "p", "uid": "u-1"},
+                "status": {"initContainerStatuses": [{
+                    "name": container, "image": "i", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": {"terminated": {
+                        "exitCode": failed.exit_code, "message": failed.to_string(),
+                        "containerID": "containerd://c1",
+                    }},
+                }]}
+            }))
+            .expect("pod");
+            assert_eq!(
+                outcome(&pod).map(|o| o.result),
+                Some(CheckoutResult::Failed { reason }),
+                "{container}: {error:?} exits with {}",
+                error.exit_code()
+            );
+        }
     }
 }
 
