@@ -982,5 +982,70 @@ pub(crate) mod tests {
                 Decision::Skip(Skip::AlreadyInjected)
             );
         }
+
+        /// Any selected pod asking for 1 to 3 checkouts, on either kind of cluster: the
+        /// patch applies, exactly one container makes the checkouts (the init container,
+        /// or the native sidecar of a pod that stays up, never both), it mounts every
+        /// checkout volume, every app container mounts every checkout at its directory,
+        /// every mount names a volume of the pod, and deciding again changes nothing.
+        #[test]
+        fn exactly_one_container_makes_the_checkouts_and_every_app_sees_each(
+            pod in arbitrary_pod(),
+            directories in prop::collection::btree_set("[a-z]{1,6}", 1..4),
+            native in any::<bool>(),
+        ) {
+            let env = env(native);
+            let caches = [cache("c", 1, "build")];
+            let value: Vec<String> = directories
+                .iter()
+                .map(|dir| format!("example.com/org/{dir}=/src/{dir}"))
+                .collect();
+            let mut pod = with_checkout(pod, &value.join(","));
+            pod.labels_mut().insert("app".to_owned(), "build".to_owned());
+            let Decision::Inject { patch, .. } = decide(&pod, &BTreeMap::new(), &caches, &env) else {
+                return Err(TestCaseError::fail(format!("a pod asking for checkouts was skipped: {pod:?}")));
+            };
+            let once = patched(&pod, &patch);
+            let spec = once.spec.clone().unwrap_or_default();
+            let init = spec.init_containers.clone().unwrap_or_default();
+            let makers: Vec<&Container> = init
+                .iter()
+                .filter(|c| {
+                    c.name == checkout::INIT_CONTAINER_NAME
+                        || c.args.iter().flatten().any(|arg| arg.starts_with("--checkout="))
+                })
+                .collect();
+            prop_assert_eq!(makers.len(), 1, "one maker in {:?}", init);
+            let runs_to_completion = matches!(spec.restart_policy.as_deref(), Some("Never" | "OnFailure"));
+            let expected = if native && !runs_to_completion {
+                inject::CONTAINER_NAME
+            } else {
+                checkout::INIT_CONTAINER_NAME
+            };
+            prop_assert_eq!(makers[0].name.as_str(), expected);
+            let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+            for index in 0..directories.len() {
+                let volume = checkout::volume_name(index);
+                prop_assert!(volumes.contains(&volume.as_str()), "{} in {:?}", volume, volumes);
+                prop_assert!(makers[0].volume_mounts.iter().flatten().any(|m| m.name == volume));
+            }
+            let originals: Vec<&str> = pod.spec.iter().flat_map(|s| &s.containers).map(|c| c.name.as_str()).collect();
+            for app in spec.containers.iter().filter(|c| originals.contains(&c.name.as_str())) {
+                let paths: Vec<&str> = app.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+                for dir in &directories {
+                    let path = format!("/src/{dir}");
+                    prop_assert!(paths.contains(&path.as_str()), "{}: {} in {:?}", app.name, path, paths);
+                }
+            }
+            for container in spec.containers.iter().chain(&init) {
+                for mount in container.volume_mounts.iter().flatten() {
+                    prop_assert!(volumes.contains(&mount.name.as_str()), "{} mounts {}", container.name, mount.name);
+                }
+            }
+            prop_assert_eq!(
+                decide(&once, &BTreeMap::new(), &caches, &env),
+                Decision::Skip(Skip::AlreadyInjected)
+            );
+        }
     }
 }

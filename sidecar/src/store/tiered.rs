@@ -469,8 +469,9 @@ pub(crate) mod tests {
         Ok((read.tier, body))
     }
 
-    /// Waits until the disk tier holds the source's current revision of `key`: a fill
-    /// commits on its own, after its readers are done.
+    /// Waits until the disk tier holds the source's current revision of `key` and its fill
+    /// has ended: a fill commits on its own, after its readers are done, and until its job
+    /// has ended no fill of another revision of `key` starts.
     pub(crate) async fn until_on_disk(setup: &Setup, key: &str) {
         let etag = setup
             .source
@@ -483,6 +484,7 @@ pub(crate) mod tests {
                 .disk
                 .lookup(key)
                 .is_none_or(|entry| entry.info.etag != etag)
+                || lock(&setup.tiered.fills).contains_key(key)
             {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
