@@ -257,7 +257,8 @@ pub fn sidecar_making_checkouts(sidecar: &Container, request: &Request<'_>) -> C
         .give_up_after
         .and_then(|text| humantime::parse_duration(text).ok())
         .unwrap_or(DEFAULT_GIVE_UP_AFTER);
-    let waited = give_up_after + STARTUP_PROBE_MARGIN;
+    // The CRD's pattern admits durations near u64::MAX seconds.
+    let waited = give_up_after.saturating_add(STARTUP_PROBE_MARGIN);
     let periods = waited.as_secs() / STARTUP_PROBE_PERIOD_SECONDS.unsigned_abs() as u64;
     Container {
         args: Some(args),
@@ -453,6 +454,20 @@ mod tests {
             root.security_context.and_then(|s| s.run_as_non_root),
             Some(false)
         );
+    }
+
+    #[test]
+    fn a_huge_give_up_after_gives_the_longest_startup_probe_rather_than_a_panic() {
+        let wanted = [checkout("github.com/org/a", "/src/a")];
+        let request = Request {
+            wanted: &wanted,
+            optional: false,
+            give_up_after: Some("18446744073709551615s"),
+            app_user: (None, None),
+        };
+        let sidecar = sidecar_making_checkouts(&Container::default(), &request);
+        let probe = sidecar.startup_probe.expect("a startup probe");
+        assert_eq!(probe.failure_threshold, Some(i32::MAX));
     }
 
     #[test]

@@ -161,9 +161,12 @@ pub async fn serve(
     let running = server::start(&config, startup.clone()).await?;
     running.metrics.expect_checkouts(&FetchError::REASONS);
     let report = |what: String| startup.wait_for(what);
+    // One signal future for the whole run: a SIGTERM between two would be missed.
+    let stopped = server::shutdown_signal();
+    tokio::pin!(stopped);
     let outcome = tokio::select! {
         outcome = materialize(running.api, checkouts, &policy.patience, &report) => outcome,
-        () = server::shutdown_signal() => {
+        () = &mut stopped => {
             running.stop().await;
             return Ok(Ok(()));
         }
@@ -181,14 +184,15 @@ pub async fn serve(
     }
     startup.start();
     tracing::info!("checkouts in place: started");
-    server::shutdown_signal().await;
+    stopped.await;
     running.stop().await;
     Ok(Ok(()))
 }
 
-/// Counts each checkout of `outcome` in the sidecar's metrics.
+/// Counts each checkout of `outcome` in the sidecar's metrics; a tree already in place
+/// (a restarted sidecar) is no new checkout.
 fn count(metrics: &Metrics, outcome: &Outcome, optional: bool) {
-    for done in &outcome.done {
+    for done in outcome.done.iter().filter(|done| done.fetched.is_some()) {
         let fetched = done.fetched.as_ref();
         let result = CheckoutResult::Succeeded {
             bytes: fetched.map_or(0, |f| f.bytes),

@@ -42,6 +42,9 @@ const SERVE_EXIT_CODES: &str = "Exit codes: 0 stopped (SIGTERM), 1 could not sta
 /// `serve`: the server, and what must be checked out before it counts as started.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ServeConfig,
+
     /// REPO=DIR: check the snapshot of REPO ({host}/{path}) out at DIR, which must not
     /// exist yet (its parent directory must), before /startupz answers 200 (a native
     /// sidecar's startup probe, which holds back the app containers); the snapshot API
@@ -51,9 +54,6 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub policy: CheckoutPolicy,
-
-    #[command(flatten)]
-    pub config: ServeConfig,
 }
 
 /// `checkout --checkout REPO=DIR...`: S3 and disk tier flags as `serve` takes them.

@@ -16,7 +16,8 @@ pub struct ServeConfig {
     #[arg(long, env = "SNAPCACHE_LISTEN", default_value = "127.0.0.1:8765", value_parser = parse_socket_addr)]
     pub listen: SocketAddr,
 
-    /// Address of the admin port (/metrics, /healthz, /readyz) that Prometheus scrapes.
+    /// Address of the admin port (/metrics, /healthz, /readyz, /startupz) that Prometheus
+    /// scrapes and the kubelet probes.
     #[arg(long, env = "SNAPCACHE_ADMIN_LISTEN", default_value = "0.0.0.0:9765", value_parser = parse_socket_addr)]
     pub admin_listen: SocketAddr,
 
