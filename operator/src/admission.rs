@@ -600,6 +600,25 @@ pub(crate) mod tests {
         );
     }
 
+    /// SnapshotCache `c` in namespace ci selecting app=build, whose node tier shares trees.
+    fn sharing_trees() -> SnapshotCache {
+        let mut shared = cache("c", 1, "build");
+        shared.metadata.namespace = Some("ci".to_owned());
+        shared.metadata.uid = Some("5e0c7f4e-0000-4000-8000-000000000002".to_owned());
+        shared.spec.node_tier.enabled = true;
+        shared.spec.node_tier.shared_trees = true;
+        shared
+    }
+
+    /// The volume of a pod's first checkout.
+    fn first_checkout_volume(spec: &PodSpec) -> &Volume {
+        spec.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == checkout::volume_name(0))
+            .expect("the checkout volume")
+    }
+
     #[test]
     fn with_shared_trees_a_checkout_volume_is_the_node_caches_csi_volume_owned_as_the_init_container()
      {
@@ -609,11 +628,7 @@ pub(crate) mod tests {
             pod(&[("app", "build")], spec),
             "github.com/org/repo=/src/repo",
         );
-        let mut shared = cache("c", 1, "build");
-        shared.metadata.namespace = Some("ci".to_owned());
-        shared.metadata.uid = Some("5e0c7f4e-0000-4000-8000-000000000002".to_owned());
-        shared.spec.node_tier.enabled = true;
-        shared.spec.node_tier.shared_trees = true;
+        let mut shared = sharing_trees();
         let injected = inject_into(&pod, std::slice::from_ref(&shared), &env(false));
         let spec = injected.spec.clone().expect("spec");
         let init = &spec.init_containers.clone().expect("init containers")[0];
@@ -622,12 +637,7 @@ pub(crate) mod tests {
             .as_ref()
             .and_then(|s| s.run_as_user)
             .expect("the init container's user");
-        let volume = spec
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "snapcache-checkout-0")
-            .expect("the checkout volume");
+        let volume = first_checkout_volume(&spec);
         let csi = volume.csi.clone().expect("a CSI volume");
         assert_eq!(csi.driver, "c.ci.checkouts.snapcache.io");
         let attributes = csi.volume_attributes.unwrap_or_default();
@@ -640,13 +650,7 @@ pub(crate) mod tests {
 
         shared.spec.node_tier.shared_trees = false;
         let injected = inject_into(&pod, &[shared], &env(false));
-        let volume = injected
-            .spec
-            .and_then(|spec| spec.volumes)
-            .into_iter()
-            .flatten()
-            .find(|v| v.name == "snapcache-checkout-0")
-            .expect("the checkout volume");
+        let volume = first_checkout_volume(injected.spec.as_ref().expect("spec"));
         assert!(volume.empty_dir.is_some() && volume.csi.is_none());
     }
 
@@ -850,21 +854,10 @@ pub(crate) mod tests {
 
     #[test]
     fn with_shared_trees_a_sidecar_making_checkouts_gets_trees_owned_as_itself() {
-        let mut shared = cache("c", 1, "build");
-        shared.metadata.namespace = Some("ci".to_owned());
-        shared.metadata.uid = Some("5e0c7f4e-0000-4000-8000-000000000003".to_owned());
-        shared.spec.node_tier.enabled = true;
-        shared.spec.node_tier.shared_trees = true;
-        let spec = injected_on_a_native_cluster("Always", shared)
+        let spec = injected_on_a_native_cluster("Always", sharing_trees())
             .spec
             .expect("spec");
-        let volume = spec
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "snapcache-checkout-0")
-            .expect("the checkout volume");
-        let attributes = volume
+        let attributes = first_checkout_volume(&spec)
             .csi
             .clone()
             .and_then(|csi| csi.volume_attributes)

@@ -259,7 +259,7 @@ pub fn sidecar_making_checkouts(sidecar: &Container, request: &Request<'_>) -> C
         .unwrap_or(DEFAULT_GIVE_UP_AFTER);
     // The CRD's pattern admits durations near u64::MAX seconds.
     let waited = give_up_after.saturating_add(STARTUP_PROBE_MARGIN);
-    let periods = waited.as_secs() / STARTUP_PROBE_PERIOD_SECONDS.unsigned_abs() as u64;
+    let periods = waited.as_secs() / u64::from(STARTUP_PROBE_PERIOD_SECONDS.unsigned_abs());
     Container {
         args: Some(args),
         security_context: Some(as_app_user(sidecar, request.app_user)),

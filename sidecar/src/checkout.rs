@@ -192,12 +192,14 @@ pub async fn serve(
 /// Counts each checkout of `outcome` in the sidecar's metrics; a tree already in place
 /// (a restarted sidecar) is no new checkout.
 fn count(metrics: &Metrics, outcome: &Outcome, optional: bool) {
-    for done in outcome.done.iter().filter(|done| done.fetched.is_some()) {
-        let fetched = done.fetched.as_ref();
+    for done in &outcome.done {
+        let Some(fetched) = &done.fetched else {
+            continue;
+        };
         let result = CheckoutResult::Succeeded {
-            bytes: fetched.map_or(0, |f| f.bytes),
-            restarts: fetched.map_or(0, |f| f.restarts),
-            bundle_applied: fetched.is_some_and(|f| f.bundle_applied),
+            bytes: fetched.bytes,
+            restarts: fetched.restarts,
+            bundle_applied: fetched.bundle_applied,
         };
         metrics.count_checkout(result, done.seconds);
     }
